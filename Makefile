@@ -1,0 +1,55 @@
+# catsdogs: every target here is what users and CI run.
+# Local data and weights: make train export RAW_DATA=path/to/photos PRETRAINED=path/to/mobilenet_v2.pt
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+SERVE_VENV ?= .venv-serve
+RAW_DATA ?=
+PRETRAINED ?= imagenet
+export PRETRAINED
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: setup data prepare train export pipeline test test-fast lint format mlflow-ui clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements-train.txt requirements-serve.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -r requirements-train.txt -r requirements-dev.txt
+	touch $@
+
+# Raw photos into data/raw (copied from RAW_DATA, or the public archive downloaded once), tracked by DVC.
+data: setup
+	@if [ -n "$(RAW_DATA)" ]; then python -m training.download --source "$(RAW_DATA)"; \
+	elif [ ! -d data/raw ]; then python -m training.download; fi
+	dvc add -q data/raw
+
+prepare: data
+	dvc repro prepare
+
+train: data
+	dvc repro train_final
+
+pipeline: data
+	dvc repro
+
+test: setup
+	pytest
+
+test-fast: setup
+	pytest -m "not slow"
+
+lint: setup
+	ruff check .
+	ruff format --check .
+
+format: setup
+	ruff format .
+	ruff check --fix .
+
+mlflow-ui: setup
+	mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}" --port 5000
+
+clean:
+	rm -rf data/processed models/*.pt models/*.onnx models/*.json mlruns mlflow.db

@@ -1,0 +1,109 @@
+"""params.yaml loaded into frozen dataclasses at the CLI edge."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    train: float
+    val: float
+    test: float
+
+    def __post_init__(self) -> None:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-9 or min(self.train, self.val, self.test) <= 0:
+            raise ValueError(f"split fractions must be positive and sum to 1, got {total}")
+
+
+@dataclass(frozen=True)
+class DataParams:
+    raw_dir: str
+    processed_dir: str
+    reports_dir: str
+    split: SplitParams
+    split_salt: str
+    source_url: str
+    source_sha256: str
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    hflip: float
+    rotation_degrees: float
+    crop_scale_min: float
+    color_jitter: float
+
+
+@dataclass(frozen=True)
+class StageParams:
+    epochs: int
+    lr: float
+    weight_decay: float
+    patience: int
+    unfreeze_blocks: int = 0
+    augment: AugmentParams | None = None
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    seed: int
+    batch_size: int
+    num_workers: int
+    baseline: StageParams
+    final: StageParams
+
+
+@dataclass(frozen=True)
+class MlflowParams:
+    experiment: str
+    registered_model: str
+    champion_alias: str
+
+
+@dataclass(frozen=True)
+class ExportParams:
+    opset: int
+    min_accuracy: float
+    quantize: str
+    int8_max_accuracy_drop: float
+    calibration_images: int
+
+    def __post_init__(self) -> None:
+        if self.quantize not in ("none", "int8"):
+            raise ValueError(f"Invalid export.quantize {self.quantize!r}. Only 'none' and 'int8' are supported.")
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataParams
+    preprocess: dict[str, Any]
+    train: TrainParams
+    mlflow: MlflowParams
+    export: ExportParams
+
+
+def _stage(raw: dict[str, Any]) -> StageParams:
+    augment = raw.get("augment")
+    return StageParams(**{**raw, "augment": AugmentParams(**augment) if augment else None})
+
+
+def load_params(path: Path = DEFAULT_PARAMS) -> Params:
+    """Read params.yaml into typed, immutable parameters."""
+    raw = yaml.safe_load(Path(path).read_text())
+    data = raw["data"]
+    train = raw["train"]
+    return Params(
+        data=DataParams(**{**data, "split": SplitParams(**data["split"])}),
+        preprocess=dict(raw["preprocess"]),
+        train=TrainParams(**{**train, "baseline": _stage(train["baseline"]), "final": _stage(train["final"])}),
+        mlflow=MlflowParams(**raw["mlflow"]),
+        export=ExportParams(**raw["export"]),
+    )

@@ -1,0 +1,195 @@
+"""Prepare stage: decode every raw photo, drop the broken and duplicated, split by content hash, write RGB folders."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
+
+from training.config import DEFAULT_PARAMS, SplitParams, load_params
+from training.presets import to_rgb
+from training.utils import sha256_bytes
+
+SPLITS = ("train", "val", "test")
+EXIF_ORIENTATION = 0x0112
+MANIFEST_FIELDS = ["file", "source", "sha256", "label", "split", "width", "height", "converted"]
+
+
+class Skip(Exception):
+    """A raw file that cannot be used; the message is the reason written to the report."""
+
+
+@dataclass(frozen=True)
+class Record:
+    file: str
+    source: str
+    sha256: str
+    label: str
+    split: str
+    width: int
+    height: int
+    converted: bool
+
+
+def normalize_label(name: str, labels: tuple[str, ...]) -> str | None:
+    """'Cats', 'cat', 'CAT' -> 'cat'; None when the name is no known class."""
+    name = name.lower()
+    for label in labels:
+        if name in (label, f"{label}s"):
+            return label
+    return None
+
+
+def infer_label(path: Path, root: Path, labels: tuple[str, ...]) -> str | None:
+    """Class from the nearest class-named folder (cats/, Cat/), else from a 'cat.123.jpg' file name."""
+    for parent in reversed(path.relative_to(root).parent.parts):
+        if label := normalize_label(parent, labels):
+            return label
+    return normalize_label(path.name.split(".", 1)[0], labels)
+
+
+def discover(root: Path, labels: tuple[str, ...]) -> list[tuple[Path, str | None]]:
+    """Every file below root, sorted, with its inferred class (None when it has none)."""
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return [(p, infer_label(p, root, labels)) for p in files]
+
+
+def decode(data: bytes) -> tuple[Image.Image, tuple[int, int], bool]:
+    """Fully decode raw bytes into an upright RGB image; returns it, the original size, and whether it was changed."""
+    if not data:
+        raise Skip("empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            original = (image.width, image.height)
+            rotated = image.getexif().get(EXIF_ORIENTATION, 1) not in (1, None)
+            upright = ImageOps.exif_transpose(image)
+            rgb = to_rgb(upright)
+            converted = rotated or image.format != "JPEG" or image.mode != "RGB"
+            return rgb, original, converted
+    except UnidentifiedImageError:
+        raise Skip("not an image: unrecognised format") from None
+    except Image.DecompressionBombError as error:
+        raise Skip(f"too large: {error}") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise Skip(f"corrupt or truncated image: {error}") from None
+
+
+def assign_split(sha256: str, fractions: SplitParams, salt: str) -> str:
+    """Split from a salted hash of the content: stable when files are added, ~stratified when done per class."""
+    point = int(hashlib.sha256(f"{salt}:{sha256}".encode()).hexdigest()[:16], 16) / 16**16
+    if point < fractions.train:
+        return "train"
+    if point < fractions.train + fractions.val:
+        return "val"
+    return "test"
+
+
+def prepare(
+    raw_dir: Path,
+    out_dir: Path,
+    reports_dir: Path,
+    *,
+    labels: tuple[str, ...],
+    fractions: SplitParams,
+    salt: str,
+) -> dict[str, object]:
+    """Run the whole stage; returns the summary written to reports/prepare.json."""
+    if not raw_dir.is_dir():
+        raise FileNotFoundError(f"raw data folder not found: {raw_dir}")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    for split in SPLITS:
+        for label in labels:
+            (out_dir / split / label).mkdir(parents=True)
+    reports_dir.mkdir(parents=True, exist_ok=True)
+
+    records: dict[str, Record] = {}
+    skipped: list[dict[str, str]] = []
+    conflicts: set[str] = set()
+    for path, label in tqdm(discover(raw_dir, labels), desc="prepare", unit="img"):
+        source = path.relative_to(raw_dir).as_posix()
+        data = path.read_bytes()
+        digest = sha256_bytes(data)
+        try:
+            if label is None:
+                raise Skip("no class in folder or file name")
+            if digest in records:
+                first = records[digest]
+                if first.label != label:
+                    conflicts.add(digest)
+                    raise Skip(f"same content as {first.source}, which is labelled {first.label}")
+                raise Skip(f"duplicate of {first.source}")
+            image, (width, height), converted = decode(data)
+        except Skip as reason:
+            skipped.append({"source": source, "reason": str(reason)})
+            continue
+        split = assign_split(digest, fractions, salt)
+        name = f"{split}/{label}/{digest[:16]}{'.png' if converted else '.jpg'}"
+        if converted:
+            image.save(out_dir / name, format="PNG")
+        else:
+            (out_dir / name).write_bytes(data)
+        records[digest] = Record(name, source, digest, label, split, width, height, converted)
+
+    for digest in conflicts:  # a photo filed under two classes is trusted in neither
+        dropped = records.pop(digest)
+        (out_dir / dropped.file).unlink()
+        skipped.append({"source": dropped.source, "reason": "same content filed under another class"})
+    _write_csv(out_dir / "manifest.csv", MANIFEST_FIELDS, [asdict(r) for r in records.values()])
+    _write_csv(reports_dir / "skipped.csv", ["source", "reason"], skipped)
+    counts = {s: dict.fromkeys(labels, 0) for s in SPLITS}
+    for record in records.values():
+        counts[record.split][record.label] += 1
+    summary: dict[str, object] = {
+        "images": len(records),
+        "skipped": len(skipped),
+        "label_conflicts": len(conflicts),
+        "converted": sum(r.converted for r in records.values()),
+        "counts": counts,
+        "manifest_sha256": sha256_bytes((out_dir / "manifest.csv").read_bytes()),
+    }
+    (reports_dir / "prepare.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _write_csv(path: Path, fields: list[str], rows: list[dict[str, object]]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--raw", type=Path, default=None, help="raw folder (default: params data.raw_dir)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: params data.processed_dir)")
+    parser.add_argument("--reports", type=Path, default=None, help="reports folder (default: params data.reports_dir)")
+    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = get_args_parser().parse_args(argv)
+    params = load_params(args.params)
+    summary = prepare(
+        args.raw or Path(params.data.raw_dir),
+        args.out or Path(params.data.processed_dir),
+        args.reports or Path(params.data.reports_dir),
+        labels=tuple(params.preprocess["labels"]),
+        fractions=params.data.split,
+        salt=params.data.split_salt,
+    )
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""MobileNetV2 with ImageNet weights, a new head, and the freezing policy for transfer learning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
+
+IMAGENET = "imagenet"
+
+
+def build_model(num_classes: int, pretrained: str = IMAGENET) -> nn.Module:
+    """MobileNetV2 from torchvision's IMAGENET1K_V1 ('imagenet', downloaded) or a state_dict file, with a new head."""
+    if pretrained == IMAGENET:
+        model = mobilenet_v2(weights=MobileNet_V2_Weights.IMAGENET1K_V1)
+    else:
+        model = mobilenet_v2()
+        model.load_state_dict(load_state_dict(Path(pretrained)), strict=True)
+    model.classifier[1] = nn.Linear(model.last_channel, num_classes)
+    return model
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a MobileNetV2 state_dict; a missing or unreadable file is an error, never random weights."""
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights not found: {path} (use 'imagenet' to download torchvision's)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"cannot read pretrained weights {path}: {error}") from error
+    if not isinstance(state, dict):
+        raise TypeError(f"pretrained weights {path} hold a {type(state).__name__}, not a state_dict")
+    return state
+
+
+def freeze_backbone(model: nn.Module, unfreeze_blocks: int) -> None:
+    """Train only the head and the last unfreeze_blocks feature blocks (0 = head only, all = whole network)."""
+    blocks = len(model.features)
+    if not 0 <= unfreeze_blocks <= blocks:
+        raise ValueError(f"Invalid unfreeze_blocks {unfreeze_blocks}. Only 0 to {blocks} are supported.")
+    for parameter in model.parameters():
+        parameter.requires_grad = False
+    trainable = [model.classifier, *list(model.features)[blocks - unfreeze_blocks :]]
+    for module in trainable:
+        for parameter in module.parameters():
+            parameter.requires_grad = True
+
+
+def set_train_mode(model: nn.Module) -> None:
+    """Train mode with BatchNorm statistics frozen.
+
+    The backbone's BatchNorm statistics come from ImageNet (in the offline weights they are folded
+    into the convolutions); re-estimating them from small cat/dog batches would destroy that.
+    """
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The pooled backbone features the head sees (what the frozen baseline caches)."""
+    features = model.features(images)
+    return torch.flatten(nn.functional.adaptive_avg_pool2d(features, 1), 1)

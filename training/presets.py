@@ -1,0 +1,137 @@
+"""Preprocessing defined once: the spec that travels with the model, and the torchvision presets built from it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms import v2 as T
+
+INTERPOLATIONS = {
+    "nearest": T.InterpolationMode.NEAREST,
+    "bilinear": T.InterpolationMode.BILINEAR,
+    "bicubic": T.InterpolationMode.BICUBIC,
+}
+ALPHA_BACKGROUND = (255, 255, 255)
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """Everything needed to turn a photo into the model's input; saved with every model."""
+
+    labels: tuple[str, ...]
+    input_size: int
+    resize_size: int
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    jpeg_draft: bool
+    # Fixed steps, stated so a consumer can check it implements every one of them.
+    resize_policy: str = "shorter_side"
+    crop: str = "center"
+    exif_transpose: bool = True
+    color: str = "RGB"
+    alpha_background: tuple[int, int, int] = field(default=ALPHA_BACKGROUND)
+    scale: float = 1 / 255
+    layout: str = "NCHW"
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"Invalid interpolation {self.interpolation!r}. Only {', '.join(INTERPOLATIONS)} are supported."
+            )
+        if self.resize_size < self.input_size:
+            raise ValueError("resize_size must be at least input_size")
+        if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"labels must be two or more distinct names, got {self.labels}")
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> PreprocessSpec:
+        tuples = {k: tuple(v) for k, v in raw.items() if isinstance(v, list)}
+        return cls(**{**raw, **tuples})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode to RGB; transparency is composited onto a white background."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(source: str | Path | IO[bytes], draft_size: int | None = None) -> Image.Image:
+    """Decode a photo upright and in RGB; with draft_size, JPEGs decode at the smallest scale >= that size."""
+    with Image.open(source) as image:
+        if draft_size:
+            image.draft("RGB", (draft_size, draft_size))
+        return to_rgb(ImageOps.exif_transpose(image))
+
+
+class ImageLoader:
+    """Picklable file loader for DataLoader workers."""
+
+    def __init__(self, *, spec: PreprocessSpec) -> None:
+        self.draft_size = spec.resize_size if spec.jpeg_draft else None
+
+    def __call__(self, path: str) -> Image.Image:
+        return load_image(path, self.draft_size)
+
+
+def _to_normalized_tensor(spec: PreprocessSpec) -> list[Any]:
+    return [
+        T.PILToTensor(),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(mean=list(spec.mean), std=list(spec.std)),
+    ]
+
+
+class ClassificationPresetEval:
+    """Deterministic resize (shorter side), centre crop, scale and normalize."""
+
+    def __init__(self, *, spec: PreprocessSpec) -> None:
+        self.transforms = T.Compose(
+            [
+                T.Resize(spec.resize_size, interpolation=INTERPOLATIONS[spec.interpolation], antialias=True),
+                T.CenterCrop(spec.input_size),
+                *_to_normalized_tensor(spec),
+            ]
+        )
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.transforms(image)
+
+
+class ClassificationPresetTrain:
+    """Light augmentation for the training split only."""
+
+    def __init__(
+        self,
+        *,
+        spec: PreprocessSpec,
+        hflip: float = 0.5,
+        rotation_degrees: float = 10.0,
+        crop_scale_min: float = 0.7,
+        color_jitter: float = 0.0,
+    ) -> None:
+        interpolation = INTERPOLATIONS[spec.interpolation]
+        crop = T.RandomResizedCrop(spec.input_size, scale=(crop_scale_min, 1.0), interpolation=interpolation)
+        steps: list[Any] = [crop]
+        if hflip > 0:
+            steps.append(T.RandomHorizontalFlip(hflip))
+        if rotation_degrees > 0:
+            steps.append(T.RandomRotation(rotation_degrees, interpolation=interpolation))
+        if color_jitter > 0:
+            steps.append(T.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter))
+        self.transforms = T.Compose([*steps, *_to_normalized_tensor(spec)])
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.transforms(image)
