@@ -6,10 +6,11 @@ VENV ?= .venv
 SERVE_VENV ?= .venv-serve
 RAW_DATA ?=
 PRETRAINED ?= imagenet
+QUANTIZE ?=
 export PRETRAINED
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup data prepare train export pipeline test test-fast lint format mlflow-ui clean
+.PHONY: setup data prepare train export evaluate pipeline test test-fast lint format mlflow-ui bench-model clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +31,15 @@ prepare: data
 
 train: data
 	dvc repro train_final
+
+# QUANTIZE=int8 also writes models/model.int8.onnx, accepted only within export.int8_max_accuracy_drop.
+export: data
+	dvc repro evaluate
+	@if [ "$(QUANTIZE)" = int8 ]; then python -m export.quantize; \
+	elif [ -n "$(QUANTIZE)" ]; then echo "Invalid QUANTIZE=$(QUANTIZE). Only int8 is supported." >&2; exit 2; fi
+
+bench-model: setup
+	python -m export.bench
 
 pipeline: data
 	dvc repro

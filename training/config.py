@@ -48,6 +48,7 @@ class StageParams:
     lr: float
     weight_decay: float
     patience: int
+    label_smoothing: float = 0.0
     unfreeze_blocks: int = 0
     augment: AugmentParams | None = None
 
@@ -72,13 +73,8 @@ class MlflowParams:
 class ExportParams:
     opset: int
     min_accuracy: float
-    quantize: str
     int8_max_accuracy_drop: float
     calibration_images: int
-
-    def __post_init__(self) -> None:
-        if self.quantize not in ("none", "int8"):
-            raise ValueError(f"Invalid export.quantize {self.quantize!r}. Only 'none' and 'int8' are supported.")
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -11,10 +12,15 @@ from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 IMAGENET = "imagenet"
 
 
-def build_model(num_classes: int, pretrained: str = IMAGENET) -> nn.Module:
-    """MobileNetV2 from torchvision's IMAGENET1K_V1 ('imagenet', downloaded) or a state_dict file, with a new head."""
+def build_model(num_classes: int, pretrained: str | None = IMAGENET) -> nn.Module:
+    """MobileNetV2 from torchvision's IMAGENET1K_V1 ('imagenet', downloaded) or a state_dict file, with a new head.
+
+    pretrained=None builds the bare architecture, for loading a trained checkpoint into.
+    """
     if pretrained == IMAGENET:
         model = mobilenet_v2(weights=MobileNet_V2_Weights.IMAGENET1K_V1)
+    elif pretrained is None:
+        model = mobilenet_v2()
     else:
         model = mobilenet_v2()
         model.load_state_dict(load_state_dict(Path(pretrained)), strict=True)
@@ -64,3 +70,15 @@ def embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The pooled backbone features the head sees (what the frozen baseline caches)."""
     features = model.features(images)
     return torch.flatten(nn.functional.adaptive_avg_pool2d(features, 1), 1)
+
+
+def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """A trained model in eval mode and its checkpoint (preprocessing spec, lineage, metrics)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path} (run `make train` first)")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if checkpoint.get("arch") != "mobilenet_v2":
+        raise ValueError(f"Invalid arch {checkpoint.get('arch')!r} in {path}. Only 'mobilenet_v2' is supported.")
+    model = build_model(len(checkpoint["preprocess"]["labels"]), pretrained=None)
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval(), checkpoint

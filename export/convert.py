@@ -1,0 +1,154 @@
+"""Export stage: the final checkpoint to ONNX with its metadata, checked, evaluated and gated on test accuracy."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from export.evaluate import METADATA_KEY, evaluate_onnx, load_split, torch_probabilities
+from training import tracking
+from training.config import DEFAULT_PARAMS, load_params
+from training.model import load_checkpoint
+from training.presets import PreprocessSpec
+from training.utils import sha256_file
+
+INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
+LINEAGE_KEYS = ("model_version", "run_id", "data_version", "raw_data_md5", "git_commit", "pretrained_sha256")
+
+
+class WithSoftmax(nn.Module):
+    """The classifier with softmax inside the graph, so every runtime returns probabilities."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model(image), dim=1)
+
+
+def model_metadata(checkpoint: dict[str, Any], precision: str) -> dict[str, Any]:
+    """Everything a consumer needs, taken from the checkpoint: preprocessing, labels, lineage."""
+    spec = PreprocessSpec.from_dict(checkpoint["preprocess"]).to_dict()
+    lineage = {key: checkpoint[key] for key in LINEAGE_KEYS if checkpoint.get(key)}
+    return {
+        "labels": spec["labels"],
+        "input_size": spec["input_size"],
+        "preprocess": spec,
+        "input_name": INPUT_NAME,
+        "output_name": OUTPUT_NAME,
+        "output": "probabilities",
+        "precision": precision,
+        **lineage,
+    }
+
+
+def export_onnx(model: nn.Module, input_size: int, path: Path, opset: int) -> None:
+    """torch.onnx.export with a dynamic batch axis, checked by onnx.checker."""
+    example = torch.randn(2, 3, input_size, input_size)  # batch 2: the parity tests use other sizes
+    torch.onnx.export(
+        WithSoftmax(model).eval(),
+        (example,),
+        str(path),
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        opset_version=opset,
+        dynamo=True,
+        external_data=False,
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+    )
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+
+
+def write_metadata(path: Path, metadata: dict[str, Any]) -> dict[str, Any]:
+    """Store metadata in the model's metadata_props and in a sidecar <name>.json that adds the file's sha256."""
+    proto = onnx.load(str(path))
+    onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+    proto.producer_name = "catsdogs"
+    proto.doc_string = f"cat/dog classifier {metadata.get('model_version', '')}".strip()
+    onnx.save(proto, str(path))
+    sidecar = {**metadata, "file": path.name, "sha256": sha256_file(path)}
+    path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")
+    return sidecar
+
+
+def log_to_run(run_id: str | None, files: list[Path], metrics: dict[str, float]) -> None:
+    """Attach the exported files and their metrics to the MLflow run the checkpoint came from."""
+    if not run_id:
+        return
+    try:
+        with mlflow.start_run(run_id=run_id):
+            for file in files:
+                mlflow.log_artifact(str(file), artifact_path="onnx")
+            mlflow.log_metrics(metrics)
+    except mlflow.exceptions.MlflowException as error:
+        print(f"warning: could not log to MLflow run {run_id}: {error}", file=sys.stderr)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--checkpoint", type=Path, default=Path("models/final.pt"))
+    parser.add_argument("--out", type=Path, default=Path("models/model.onnx"))
+    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS)
+    parser.add_argument("--data", type=Path, default=None, help="prepared ImageFolder root (default: params)")
+    parser.add_argument("--report", type=Path, default=Path("reports/export.json"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = get_args_parser().parse_args(argv)
+    params = load_params(args.params)
+    settings = params.export
+    tracking.configure(params.mlflow.experiment)
+    model, checkpoint = load_checkpoint(args.checkpoint)
+    spec = PreprocessSpec.from_dict(checkpoint["preprocess"])
+    labels = list(spec.labels)
+    data_dir = args.data or Path(params.data.processed_dir)
+    inputs, targets = load_split(data_dir, "test", spec)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / args.out.name
+        export_onnx(model, spec.input_size, staged, settings.opset)
+        write_metadata(staged, model_metadata(checkpoint, "float32"))
+        fp32, fp32_probabilities = evaluate_onnx(staged, inputs, targets, labels)
+        reference = torch_probabilities(model, inputs)
+        report: dict[str, Any] = {
+            "test_images": len(targets),
+            "torch_accuracy": float((reference.argmax(1) == targets).mean()),
+            "float32": fp32,
+            "max_abs_probability_diff_vs_torch": float(np.abs(reference - fp32_probabilities).max()),
+        }
+        if fp32["accuracy"] < settings.min_accuracy:
+            raise SystemExit(
+                f"export refused: ONNX test accuracy {fp32['accuracy']:.4f} is below export.min_accuracy "
+                f"{settings.min_accuracy:.4f} ({len(targets)} test images)"
+            )
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        for suffix in (".onnx", ".json"):
+            shutil.move(staged.with_suffix(suffix), args.out.with_suffix(suffix))
+    written = [args.out, args.out.with_suffix(".json")]
+    metrics = {"onnx_test_accuracy": fp32["accuracy"], "onnx_latency_p50_ms": fp32["latency_p50_ms"]}
+
+    write_report(args.report, report)
+    log_to_run(checkpoint.get("run_id"), written, metrics)
+    print(json.dumps({"written": [str(p) for p in written], **metrics}, indent=2))
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

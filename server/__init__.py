@@ -1,0 +1,1 @@
+"""The inference service: Starlette + onnxruntime, NumPy/Pillow preprocessing, no torch."""

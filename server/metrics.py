@@ -1,0 +1,53 @@
+"""Prometheus metrics of the service, in a registry of its own (one per app)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0)
+CONFIDENCE_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
+
+
+class Metrics:
+    """Requests, latencies, predictions, confidence, in-flight requests and model state."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "catsdogs_http_requests",
+            "HTTP requests by endpoint and status",
+            ["method", "endpoint", "status"],
+            registry=r,
+        )
+        self.request_latency = Histogram(
+            "catsdogs_http_request_duration_seconds",
+            "Request latency",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_latency = Histogram(
+            "catsdogs_inference_duration_seconds",
+            "onnxruntime session.run latency",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.predictions = Counter("catsdogs_predictions", "Predictions by label", ["label"], registry=r)
+        self.confidence = Histogram(
+            "catsdogs_prediction_confidence",
+            "Probability of the predicted label",
+            buckets=CONFIDENCE_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge("catsdogs_http_requests_in_flight", "Requests being handled", registry=r)
+        self.model_loaded = Gauge("catsdogs_model_loaded", "1 when a model is loaded and warm", registry=r)
+        self.model_info = Gauge(
+            "catsdogs_model_info", "The served model", ["version", "precision", "sha256"], registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

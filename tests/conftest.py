@@ -1,0 +1,61 @@
+"""Shared fixtures: real photos and weights from ../shared, copied into small temporary raw folders."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+DATASET = SHARED / "datasets" / "cats-vs-dogs-2k"
+WEIGHTS = SHARED / "weights" / "mobilenet_v2_imagenet.pt"
+PROBLEM_FILES = {
+    "cats/Thumbs.db": "not an image",
+    "cats/cat.90001.jpg": "empty file",
+    "cats/cat.90003.jpg": "not an image",  # an HTML error page
+    "dogs/dog.90002.jpg": "truncated",
+}
+GRAYSCALE, CMYK, LARGE = "cats/cat.90004.jpg", "cats/cat.90005.jpg", "cats/cat.90008.jpg"
+RGBA_PNG, EXIF_ROTATED = "dogs/dog.90006.jpg", "dogs/dog.90007.jpg"
+AWKWARD = [GRAYSCALE, CMYK, LARGE, RGBA_PNG, EXIF_ROTATED]
+
+
+def photos(label: str, count: int, start: int = 1) -> list[Path]:
+    """The first `count` ordinary photos of a class (cat.1.jpg, cat.2.jpg, ...)."""
+    return [DATASET / f"{label}s" / f"{label}.{i}.jpg" for i in range(start, start + count)]
+
+
+@pytest.fixture(scope="session")
+def dataset() -> Path:
+    assert DATASET.is_dir(), f"the shared dataset is missing at {DATASET}"
+    return DATASET
+
+
+@pytest.fixture(scope="session")
+def weights() -> Path:
+    assert WEIGHTS.is_file(), f"the shared weights are missing at {WEIGHTS}"
+    return WEIGHTS
+
+
+@pytest.fixture
+def make_raw(tmp_path: Path) -> Callable[..., Path]:
+    """Build a raw folder in one of the three public layouts from real photos."""
+
+    def build(per_class: int = 5, layout: str = "folders", extra: list[str] = (), name: str = "raw") -> Path:
+        root = tmp_path / name
+        sources = [*photos("cat", per_class), *photos("dog", per_class), *(DATASET / e for e in extra)]
+        for source in sources:
+            label = source.parent.name[:-1]  # cats -> cat
+            target = {
+                "folders": root / f"{label}s" / source.name,
+                "petimages": root / "PetImages" / label.capitalize() / source.name.split(".", 1)[1],
+                "kaggle": root / "train" / (source.name if source.name.startswith(label) else f"{label}.{source.name}"),
+            }[layout]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+        return root
+
+    return build

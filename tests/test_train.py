@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from training import train
+from training.config import load_params
+from training.data import prepare
+from training.model import build_model, freeze_backbone, set_train_mode
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small_params(tmp_path: Path, **final: object) -> Path:
+    """params.yaml with one short epoch per stage, so a real run takes seconds."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["train"].update(batch_size=8, num_workers=0)
+    raw["train"]["baseline"].update(epochs=2, patience=1)
+    raw["train"]["final"].update(epochs=1, unfreeze_blocks=2, **final)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # artifacts land under tmp_path/mlruns
+    yield uri
+    mlflow.end_run()
+
+
+@pytest.mark.slow
+def test_short_real_training_run_logs_both_runs_and_writes_checkpoints(make_raw, tmp_path, weights, mlflow_store):
+    params_path = small_params(tmp_path)
+    params = load_params(params_path)
+    processed = tmp_path / "processed"
+    prepare(make_raw(per_class=30), processed, tmp_path / "reports", labels=("cat", "dog"),
+            fractions=params.data.split, salt=params.data.split_salt)  # fmt: skip
+    out, reports = tmp_path / "models", tmp_path / "reports"
+    train.main(["--params", str(params_path), "--data", str(processed), "--pretrained", str(weights),
+                "--out-dir", str(out), "--reports-dir", str(reports)])  # fmt: skip
+
+    for stage in ("baseline", "final"):
+        checkpoint = torch.load(out / f"{stage}.pt", weights_only=False)
+        assert checkpoint["preprocess"]["labels"] == ["cat", "dog"]
+        assert checkpoint["preprocess"]["input_size"] == 224
+        assert len(checkpoint["data_version"]) == 64 and checkpoint["git_commit"]
+        model = build_model(2, str(weights))
+        model.load_state_dict(checkpoint["state_dict"])
+        report = json.loads((reports / f"{stage}.json").read_text())
+        assert 0.5 < report["accuracy"] <= 1.0  # ImageNet features separate cats from dogs even in 2 epochs
+        assert report["run_id"] == checkpoint["run_id"]
+
+    client = MlflowClient(mlflow_store)
+    experiment = client.get_experiment_by_name(params.mlflow.experiment)
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {"baseline", "final"}
+    for name, run in runs.items():
+        metrics = run.data.metrics
+        for key in ("train_loss", "val_accuracy", "test_accuracy", "test_precision", "test_recall", "test_f1"):
+            assert key in metrics, (name, key)
+        assert run.data.tags["data_version"] and run.data.tags["git_commit"]
+        assert run.data.params["stage.lr"]
+        history = client.get_metric_history(run.info.run_id, "val_accuracy")
+        assert [m.step for m in history] == list(range(1, len(history) + 1))
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert "confusion_matrix.png" in artifacts
+    champion = client.get_model_version_by_alias(params.mlflow.registered_model, params.mlflow.champion_alias)
+    assert champion.run_id == runs["final"].info.run_id
+
+    # A second final run that is no better must not take the alias.
+    train.main(["--params", str(params_path), "--data", str(processed), "--pretrained", str(weights),
+                "--out-dir", str(out), "--reports-dir", str(reports), "--stage", "final"])  # fmt: skip
+    second = json.loads((reports / "final.json").read_text())
+    again = client.get_model_version_by_alias(params.mlflow.registered_model, params.mlflow.champion_alias)
+    first_accuracy = runs["final"].data.metrics["test_accuracy"]
+    assert second["champion"] == (second["accuracy"] > first_accuracy)
+    assert (again.run_id == second["run_id"]) == second["champion"]
+
+
+def test_missing_or_unreadable_weights_are_errors_not_random_init(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pretrained weights not found"):
+        build_model(2, str(tmp_path / "missing.pt"))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read pretrained weights"):
+        build_model(2, str(junk))
+
+
+def test_freezing_keeps_only_head_and_last_blocks_trainable_with_batchnorm_frozen(weights):
+    model = build_model(2, str(weights))
+    freeze_backbone(model, 2)
+    trainable = {
+        name.split(".")[0] + "." + name.split(".")[1] for name, p in model.named_parameters() if p.requires_grad
+    }
+    assert trainable == {"features.17", "features.18", "classifier.1"}
+    freeze_backbone(model, 0)
+    assert all(not p.requires_grad for p in model.features.parameters())
+    with pytest.raises(ValueError, match="Only 0 to 19"):
+        freeze_backbone(model, 20)
+    set_train_mode(model)
+    assert model.training and not model.features[1].conv[1].training  # BatchNorm statistics stay ImageNet's
