@@ -3,14 +3,13 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
-SERVE_VENV ?= .venv-serve
 RAW_DATA ?=
 PRETRAINED ?= imagenet
 QUANTIZE ?=
 export PRETRAINED
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup data prepare train export evaluate pipeline test test-fast lint format mlflow-ui bench-model clean
+.PHONY: setup data prepare train export pipeline serve test test-fast lint format mlflow-ui bench bench-model clean
 
 setup: $(VENV)/.installed
 
@@ -38,8 +37,18 @@ export: data
 	@if [ "$(QUANTIZE)" = int8 ]; then python -m export.quantize; \
 	elif [ -n "$(QUANTIZE)" ]; then echo "Invalid QUANTIZE=$(QUANTIZE). Only int8 is supported." >&2; exit 2; fi
 
+# Serve models/model.onnx (or MODEL_PATH) on PORT (8000); every setting is an environment variable.
+serve: setup
+	python -m server
+
+# Benchmarks: numbers to read, not pass/fail. BENCH_IMAGE: a typical ~500x375 JPEG.
+BENCH_IMAGE ?= $(firstword $(wildcard data/processed/test/cat/*.jpg))
+bench: setup
+	@test -n "$(BENCH_IMAGE)" || { echo "set BENCH_IMAGE=path/to/photo.jpg (or run make prepare)" >&2; exit 2; }
+	python -m bench.serve --image "$(BENCH_IMAGE)"
+
 bench-model: setup
-	python -m export.bench
+	python -m bench.model
 
 pipeline: data
 	dvc repro

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -59,3 +61,20 @@ def make_raw(tmp_path: Path) -> Callable[..., Path]:
         return root
 
     return build
+
+
+@pytest.fixture(scope="session")
+def onnx_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real exported model: CATSDOGS_TEST_MODEL when set (the torch-free serve venv), else exported here."""
+    given = os.environ.get("CATSDOGS_TEST_MODEL")
+    if given:
+        return Path(given)
+    from tests.seeded_model import export_seeded_model
+
+    return export_seeded_model(tmp_path_factory.mktemp("seeded"), WEIGHTS)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -38,7 +38,6 @@ class DataParams:
 class AugmentParams:
     hflip: float
     rotation_degrees: float
-    crop_scale_min: float
     color_jitter: float
 
 

@@ -111,7 +111,7 @@ class ClassificationPresetEval:
 
 
 class ClassificationPresetTrain:
-    """Light augmentation for the training split only."""
+    """Light augmentation for the training split only, at the same object scale as evaluation (resize, then crop)."""
 
     def __init__(
         self,
@@ -119,12 +119,13 @@ class ClassificationPresetTrain:
         spec: PreprocessSpec,
         hflip: float = 0.5,
         rotation_degrees: float = 10.0,
-        crop_scale_min: float = 0.7,
         color_jitter: float = 0.0,
     ) -> None:
         interpolation = INTERPOLATIONS[spec.interpolation]
-        crop = T.RandomResizedCrop(spec.input_size, scale=(crop_scale_min, 1.0), interpolation=interpolation)
-        steps: list[Any] = [crop]
+        steps: list[Any] = [
+            T.Resize(spec.resize_size, interpolation=interpolation, antialias=True),
+            T.RandomCrop(spec.input_size),
+        ]
         if hflip > 0:
             steps.append(T.RandomHorizontalFlip(hflip))
         if rotation_degrees > 0:

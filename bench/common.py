@@ -1,0 +1,56 @@
+"""Timing helpers shared by the benchmarks."""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def time_ms(fn: Callable[[], object], repeats: int, warmup: int = 5) -> list[float]:
+    """Milliseconds per call of fn, after warm-up calls."""
+    for _ in range(warmup):
+        fn()
+    timings = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        timings.append((time.perf_counter() - started) * 1000)
+    return timings
+
+
+def percentiles(timings: list[float]) -> dict[str, float]:
+    values = np.asarray(timings)
+    return {
+        "p50_ms": round(float(np.percentile(values, 50)), 3),
+        "p95_ms": round(float(np.percentile(values, 95)), 3),
+        "p99_ms": round(float(np.percentile(values, 99)), 3),
+        "mean_ms": round(statistics.fmean(timings), 3),
+    }
+
+
+def cpu_info() -> dict[str, Any]:
+    """Model name, core count and the SIMD flags that decide whether int8 pays off (VNNI, AMX)."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile")
+    return {
+        "model": model or platform.processor(),
+        "machine": platform.machine(),
+        "logical_cpus": len(os.sched_getaffinity(0)),
+        "flags": [flag for flag in wanted if flag in flags],
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

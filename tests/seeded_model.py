@@ -1,0 +1,62 @@
+"""A real, deterministic model for tests and CI without training: the ImageNet backbone with a fixed 2-class head.
+
+The head averages ImageNet's own classifier rows for the cat classes (281-285) and the dog breeds (151-268),
+so the model really tells cats from dogs. `python -m tests.seeded_model OUT_DIR [WEIGHTS]` writes
+OUT_DIR/model.onnx (+ model.json) through the same export code as `make export`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+IMAGENET_CATS = range(281, 286)
+IMAGENET_DOGS = range(151, 269)
+DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "mobilenet_v2_imagenet.pt"
+
+
+def seeded_checkpoint(weights: Path) -> dict:
+    """A checkpoint in the training format, made without training."""
+    import torch
+    import yaml
+
+    from training.model import build_model, load_state_dict
+    from training.presets import PreprocessSpec
+
+    imagenet = load_state_dict(weights)
+    model = build_model(2, str(weights))
+    weight, bias = imagenet["classifier.1.weight"], imagenet["classifier.1.bias"]
+    with torch.no_grad():
+        model.classifier[1].weight.copy_(torch.stack([weight[IMAGENET_CATS].mean(0), weight[IMAGENET_DOGS].mean(0)]))
+        model.classifier[1].bias.copy_(torch.stack([bias[IMAGENET_CATS].mean(), bias[IMAGENET_DOGS].mean()]))
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    return {
+        "arch": "mobilenet_v2",
+        "state_dict": model.eval().state_dict(),
+        "preprocess": PreprocessSpec.from_dict(params["preprocess"]).to_dict(),
+        "model_version": "seeded-imagenet-head",
+        "data_version": "none",
+        "git_commit": "test",
+    }
+
+
+def export_seeded_model(out_dir: Path, weights: Path = DEFAULT_WEIGHTS) -> Path:
+    """Write out_dir/model.onnx and its sidecar; returns the .onnx path."""
+    import torch
+
+    from export.convert import export_onnx, model_metadata, write_metadata
+    from training.model import load_checkpoint
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = out_dir / "seeded.pt"
+    torch.save(seeded_checkpoint(weights), checkpoint_path)
+    model, checkpoint = load_checkpoint(checkpoint_path)
+    path = out_dir / "model.onnx"
+    export_onnx(model, checkpoint["preprocess"]["input_size"], path, opset=18)
+    write_metadata(path, model_metadata(checkpoint, "float32"))
+    return path
+
+
+if __name__ == "__main__":
+    target = export_seeded_model(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else DEFAULT_WEIGHTS)
+    print(target)

@@ -1,0 +1,113 @@
+"""Export stage: ONNX with metadata and sidecar, the accuracy gate, and the int8 variant's gate."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+import yaml
+
+from export import convert, quantize
+from export.evaluate import read_metadata
+from tests.conftest import WEIGHTS
+from tests.seeded_model import seeded_checkpoint
+from training.config import load_params
+from training.data import prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, make_raw_module):
+    root = tmp_path_factory.mktemp("export")
+    params = load_params(ROOT / "params.yaml")
+    prepare(make_raw_module(per_class=30), root / "processed", root / "reports", labels=("cat", "dog"),
+            fractions=params.data.split, salt=params.data.split_salt)  # fmt: skip
+    torch.save(seeded_checkpoint(WEIGHTS), root / "final.pt")
+    return root
+
+
+@pytest.fixture(scope="module")
+def make_raw_module(tmp_path_factory):
+    from tests.conftest import photos
+
+    def build(per_class: int) -> Path:
+        raw = tmp_path_factory.mktemp("raw")
+        for label in ("cat", "dog"):
+            (raw / label).mkdir()
+            for photo in photos(label, per_class):
+                (raw / label / photo.name).write_bytes(photo.read_bytes())
+        return raw
+
+    return build
+
+
+def write_params(root: Path, **export: object) -> Path:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["export"].update(export)
+    path = root / f"params-{len(list(root.glob('params-*')))}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def run_convert(root: Path, params: Path, out: Path) -> dict:
+    report = root / f"{out.stem}-report.json"
+    convert.main(["--checkpoint", str(root / "final.pt"), "--out", str(out), "--params", str(params),
+                  "--data", str(root / "processed"), "--report", str(report)])  # fmt: skip
+    return json.loads(report.read_text())
+
+
+@pytest.mark.slow
+def test_export_writes_checked_onnx_with_metadata_and_sidecar(workspace, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    out = workspace / "models" / "model.onnx"
+    report = run_convert(workspace, write_params(workspace, min_accuracy=0.5), out)
+
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    metadata = read_metadata(out)
+    assert metadata["labels"] == ["cat", "dog"] and metadata["preprocess"]["resize_size"] == 256
+    assert metadata["model_version"] == "seeded-imagenet-head" and metadata["precision"] == "float32"
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert {k: v for k, v in sidecar.items() if k not in ("file", "sha256")} == metadata
+    graph = onnx.load(str(out)).graph
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a named, dynamic batch axis
+    assert report["float32"]["accuracy"] == report["torch_accuracy"]  # to the image
+    assert report["max_abs_probability_diff_vs_torch"] < 1e-5
+    assert report["float32"]["latency_p50_ms"] > 0 and "precision_cat" in report["float32"]
+
+
+@pytest.mark.slow
+def test_export_refuses_a_model_below_the_accuracy_threshold(workspace, tmp_path):
+    out = tmp_path / "refused.onnx"
+    with pytest.raises(SystemExit, match=r"below export\.min_accuracy"):
+        run_convert(workspace, write_params(workspace, min_accuracy=1.01), out)
+    assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+@pytest.mark.slow
+def test_int8_model_is_kept_only_within_the_accuracy_drop(workspace, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    fp32 = tmp_path / "model.onnx"
+    run_convert(workspace, write_params(workspace, min_accuracy=0.5), fp32)
+    int8 = tmp_path / "model.int8.onnx"
+    accepting = write_params(workspace, calibration_images=16, int8_max_accuracy_drop=0.1)
+    quantize.main(["--model", str(fp32), "--params", str(accepting), "--data", str(workspace / "processed"),
+                   "--report", str(tmp_path / "q.json")])  # fmt: skip
+    report = json.loads((tmp_path / "q.json").read_text())
+    assert int8.is_file() and read_metadata(int8)["precision"] == "int8"
+    quantized_ops = {node.op_type for node in onnx.load(str(int8)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= quantized_ops
+    gate = report["gate"]
+    assert gate["accepted"] and gate["label_flips"] == len(gate["flipped_indices"])
+    assert abs(gate["accuracy_fp32"] - gate["accuracy_int8"]) <= 0.1
+
+    refusing = write_params(workspace, calibration_images=16, int8_max_accuracy_drop=-1.0)
+    with pytest.raises(SystemExit, match="int8 model refused"):
+        quantize.main(["--model", str(fp32), "--params", str(refusing), "--data", str(workspace / "processed"),
+                       "--report", str(tmp_path / "q2.json")])  # fmt: skip
+    assert not int8.exists()

@@ -1,0 +1,80 @@
+"""CI's torch-vs-ONNX parity: the model, the preprocessing, and the server's whole code path, on real photos."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from export.convert import WithSoftmax
+from server.model import Model
+from server.preprocess import Preprocessor
+from tests.conftest import AWKWARD, DATASET, WEIGHTS, photos
+from training.model import load_checkpoint
+from training.presets import ClassificationPresetEval, PreprocessSpec, load_image
+
+PHOTOS = [*photos("cat", 20), *photos("dog", 20)]  # 40 real photos
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The seeded model exported by the production export code, and its PyTorch original."""
+    from tests.seeded_model import export_seeded_model
+
+    path = export_seeded_model(tmp_path_factory.mktemp("parity"), WEIGHTS)
+    model, checkpoint = load_checkpoint(path.parent / "seeded.pt")
+    return path, WithSoftmax(model).eval(), PreprocessSpec.from_dict(checkpoint["preprocess"])
+
+
+def torch_inputs(spec: PreprocessSpec, files: list[Path]) -> torch.Tensor:
+    """The training evaluation transform, exactly as training and export use it."""
+    transform = ClassificationPresetEval(spec=spec)
+    draft = spec.resize_size if spec.jpeg_draft else None
+    return torch.stack([transform(load_image(f, draft)) for f in files])
+
+
+@pytest.mark.parametrize("batch_size", [1, 8])
+def test_onnxruntime_matches_pytorch_probabilities(exported, batch_size):
+    path, model, spec = exported
+    inputs = torch_inputs(spec, PHOTOS)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    for start in range(0, len(inputs), batch_size):
+        batch = inputs[start : start + batch_size]
+        with torch.inference_mode():
+            expected = model(batch).numpy()
+        actual = session.run(None, {name: batch.numpy()})[0]
+        np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-5)
+        assert (actual.argmax(1) == expected.argmax(1)).all()
+
+
+@pytest.mark.parametrize("file", [*PHOTOS[:32], *(DATASET / a for a in AWKWARD)], ids=lambda p: p.name)
+def test_serving_preprocessing_equals_the_training_transform(exported, file):
+    _, _, spec = exported
+    served = Preprocessor(spec.to_dict(), max_pixels=50_000_000)(file.read_bytes())
+    np.testing.assert_allclose(served, torch_inputs(spec, [file])[0].numpy(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("jpeg_draft", [True, False])
+def test_parity_holds_with_and_without_jpeg_draft(exported, jpeg_draft):
+    _, _, spec = exported
+    spec = PreprocessSpec.from_dict({**spec.to_dict(), "jpeg_draft": jpeg_draft})
+    large = DATASET / "cats" / "cat.90008.jpg"
+    served = Preprocessor(spec.to_dict(), max_pixels=50_000_000)(large.read_bytes())
+    np.testing.assert_allclose(served, torch_inputs(spec, [large])[0].numpy(), rtol=0, atol=1e-5)
+
+
+def test_server_code_path_matches_pytorch_end_to_end(exported):
+    path, model, spec = exported
+    served = Model(path, threads=1, max_pixels=50_000_000)
+    files = PHOTOS[::4] + [DATASET / a for a in AWKWARD]
+    with torch.inference_mode():
+        expected = model(torch_inputs(spec, files)).numpy()
+    for file, reference in zip(files, expected, strict=True):
+        prediction = served.classify(file.read_bytes())
+        actual = np.array([prediction.probabilities[label] for label in spec.labels])
+        np.testing.assert_allclose(actual, reference, rtol=0, atol=1e-4, err_msg=file.name)
+        assert prediction.label == spec.labels[int(reference.argmax())]

@@ -1,0 +1,178 @@
+"""The service as users run it: `python -m server` (uvicorn) on a free port, spoken to over real HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx2 as httpx
+import pytest
+
+from tests.conftest import ROOT, free_port
+from tests.images import photo_bytes
+
+
+class Service:
+    def __init__(self, model: Path, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        environment = {**os.environ, "MODEL_PATH": str(model), "PORT": str(self.port), "HOST": "127.0.0.1",
+                       "LOG_FORMAT": "json", "ORT_THREADS": "1", "PYTHONUNBUFFERED": "1", **env}  # fmt: skip
+        self.started = time.perf_counter()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "server"],
+            cwd=ROOT,
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout
+        for line in self.process.stdout:
+            self.lines.append(line.decode(errors="replace").rstrip())
+
+    def wait_ready(self, timeout: float = 60) -> float:
+        deadline = time.perf_counter() + timeout
+        while time.perf_counter() < deadline:
+            assert self.process.poll() is None, "\n".join(self.lines)
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
+                    return time.perf_counter() - self.started
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError("\n".join(self.lines))
+
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in self.lines if line.startswith("{")]
+
+    def stop(self) -> None:
+        """SIGTERM, then a clean exit: uvicorn finishes, logs our shutdown line, and re-raises the signal."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=30)
+        self.reader.join(timeout=5)
+        assert code in (0, -signal.SIGTERM), "\n".join(self.lines)
+        assert any(r["message"] == "shutdown" for r in self.records()), "\n".join(self.lines)
+
+
+@pytest.fixture(scope="module")
+def service(onnx_model: Path) -> Iterator[Service]:
+    running = Service(onnx_model)
+    running.wait_ready()
+    yield running
+    running.stop()
+
+
+def test_real_uvicorn_serves_predictions_with_request_ids(service):
+    response = httpx.post(
+        f"{service.url}/predict",
+        files={"file": ("cat.jpg", photo_bytes("cats/cat.1.jpg"), "image/jpeg")},
+        headers={"X-Request-ID": "req-42"},
+        timeout=30,
+    )
+    assert response.status_code == 200 and response.json()["label"] == "cat"
+    assert response.headers["x-request-id"] == "req-42"
+    assert "server" not in response.headers  # no version banner
+    time.sleep(0.2)
+    [line] = [r for r in service.records() if r.get("request_id") == "req-42"]
+    assert line["message"] == "request" and line["path"] == "/predict" and line["status"] == 200
+    assert line["label"] == "cat" and 0.5 < line["confidence"] <= 1 and line["latency_ms"] > 0
+    assert line["ts"].endswith("Z") and line["method"] == "POST"
+    startup = [r for r in service.records() if r["message"] == "startup"]
+    assert startup and startup[0]["model_version"] == "seeded-imagenet-head" and startup[0]["load_seconds"] > 0
+
+
+def read_response(connection: socket.socket, received: bytes = b"") -> bytes:
+    """Read one HTTP response (headers and a Content-Length body) from a raw socket."""
+    while b"\r\n\r\n" not in received:
+        received += connection.recv(65536)
+    head, _, body = received.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+    )
+    while len(body) < length:
+        body += connection.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def test_oversized_streamed_body_is_refused_while_it_streams(service):
+    limit = 10 * 1024 * 1024
+    chunk = b"\xff" * (1024 * 1024)
+    sent, response = 0, b""
+    with socket.create_connection(("127.0.0.1", service.port), timeout=10) as connection:
+        head = "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nTransfer-Encoding: chunked\r\n\r\n"
+        connection.sendall(head.encode())
+        try:
+            for _ in range(20):  # 20 MiB offered, without a Content-Length to refuse up front
+                connection.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+                sent += len(chunk)
+                connection.settimeout(0.05)
+                try:
+                    response = connection.recv(65536)
+                except TimeoutError:
+                    continue
+                finally:
+                    connection.settimeout(10)
+                if response:
+                    break
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        response = read_response(connection, response)
+    assert response.startswith(b"HTTP/1.1 413"), response[:200]
+    assert b"payload_too_large" in response
+    assert sent < 20 * 1024 * 1024 and sent <= limit + 2 * len(chunk)
+
+
+def test_declared_oversized_body_is_refused_before_it_is_sent(service):
+    with socket.create_connection(("127.0.0.1", service.port), timeout=10) as connection:
+        connection.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 20971520\r\n\r\n"
+        )
+        response = read_response(connection)
+    assert response.startswith(b"HTTP/1.1 413") and b"payload_too_large" in response
+
+
+def test_health_only_mode_starts_without_a_model(tmp_path):
+    service = Service(tmp_path / "absent.onnx")
+    try:
+        deadline = time.perf_counter() + 60
+        while True:
+            try:
+                health = httpx.get(f"{service.url}/health", timeout=1)
+                break
+            except httpx.TransportError:
+                assert time.perf_counter() < deadline and service.process.poll() is None, "\n".join(service.lines)
+                time.sleep(0.05)
+        assert health.json() == {"status": "ok", "model_loaded": False}
+        ready = httpx.get(f"{service.url}/ready", timeout=5)
+        assert ready.status_code == 503 and ready.json()["error"]["code"] == "model_not_loaded"
+    finally:
+        service.stop()
+
+
+def test_graceful_shutdown_finishes_in_flight_requests(onnx_model):
+    service = Service(onnx_model)
+    service.wait_ready()
+    files = [("files", (f"{i}.jpg", photo_bytes(f"dogs/dog.{i}.jpg"), "image/jpeg")) for i in range(1, 33)]
+    result: dict[str, httpx.Response] = {}
+    request = threading.Thread(
+        target=lambda: result.update(r=httpx.post(f"{service.url}/predict/batch", files=files, timeout=60))
+    )
+    request.start()
+    time.sleep(0.3)  # the batch of 32 photos is being decoded and classified
+    service.stop()
+    request.join(timeout=60)
+    assert result["r"].status_code == 200 and result["r"].json()["count"] == 32
