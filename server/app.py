@@ -94,24 +94,22 @@ def require_model(request: Request) -> Model:
 
 def classify(model: Model, metrics: Metrics, images: list[bytes]) -> list[Prediction | ImageError]:
     """Preprocess each image (a bad one yields its error) and run the good ones as one batch. Runs in a thread."""
-    arrays: list[np.ndarray] = []
-    results: list[Prediction | ImageError] = []
-    for data in images:
+    arrays: dict[int, np.ndarray] = {}
+    errors: dict[int, ImageError] = {}
+    for index, data in enumerate(images):
         try:
-            arrays.append(model.preprocess(data))
-            results.append(None)  # type: ignore[arg-type]  # filled below
+            arrays[index] = model.preprocess(data)
         except ImageError as error:
-            results.append(error)
+            errors[index] = error
+    predictions: dict[int, Prediction] = {}
     if arrays:
         started = time.perf_counter()
-        predictions = iter(model.predict(np.stack(arrays)))
+        predictions = dict(zip(arrays, model.predict(np.stack(list(arrays.values()))), strict=True))
         metrics.inference_latency.observe(time.perf_counter() - started)
-        results = [r if isinstance(r, ImageError) else next(predictions) for r in results]
-    for result in results:
-        if isinstance(result, Prediction):
-            metrics.predictions.labels(result.label).inc()
-            metrics.confidence.observe(result.confidence)
-    return results
+    for prediction in predictions.values():
+        metrics.predictions.labels(prediction.label).inc()
+        metrics.confidence.observe(prediction.confidence)
+    return [predictions[i] if i in predictions else errors[i] for i in range(len(images))]
 
 
 async def run_classify(request: Request, images: list[bytes]) -> list[Prediction | ImageError]:

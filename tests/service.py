@@ -1,0 +1,64 @@
+"""`python -m server` as a child process on a free port, with its JSON log lines collected."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx2 as httpx
+
+from tests.conftest import ROOT, free_port
+
+
+class Service:
+    def __init__(self, model: Path, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        environment = {**os.environ, "MODEL_PATH": str(model), "PORT": str(self.port), "HOST": "127.0.0.1",
+                       "LOG_FORMAT": "json", "ORT_THREADS": "1", "PYTHONUNBUFFERED": "1", **env}  # fmt: skip
+        self.started = time.perf_counter()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "server"],
+            cwd=ROOT,
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout
+        for line in self.process.stdout:
+            self.lines.append(line.decode(errors="replace").rstrip())
+
+    def wait_ready(self, timeout: float = 60) -> float:
+        deadline = time.perf_counter() + timeout
+        while time.perf_counter() < deadline:
+            assert self.process.poll() is None, "\n".join(self.lines)
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
+                    return time.perf_counter() - self.started
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError("\n".join(self.lines))
+
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in self.lines if line.startswith("{")]
+
+    def stop(self) -> None:
+        """SIGTERM, then a clean exit: uvicorn finishes, logs our shutdown line, and re-raises the signal."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=30)
+        self.reader.join(timeout=5)
+        assert code in (0, -signal.SIGTERM), "\n".join(self.lines)
+        assert any(r["message"] == "shutdown" for r in self.records()), "\n".join(self.lines)
