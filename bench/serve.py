@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import selectors
 import signal
 import socket
 import subprocess
@@ -20,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import cpu_info, free_port, percentiles, time_ms
-from server.config import available_cpus
+from server.config import Settings, available_cpus
 from server.model import Model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,30 +73,42 @@ class Client:
 
 
 def load(port: int, request: bytes, clients: int, seconds: float) -> dict[str, float]:
-    """Closed-loop load from `clients` connections for `seconds`: requests per second and errors."""
-    counts = [0] * clients
-    errors = [0] * clients
-    stop = time.perf_counter() + seconds
-
-    def run(index: int) -> None:
-        client = Client(port, request)
-        try:
-            while time.perf_counter() < stop:
-                if client.send() == 200:
-                    counts[index] += 1
-                else:
-                    errors[index] += 1
-        finally:
-            client.close()
-
+    """Closed-loop load from `clients` keep-alive connections for `seconds`, driven by one thread with a selector
+    so the load generator takes as little of the shared cores as possible: requests per second and errors."""
+    selector = selectors.DefaultSelector()
+    for _ in range(clients):
+        connection = socket.create_connection(("127.0.0.1", port))
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        connection.sendall(request)
+        selector.register(connection, selectors.EVENT_READ, data=bytearray())
+    done = errors = 0
     started = time.perf_counter()
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    stop = started + seconds
+    while selector.get_map():
+        for key, _ in selector.select(timeout=1):
+            connection, buffer = key.fileobj, key.data
+            chunk = connection.recv(65536)  # type: ignore[union-attr]
+            if not chunk:
+                raise ConnectionError("server closed the connection")
+            buffer += chunk
+            head_end = buffer.find(b"\r\n\r\n")
+            if head_end < 0:
+                continue
+            length = int(re.search(rb"(?i)content-length: *(\d+)", bytes(buffer[:head_end])).group(1))  # type: ignore[union-attr]
+            if len(buffer) < head_end + 4 + length:
+                continue
+            if buffer.startswith(b"HTTP/1.1 200"):
+                done += 1
+            else:
+                errors += 1
+            buffer.clear()
+            if time.perf_counter() < stop:
+                connection.sendall(request)  # type: ignore[union-attr]
+            else:
+                selector.unregister(connection)
+                connection.close()  # type: ignore[union-attr]
     elapsed = time.perf_counter() - started
-    return {"clients": clients, "requests": sum(counts), "errors": sum(errors), "rps": round(sum(counts) / elapsed, 2)}
+    return {"clients": clients, "requests": done, "errors": errors, "rps": round(done / elapsed, 2)}
 
 
 def rss_mb(pid: int) -> float:
@@ -106,9 +120,10 @@ def rss_mb(pid: int) -> float:
 
 def start_server(model: Path, port: int) -> tuple[subprocess.Popen[bytes], float]:
     """`python -m server` with the given model; returns the process and the seconds from spawn to /ready = 200."""
-    env = {**os.environ, "MODEL_PATH": str(model), "PORT": str(port), "HOST": "127.0.0.1", "LOG_LEVEL": "warning"}
+    env = {**os.environ, "MODEL_PATH": str(model), "PORT": str(port), "HOST": "127.0.0.1"}
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "server"], cwd=ROOT, env=env)
+    # The service logs as in production (a JSON line per request), into the void.
+    process = subprocess.Popen([sys.executable, "-m", "server"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
     probe = b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n"
     while True:
         if process.poll() is not None:
@@ -126,8 +141,10 @@ def start_server(model: Path, port: int) -> tuple[subprocess.Popen[bytes], float
 def in_process(model_path: Path, image: bytes, seconds: float) -> dict[str, Any]:
     """The floor: decode + preprocess + session.run for one image, and the best throughput the cores give in-process."""
     cpus = available_cpus()
+    settings = Settings.from_env()  # the floor uses the service's own thread setting
+    floor_model = Model(model_path, threads=settings.ort_threads, max_pixels=settings.max_image_pixels)
+    floor = {"ort_threads": settings.ort_threads, **percentiles(time_ms(lambda: floor_model.classify(image), 200, 20))}
     served = Model(model_path, threads=cpus, max_pixels=50_000_000)
-    floor = percentiles(time_ms(lambda: served.classify(image), repeats=200, warmup=20))
     one_thread = Model(model_path, threads=1, max_pixels=50_000_000)
     options: dict[str, float] = {}
     for name, model, loops in (
@@ -165,7 +182,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
     image = args.image.read_bytes()
-    report: dict[str, Any] = {"cpu": cpu_info(), "model": str(args.model), "image": args.image.name}
+    settings = Settings.from_env()
+    report: dict[str, Any] = {
+        "cpu": cpu_info(),
+        "model": str(args.model),
+        "image": args.image.name,
+        "service": {"workers": settings.workers, "ort_threads": settings.ort_threads,
+                    "inference_concurrency": settings.inference_concurrency},
+    }  # fmt: skip
     report["in_process"] = in_process(args.model, image, args.seconds)
 
     startups = []
@@ -182,18 +206,25 @@ def main(argv: list[str] | None = None) -> None:
     }
     try:
         request = multipart_request(port, image)
-        client = Client(port, request)
-        for _ in range(50):
-            client.send()
+        warmup = load(port, request, 4, 2.0)  # warm every inference slot, not just one
         report["rss_mb_after_warmup"] = rss_mb(process.pid)
+        client = Client(port, request)
         report["http_single_client"] = percentiles(time_ms(client.send, repeats=500, warmup=0))
         client.close()
-        report["throughput"] = [load(port, request, clients, args.seconds) for clients in (1, 4, 16)]
-        sent = 550 + sum(row["requests"] + row["errors"] for row in report["throughput"])
-        if sent < args.rss_requests:
-            load_rest = load(port, request, 4, (args.rss_requests - sent) / max(report["throughput"][1]["rps"], 1))
-            sent += load_rest["requests"] + load_rest["errors"]
-        report["rss_mb_after_requests"] = {"requests": sent, "rss_mb": rss_mb(process.pid)}
+        report["throughput"] = []
+        samples = [{"requests": 0, "rss_mb": report["rss_mb_after_warmup"]}]
+        sent = 500
+        for clients in (1, 4, 16):
+            row = load(port, request, clients, args.seconds)
+            report["throughput"].append(row)
+            sent += row["requests"] + row["errors"]
+            samples.append({"requests": sent, "rss_mb": rss_mb(process.pid)})
+        while sent < args.rss_requests:
+            row = load(port, request, 4, 5.0)
+            sent += row["requests"] + row["errors"]
+            samples.append({"requests": sent, "rss_mb": rss_mb(process.pid)})
+        report["rss_mb_after_requests"] = {"requests": sent, "rss_mb": samples[-1]["rss_mb"], "samples": samples}
+        report["warmup_requests"] = warmup["requests"]
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait()
