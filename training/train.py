@@ -33,7 +33,8 @@ STAGES = ("baseline", "final")
 
 def load_data(root: Path, split: str, spec: PreprocessSpec, transform: Callable[..., torch.Tensor]) -> ImageFolder:
     """One split of the prepared ImageFolder; its class order must be the spec's label order."""
-    dataset = ImageFolder(str(root / split), transform=transform, loader=ImageLoader(spec=spec))
+    # allow_empty: a tiny dataset may leave a class out of a split; the class order must not shift because of it
+    dataset = ImageFolder(str(root / split), transform=transform, loader=ImageLoader(spec=spec), allow_empty=True)
     if tuple(dataset.classes) != spec.labels:
         raise ValueError(f"{root / split} has classes {dataset.classes}, expected {list(spec.labels)}")
     if len(dataset) == 0:
