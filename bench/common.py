@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import platform
-import socket
 import statistics
 import time
 from collections.abc import Callable
@@ -48,9 +47,3 @@ def cpu_info() -> dict[str, Any]:
         "logical_cpus": len(os.sched_getaffinity(0)),
         "flags": [flag for flag in wanted if flag in flags],
     }
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]

@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import cpu_info, free_port, percentiles, time_ms
+from bench.common import cpu_info, percentiles, time_ms
+from deploy.client import free_port
 from server.config import Settings, available_cpus
 from server.model import Model
 

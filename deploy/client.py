@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -53,3 +54,10 @@ def wait_ready(base_url: str, timeout: float) -> dict[str, Any]:
             last = error
         time.sleep(1)
     raise TimeoutError(f"{base_url}/ready did not answer 200 within {timeout:.0f} s; last answer: {last}")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now, for a local service."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -8,24 +8,18 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from deploy.client import free_port
 from deploy.smoke import smoke
 
 
 def run(command: list[str], check: bool = True, **kwargs: object) -> subprocess.CompletedProcess[str]:
     print("+", shlex.join(command), flush=True)
     return subprocess.run(command, check=check, text=True, capture_output=True, **kwargs)  # type: ignore[call-overload]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_healthy(engine: str, container: str, timeout: float) -> None:

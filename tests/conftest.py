@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -72,9 +71,3 @@ def onnx_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.seeded_model import export_seeded_model
 
     return export_seeded_model(tmp_path_factory.mktemp("seeded"), WEIGHTS)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]

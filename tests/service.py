@@ -13,7 +13,8 @@ from pathlib import Path
 
 import httpx2 as httpx
 
-from tests.conftest import ROOT, free_port
+from deploy.client import free_port
+from tests.conftest import ROOT
 
 
 class Service:
