@@ -159,7 +159,7 @@ async def predict_batch(request: Request) -> JSONResponse:
     started = request.scope["state"]["started"]
     model = require_model(request)
     limit = request.app.state.settings.max_batch_files
-    uploads = await read_uploads(request, "files", max_files=limit)
+    uploads = await read_uploads(request, "files", max_files=limit + 1)  # one over: to say so clearly below
     if len(uploads) > limit:
         raise ClientError(413, "too_many_files", f"at most {limit} files per batch")
     results = await run_classify(request, [data for _, data in uploads])
