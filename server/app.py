@@ -72,6 +72,8 @@ async def read_uploads(request: Request, field: str, max_files: int) -> list[tup
     try:
         form = await parser.parse()
     except MultiPartException as error:
+        if str(error).startswith("Too many files"):
+            raise ClientError(413, "too_many_files", f"at most {max_files} files per request") from None
         raise ClientError(400, "invalid_multipart", str(error)) from None
     try:
         parts = [part for part in form.getlist(field) if isinstance(part, UploadFile)]
@@ -159,9 +161,7 @@ async def predict_batch(request: Request) -> JSONResponse:
     started = request.scope["state"]["started"]
     model = require_model(request)
     limit = request.app.state.settings.max_batch_files
-    uploads = await read_uploads(request, "files", max_files=limit + 1)  # one over: to say so clearly below
-    if len(uploads) > limit:
-        raise ClientError(413, "too_many_files", f"at most {limit} files per batch")
+    uploads = await read_uploads(request, "files", max_files=limit)
     results = await run_classify(request, [data for _, data in uploads])
     items: list[dict[str, Any]] = []
     for (filename, _), result in zip(uploads, results, strict=True):

@@ -124,9 +124,9 @@ def test_batch_returns_one_result_per_file_in_order_with_errors_inline(client):
 
 def test_batch_count_is_bounded(onnx_model):
     with TestClient(create_app(settings_for(onnx_model, max_batch_files=2))) as small:
-        files = [("files", (f"{i}.jpg", photo_bytes(CAT), "image/jpeg")) for i in range(3)]
-        response = small.post("/predict/batch", files=files)
-    assert_error(response, 413, "too_many_files")
+        for count in (3, 10):
+            files = [("files", (f"{i}.jpg", photo_bytes(CAT), "image/jpeg")) for i in range(count)]
+            assert_error(small.post("/predict/batch", files=files), 413, "too_many_files")
 
 
 @pytest.mark.parametrize(
