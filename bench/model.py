@@ -17,6 +17,7 @@ from export.convert import WithSoftmax
 from export.evaluate import make_session, read_metadata
 from export.quantize import quantize_int8
 from training.model import load_checkpoint
+from training.utils import write_json
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -68,8 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         "int8_source": str(args.int8) if args.int8.is_file() else "quantized here (noise calibration)",
         **results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     print(json.dumps(report, indent=2))
 
 

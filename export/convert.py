@@ -21,7 +21,7 @@ from training import tracking
 from training.config import DEFAULT_PARAMS, load_params
 from training.model import load_checkpoint
 from training.presets import PreprocessSpec
-from training.utils import sha256_file
+from training.utils import sha256_file, write_json
 
 INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
 LINEAGE_KEYS = ("model_version", "run_id", "data_version", "raw_data_md5", "git_commit", "pretrained_sha256")
@@ -48,7 +48,6 @@ def model_metadata(checkpoint: dict[str, Any], precision: str) -> dict[str, Any]
         "preprocess": spec,
         "input_name": INPUT_NAME,
         "output_name": OUTPUT_NAME,
-        "output": "probabilities",
         "precision": precision,
         **lineage,
     }
@@ -79,7 +78,7 @@ def write_metadata(path: Path, metadata: dict[str, Any]) -> dict[str, Any]:
     proto.doc_string = f"cat/dog classifier {metadata.get('model_version', '')}".strip()
     onnx.save(proto, str(path))
     sidecar = {**metadata, "file": path.name, "sha256": sha256_file(path)}
-    path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")
+    write_json(path.with_suffix(".json"), sidecar)
     return sidecar
 
 
@@ -137,17 +136,15 @@ def main(argv: list[str] | None = None) -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         for suffix in (".onnx", ".json"):
             shutil.move(staged.with_suffix(suffix), args.out.with_suffix(suffix))
+    stale_int8 = args.out.with_name(f"{args.out.stem}.int8.onnx")  # quantized from the model just replaced
+    for stale in (stale_int8, stale_int8.with_suffix(".json")):
+        stale.unlink(missing_ok=True)
     written = [args.out, args.out.with_suffix(".json")]
     metrics = {"onnx_test_accuracy": fp32["accuracy"], "onnx_latency_p50_ms": fp32["latency_p50_ms"]}
 
-    write_report(args.report, report)
+    write_json(args.report, report)
     log_to_run(checkpoint.get("run_id"), written, metrics)
     print(json.dumps({"written": [str(p) for p in written], **metrics}, indent=2))
-
-
-def write_report(path: Path, report: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

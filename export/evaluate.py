@@ -16,6 +16,7 @@ from training.config import DEFAULT_PARAMS, load_params
 from training.metrics import classification_report
 from training.presets import ClassificationPresetEval, PreprocessSpec
 from training.train import load_data
+from training.utils import write_json
 
 METADATA_KEY = "catsdogs"  # metadata_props key holding the model's metadata as one JSON document
 
@@ -100,8 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     report, _ = evaluate_onnx(args.model, inputs, targets, list(spec.labels))
     report["model"] = str(args.model)
     report["split"] = args.split
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     print(json.dumps({k: v for k, v in report.items() if not isinstance(v, list)}, indent=2))
 
 

@@ -16,6 +16,7 @@ from export.convert import log_to_run, write_metadata
 from export.evaluate import evaluate_onnx, load_split, read_metadata
 from training.config import DEFAULT_PARAMS, load_params
 from training.presets import PreprocessSpec
+from training.utils import write_json
 
 
 class ArrayReader(CalibrationDataReader):
@@ -91,8 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     int8, int8_probabilities = evaluate_onnx(int8_path, inputs, targets, list(spec.labels))
     gate = compare(targets, fp32_probabilities, int8_probabilities, settings.int8_max_accuracy_drop)
     report = {"float32": fp32, "int8": int8, "gate": gate, "calibration_images": len(calibration)}
-    args.report.parent.mkdir(parents=True, exist_ok=True)
-    args.report.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.report, report)
     if not gate["accepted"]:
         int8_path.unlink()
         int8_path.with_suffix(".json").unlink()

@@ -10,7 +10,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-import numpy as np
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -95,23 +94,15 @@ def require_model(request: Request) -> Model:
 
 
 def classify(model: Model, metrics: Metrics, images: list[bytes]) -> list[Prediction | ImageError]:
-    """Preprocess each image (a bad one yields its error) and run the good ones as one batch. Runs in a thread."""
-    arrays: dict[int, np.ndarray] = {}
-    errors: dict[int, ImageError] = {}
-    for index, data in enumerate(images):
-        try:
-            arrays[index] = model.preprocess(data)
-        except ImageError as error:
-            errors[index] = error
-    predictions: dict[int, Prediction] = {}
-    if arrays:
-        started = time.perf_counter()
-        predictions = dict(zip(arrays, model.predict(np.stack(list(arrays.values()))), strict=True))
-        metrics.inference_latency.observe(time.perf_counter() - started)
-    for prediction in predictions.values():
+    """Model.classify_all plus the inference metrics. Runs in a worker thread."""
+    results, seconds = model.classify_all(images)
+    predictions = [r for r in results if isinstance(r, Prediction)]
+    if predictions:
+        metrics.inference_latency.observe(seconds)
+    for prediction in predictions:
         metrics.predictions.labels(prediction.label).inc()
         metrics.confidence.observe(prediction.confidence)
-    return [predictions[i] if i in predictions else errors[i] for i in range(len(images))]
+    return results
 
 
 async def run_classify(request: Request, images: list[bytes]) -> list[Prediction | ImageError]:
@@ -139,7 +130,7 @@ async def health(request: Request) -> JSONResponse:
 
 async def ready(request: Request) -> JSONResponse:
     model = require_model(request)
-    return JSONResponse({"status": "ready", "model_version": model.version, "precision": model.describe()["precision"]})
+    return JSONResponse({"status": "ready", "model_version": model.version, "precision": model.precision})
 
 
 async def model_info(request: Request) -> JSONResponse:
@@ -258,7 +249,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     app.state.model = model
     app.state.metrics.model_loaded.set(1 if model else 0)
     if model:
-        app.state.metrics.model_info.labels(model.version, model.describe()["precision"], model.sha256).set(1)
+        app.state.metrics.model_info.labels(model.version, model.precision, model.sha256).set(1)
         log.info(
             "startup",
             extra={"model_version": model.version, "model_path": str(model.path),

@@ -105,6 +105,10 @@ def test_int8_model_is_kept_only_within_the_accuracy_drop(workspace, monkeypatch
     gate = report["gate"]
     assert gate["accepted"] and gate["label_flips"] == len(gate["flipped_indices"])
     assert abs(gate["accuracy_fp32"] - gate["accuracy_int8"]) <= 0.1
+    run_convert(workspace, write_params(workspace, min_accuracy=0.5), fp32)  # a new float32 model...
+    assert not int8.exists() and not int8.with_suffix(".json").exists()  # ...drops the int8 made from the old one
+    quantize.main(["--model", str(fp32), "--params", str(accepting), "--data", str(workspace / "processed"),
+                   "--report", str(tmp_path / "q.json")])  # fmt: skip
 
     refusing = write_params(workspace, calibration_images=16, int8_max_accuracy_drop=-1.0)
     with pytest.raises(SystemExit, match="int8 model refused"):

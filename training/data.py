@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from training.config import DEFAULT_PARAMS, SplitParams, load_params
 from training.presets import to_rgb
-from training.utils import sha256_bytes
+from training.utils import sha256_bytes, write_json
 
 SPLITS = ("train", "val", "test")
 EXIF_ORIENTATION = 0x0112
@@ -157,7 +157,7 @@ def prepare(
         "counts": counts,
         "manifest_sha256": sha256_bytes((out_dir / "manifest.csv").read_bytes()),
     }
-    (reports_dir / "prepare.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(reports_dir / "prepare.json", summary)
     return summary
 
 

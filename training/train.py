@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import time
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from training.config import DEFAULT_PARAMS, Params, StageParams, load_params
 from training.metrics import classification_report, plot_confusion_matrix
 from training.model import IMAGENET, build_model, embed, freeze_backbone, set_train_mode
 from training.presets import ClassificationPresetEval, ClassificationPresetTrain, ImageLoader, PreprocessSpec
-from training.utils import git_commit, pick_device, seed_everything, sha256_file
+from training.utils import git_commit, pick_device, seed_everything, sha256_file, write_json
 
 STAGES = ("baseline", "final")
 
@@ -252,10 +251,9 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     tracking.configure(params.mlflow.experiment)
     reports = args.reports_dir or Path(params.data.reports_dir)
-    reports.mkdir(parents=True, exist_ok=True)
     for name in STAGES if args.stage == "all" else (args.stage,):
         report = train_stage(name, params, args.data or Path(params.data.processed_dir), args.pretrained, args.out_dir)
-        (reports / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_json(reports / f"{name}.json", report)
         print(f"{name}: test accuracy {report['accuracy']:.4f} ({report['train_seconds']:.0f} s)", flush=True)
 
 
