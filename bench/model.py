@@ -13,10 +13,9 @@ import onnxruntime as ort
 import torch
 
 from bench.common import cpu_info, time_ms
-from export.convert import WithSoftmax
 from export.evaluate import make_session, read_metadata
 from export.quantize import quantize_int8
-from training.model import load_checkpoint
+from training.model import load_predictor
 from training.utils import write_json
 
 
@@ -34,8 +33,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
-    model, _ = load_checkpoint(args.checkpoint)
-    model = WithSoftmax(model).eval()
+    model, _ = load_predictor(args.checkpoint)
     size = read_metadata(args.onnx)["input_size"]
     rng = np.random.default_rng(0)
     results: dict[str, dict[str, float]] = {}

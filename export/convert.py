@@ -14,28 +14,16 @@ import mlflow
 import numpy as np
 import onnx
 import torch
-from torch import nn
 
 from export.evaluate import METADATA_KEY, evaluate_onnx, load_split, torch_probabilities
 from training import tracking
 from training.config import DEFAULT_PARAMS, load_params
-from training.model import load_checkpoint
+from training.model import Predictor, load_predictor
 from training.presets import PreprocessSpec
 from training.utils import sha256_file, write_json
 
 INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
 LINEAGE_KEYS = ("model_version", "run_id", "data_version", "raw_data_md5", "git_commit", "pretrained_sha256")
-
-
-class WithSoftmax(nn.Module):
-    """The classifier with softmax inside the graph, so every runtime returns probabilities."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(image), dim=1)
 
 
 def model_metadata(checkpoint: dict[str, Any], precision: str) -> dict[str, Any]:
@@ -49,15 +37,16 @@ def model_metadata(checkpoint: dict[str, Any], precision: str) -> dict[str, Any]
         "input_name": INPUT_NAME,
         "output_name": OUTPUT_NAME,
         "precision": precision,
+        "hflip_average": bool(checkpoint.get("hflip_average", False)),
         **lineage,
     }
 
 
-def export_onnx(model: nn.Module, input_size: int, path: Path, opset: int) -> None:
-    """torch.onnx.export with a dynamic batch axis, checked by onnx.checker."""
+def export_onnx(predictor: Predictor, input_size: int, path: Path, opset: int) -> None:
+    """torch.onnx.export with softmax (and flip averaging) in the graph and a dynamic batch axis, checked."""
     example = torch.randn(2, 3, input_size, input_size)  # batch 2: the parity tests use other sizes
     torch.onnx.export(
-        WithSoftmax(model).eval(),
+        predictor.eval(),
         (example,),
         str(path),
         input_names=[INPUT_NAME],
@@ -110,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     settings = params.export
     tracking.configure(params.mlflow.experiment)
-    model, checkpoint = load_checkpoint(args.checkpoint)
+    predictor, checkpoint = load_predictor(args.checkpoint)
     spec = PreprocessSpec.from_dict(checkpoint["preprocess"])
     labels = list(spec.labels)
     data_dir = args.data or Path(params.data.processed_dir)
@@ -118,10 +107,10 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / args.out.name
-        export_onnx(model, spec.input_size, staged, settings.opset)
+        export_onnx(predictor, spec.input_size, staged, settings.opset)
         write_metadata(staged, model_metadata(checkpoint, "float32"))
         fp32, fp32_probabilities = evaluate_onnx(staged, inputs, targets, labels)
-        reference = torch_probabilities(model, inputs)
+        reference = torch_probabilities(predictor, inputs)
         report: dict[str, Any] = {
             "test_images": len(targets),
             "torch_accuracy": float((reference.argmax(1) == targets).mean()),

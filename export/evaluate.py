@@ -76,11 +76,11 @@ def evaluate_onnx(
 
 
 @torch.inference_mode()
-def torch_probabilities(model: torch.nn.Module, inputs: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """PyTorch eval-mode softmax probabilities for the same inputs."""
-    model.eval()
+def torch_probabilities(predictor: torch.nn.Module, inputs: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """PyTorch eval-mode probabilities of a training.model.Predictor for the same inputs."""
+    predictor.eval()
     chunks = [torch.from_numpy(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
-    return torch.cat([torch.softmax(model(chunk), 1) for chunk in chunks]).numpy()
+    return torch.cat([predictor(chunk) for chunk in chunks]).numpy()
 
 
 def get_args_parser() -> argparse.ArgumentParser:

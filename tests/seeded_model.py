@@ -37,6 +37,7 @@ def seeded_checkpoint(weights: Path) -> dict:
         "model_version": "seeded-imagenet-head",
         "data_version": "none",
         "git_commit": "test",
+        "hflip_average": bool(params["train"].get("hflip_average", False)),
     }
 
 
@@ -45,14 +46,14 @@ def export_seeded_model(out_dir: Path, weights: Path = DEFAULT_WEIGHTS) -> Path:
     import torch
 
     from export.convert import export_onnx, model_metadata, write_metadata
-    from training.model import load_checkpoint
+    from training.model import load_predictor
 
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = out_dir / "seeded.pt"
     torch.save(seeded_checkpoint(weights), checkpoint_path)
-    model, checkpoint = load_checkpoint(checkpoint_path)
+    predictor, checkpoint = load_predictor(checkpoint_path)
     path = out_dir / "model.onnx"
-    export_onnx(model, checkpoint["preprocess"]["input_size"], path, opset=18)
+    export_onnx(predictor, checkpoint["preprocess"]["input_size"], path, opset=18)
     write_metadata(path, model_metadata(checkpoint, "float32"))
     return path
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,11 +10,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export.convert import WithSoftmax
 from server.model import Model
 from server.preprocess import Preprocessor
 from tests.conftest import AWKWARD, DATASET, WEIGHTS, photos
-from training.model import load_checkpoint
+from training.model import Predictor, load_predictor
 from training.presets import ClassificationPresetEval, PreprocessSpec, load_image
 
 PHOTOS = [*photos("cat", 20), *photos("dog", 20)]  # 40 real photos
@@ -25,8 +25,8 @@ def exported(tmp_path_factory):
     from tests.seeded_model import export_seeded_model
 
     path = export_seeded_model(tmp_path_factory.mktemp("parity"), WEIGHTS)
-    model, checkpoint = load_checkpoint(path.parent / "seeded.pt")
-    return path, WithSoftmax(model).eval(), PreprocessSpec.from_dict(checkpoint["preprocess"])
+    predictor, checkpoint = load_predictor(path.parent / "seeded.pt")
+    return path, predictor, PreprocessSpec.from_dict(checkpoint["preprocess"])
 
 
 def torch_inputs(spec: PreprocessSpec, files: list[Path]) -> torch.Tensor:
@@ -49,6 +49,21 @@ def test_onnxruntime_matches_pytorch_probabilities(exported, batch_size):
         actual = session.run(None, {name: batch.numpy()})[0]
         np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-5)
         assert (actual.argmax(1) == expected.argmax(1)).all()
+
+
+def test_exported_model_averages_each_photo_with_its_mirror_image(exported):
+    path, predictor, spec = exported
+    assert predictor.hflip_average and json.loads(path.with_suffix(".json").read_text())["hflip_average"]
+    inputs = torch_inputs(spec, PHOTOS[:3] + PHOTOS[-3:])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    single_view = Predictor(predictor.model).eval()
+    with torch.inference_mode():
+        plain, mirrored = single_view(inputs).numpy(), single_view(inputs.flip(3)).numpy()
+    assert np.abs(plain - mirrored).max() > 1e-3  # the two views really differ, so the average is visible
+    served = session.run(None, {name: inputs.numpy()})[0]
+    np.testing.assert_allclose(served, (plain + mirrored) / 2, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(session.run(None, {name: inputs.flip(3).numpy()})[0], served, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("file", [*PHOTOS[:32], *(DATASET / a for a in AWKWARD)], ids=lambda p: p.name)

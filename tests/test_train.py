@@ -4,12 +4,13 @@ import json
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from training import train
+from training import cv, train
 from training.config import load_params
 from training.data import prepare
 from training.model import build_model, freeze_backbone, set_train_mode
@@ -58,6 +59,8 @@ def test_short_real_training_run_logs_both_runs_and_writes_checkpoints(make_raw,
         report = json.loads((reports / f"{stage}.json").read_text())
         assert 0.5 < report["accuracy"] <= 1.0  # ImageNet features separate cats from dogs even in 2 epochs
         assert report["run_id"] == checkpoint["run_id"]
+        assert report["hflip_average"] is checkpoint["hflip_average"] is params.train.hflip_average
+        assert 0.5 < report["single_view_accuracy"] <= 1.0
 
     client = MlflowClient(mlflow_store)
     experiment = client.get_experiment_by_name(params.mlflow.experiment)
@@ -110,3 +113,38 @@ def test_freezing_keeps_only_head_and_last_blocks_trainable_with_batchnorm_froze
     batchnorms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert model.training and batchnorms and not any(m.training for m in batchnorms)  # statistics stay ImageNet's
     assert model.classifier.training  # dropout still active
+
+
+def test_cross_validation_folds_are_stratified_deterministic_and_disjoint():
+    targets = np.array([0] * 50 + [1] * 23)
+    folds = cv.stratified_folds(targets, 5, seed=42)
+    assert (folds == cv.stratified_folds(targets, 5, seed=42)).all()
+    assert not (folds == cv.stratified_folds(targets, 5, seed=7)).all()
+    for fold in range(5):
+        held = targets[folds == fold]
+        assert (held == 0).sum() == 10 and (held == 1).sum() in (4, 5)  # each class dealt evenly
+
+
+def test_cross_validation_overrides_keep_types():
+    stage = load_params(ROOT / "params.yaml").train.final
+    changed = cv.apply_overrides(stage, ["final.lr=5e-5", "final.unfreeze_blocks=5", "final.augment.hflip=0"])
+    assert changed.lr == 5e-5 and isinstance(changed.lr, float)  # YAML 1.1 reads 5e-5 as a string
+    assert changed.unfreeze_blocks == 5 and changed.augment.hflip == 0.0
+    assert changed.epochs == stage.epochs
+
+
+@pytest.mark.slow
+def test_short_real_cross_validation_scores_every_train_val_photo_once(make_raw, tmp_path, weights):
+    params_path = small_params(tmp_path)
+    params = load_params(params_path)
+    processed = tmp_path / "processed"
+    prepare(make_raw(per_class=30), processed, tmp_path / "reports", labels=("cat", "dog"),
+            fractions=params.data.split, salt=params.data.split_salt)  # fmt: skip
+    out = tmp_path / "cv.json"
+    cv.main(["--params", str(params_path), "--data", str(processed), "--pretrained", str(weights),
+             "--folds", "2", "--epochs", "1", "--out", str(out)])  # fmt: skip
+    result = json.loads(out.read_text())
+    photos = sum(1 for split in ("train", "val") for _ in (processed / split).rglob("*.*"))
+    assert result["samples"] == photos
+    assert 0 <= result["baseline"]["plain"]["errors"] < photos / 2  # ImageNet features already separate them
+    assert len(result["final_by_epoch"]) == 1 and set(result["final_by_epoch"][0]) == {"plain", "flip"}

@@ -59,6 +59,7 @@ class TrainParams:
     num_workers: int
     baseline: StageParams
     final: StageParams
+    hflip_average: bool = False
 
 
 @dataclass(frozen=True)

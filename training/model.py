@@ -72,6 +72,32 @@ def embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return torch.flatten(nn.functional.adaptive_avg_pool2d(features, 1), 1)
 
 
+class Predictor(nn.Module):
+    """What is evaluated, exported and served: class probabilities from the classifier's logits.
+
+    With hflip_average, the probabilities are the mean over the photo and its mirror image (horizontal-flip
+    test-time averaging, inside the exported graph, so every runtime does the same). It costs two forward
+    passes per photo.
+    """
+
+    def __init__(self, model: nn.Module, hflip_average: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.hflip_average = hflip_average
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if not self.hflip_average:
+            return torch.softmax(self.model(images), dim=1)
+        probabilities = torch.softmax(self.model(torch.cat([images, images.flip(3)])), dim=1)
+        return probabilities.view(2, images.shape[0], -1).mean(0)
+
+
+def load_predictor(path: Path) -> tuple[Predictor, dict[str, Any]]:
+    """A trained checkpoint as the Predictor it is exported as, and the checkpoint."""
+    model, checkpoint = load_checkpoint(path)
+    return Predictor(model, bool(checkpoint.get("hflip_average", False))).eval(), checkpoint
+
+
 def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     """A trained model in eval mode and its checkpoint (preprocessing spec, lineage, metrics)."""
     if not path.is_file():

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from training import tracking
 from training.config import DEFAULT_PARAMS, Params, StageParams, load_params
 from training.metrics import classification_report, plot_confusion_matrix
-from training.model import IMAGENET, build_model, embed, freeze_backbone, set_train_mode
+from training.model import IMAGENET, Predictor, build_model, embed, freeze_backbone, set_train_mode
 from training.presets import ClassificationPresetEval, ClassificationPresetTrain, ImageLoader, PreprocessSpec
 from training.utils import git_commit, pick_device, seed_everything, sha256_file, write_json
 
@@ -97,6 +97,17 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> tupl
 
 
 @torch.inference_mode()
+def predict(predictor: Predictor, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted classes and targets over a loader, as the exported model will predict them."""
+    predictor.eval()
+    predictions, targets = [], []
+    for inputs, batch_targets in loader:
+        predictions.append(predictor(to_device(inputs, device)).argmax(1).cpu())
+        targets.append(batch_targets)
+    return torch.cat(predictions).numpy(), torch.cat(targets).numpy()
+
+
+@torch.inference_mode()
 def extract_features(model: nn.Module, loader: DataLoader, device: torch.device, desc: str) -> TensorDataset:
     """Run the frozen backbone once, so the baseline head trains on cached features."""
     model.eval()
@@ -108,9 +119,18 @@ def extract_features(model: nn.Module, loader: DataLoader, device: torch.device,
 
 
 def fit(
-    model: nn.Module, train: DataLoader, val: DataLoader, stage: StageParams, device: torch.device
+    model: nn.Module,
+    train: DataLoader,
+    val: DataLoader,
+    stage: StageParams,
+    device: torch.device,
+    *,
+    track: bool = True,
 ) -> list[dict[str, float]]:
-    """Adam with a cosine learning-rate decay, validation every epoch, early stopping, the best epoch restored."""
+    """Adam with a cosine learning-rate decay, validation every epoch, early stopping, the best epoch restored.
+
+    track: log every epoch to the active MLflow run.
+    """
     optimizer = torch.optim.Adam(
         [p for p in model.parameters() if p.requires_grad], lr=stage.lr, weight_decay=stage.weight_decay
     )
@@ -125,11 +145,13 @@ def fit(
         val_acc = float((predictions == targets).mean())
         row = {"train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val_loss, "val_accuracy": val_acc}
         history.append(row)
-        mlflow.log_metrics(row, step=epoch)
+        if track:
+            mlflow.log_metrics(row, step=epoch)
         print(f"epoch {epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in row.items()), flush=True)
         if (val_acc, -val_loss) > best_key:
             best_key, best_state, stale = (val_acc, -val_loss), copy.deepcopy(model.state_dict()), 0
-            mlflow.log_metric("best_epoch", epoch)
+            if track:
+                mlflow.log_metric("best_epoch", epoch)
         else:
             stale += 1
             if stale >= stage.patience:
@@ -176,24 +198,29 @@ def train_stage(name: str, params: Params, data_dir: Path, pretrained: str, out_
         mlflow.set_tags({"stage": name, **lineage})
         mlflow.log_params(
             tracking.flatten({"stage": asdict(stage), "seed": settings.seed, "batch_size": settings.batch_size,
-                              "preprocess": spec.to_dict(), "device": str(device), **lineage})
+                              "hflip_average": settings.hflip_average, "preprocess": spec.to_dict(),
+                              "device": str(device), **lineage})
         )  # fmt: skip
         if name == "baseline":  # the frozen backbone runs once: the head trains on cached features
             cached = {
                 split: extract_features(model, loader(split, evaluation), device, f"features {split}")
-                for split in ("train", "val", "test")
+                for split in ("train", "val")
             }
             head = {s: make_loader(cached[s], settings.batch_size, 0, shuffle=s == "train", seed=settings.seed)
                     for s in cached}  # fmt: skip
             fit(model.classifier, head["train"], head["val"], stage, device)
-            _, predictions, targets = evaluate(model.classifier, head["test"], device)
         else:
             augment = asdict(stage.augment) if stage.augment else {}
             train = loader("train", ClassificationPresetTrain(spec=spec, **augment), shuffle=True)
             fit(model, train, loader("val", evaluation), stage, device)
-            _, predictions, targets = evaluate(model, loader("test", evaluation), device)
 
+        # both stages are scored as they would be exported (settings.hflip_average), and on the single view
+        test = loader("test", evaluation)
+        predictions, targets = predict(Predictor(model, settings.hflip_average), test, device)
+        single_view, _ = predict(Predictor(model), test, device)
         report = classification_report(targets, predictions, labels)
+        report["hflip_average"] = settings.hflip_average
+        report["single_view_accuracy"] = float((single_view == targets).mean())
         report["train_seconds"] = time.perf_counter() - started
         mlflow.log_metrics({f"test_{k}": v for k, v in report.items() if isinstance(v, float) and k != "train_seconds"})
         mlflow.log_metric("train_seconds", report["train_seconds"])
@@ -222,7 +249,7 @@ def train_stage(name: str, params: Params, data_dir: Path, pretrained: str, out_
         checkpoint = {
             "arch": "mobilenet_v2", "state_dict": model.state_dict(), "preprocess": spec.to_dict(),
             "model_version": version, "run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
-            "stage": name, "test_accuracy": report["accuracy"], **lineage,
+            "stage": name, "test_accuracy": report["accuracy"], "hflip_average": settings.hflip_average, **lineage,
         }  # fmt: skip
         out_dir.mkdir(parents=True, exist_ok=True)
         torch.save(checkpoint, out_dir / f"{name}.pt")
