@@ -27,9 +27,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from training.config import DEFAULT_PARAMS, AugmentParams, StageParams, load_params
-from training.model import IMAGENET, build_model, freeze_backbone
+from training.model import IMAGENET, Predictor, build_model, freeze_backbone
 from training.presets import ClassificationPresetEval, ClassificationPresetTrain, PreprocessSpec
-from training.train import extract_features, fit, load_data, make_loader, to_device, train_one_epoch
+from training.train import extract_features, fit, load_data, make_loader, make_optimizer, predict, train_one_epoch
 from training.utils import pick_device, seed_everything, write_json
 
 
@@ -46,6 +46,10 @@ class InMemory(Dataset):
         return self.transform(self.images[index]), self.targets[index]
 
 
+def subset(images: list[Any], targets: list[int], indices: np.ndarray, transform: Any) -> InMemory:
+    return InMemory([images[i] for i in indices], [targets[i] for i in indices], transform)
+
+
 def stratified_folds(targets: np.ndarray, folds: int, seed: int) -> np.ndarray:
     """Fold number per sample, each class dealt round-robin over the folds in a seeded order."""
     rng = np.random.default_rng(seed)
@@ -57,15 +61,12 @@ def stratified_folds(targets: np.ndarray, folds: int, seed: int) -> np.ndarray:
 
 
 @torch.inference_mode()
-def probabilities(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax of the plain input and of its horizontal mirror."""
-    model.eval()
-    plain, mirrored = [], []
-    for inputs, _ in loader:
-        inputs = to_device(inputs, device)
-        plain.append(model(inputs).softmax(1).cpu())
-        mirrored.append(model(inputs.flip(3)).softmax(1).cpu())
-    return torch.cat(plain).numpy(), torch.cat(mirrored).numpy()
+def views(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, np.ndarray]:
+    """Probabilities of the held-out photos from one pass and flip-averaged, as training.model.Predictor exports."""
+    return {
+        "plain": predict(Predictor(model), loader, device)[0],
+        "flip": predict(Predictor(model, hflip_average=True), loader, device)[0],
+    }
 
 
 def score(probs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
@@ -123,33 +124,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seed_everything(settings.seed + fold)
         model = build_model(len(spec.labels), None).to(device, memory_format=torch.channels_last)
         model.load_state_dict(initial)
-        head = make_loader(TensorDataset(*(t[kept] for t in features.tensors)), settings.batch_size, 0, shuffle=True)
+        kept_features = TensorDataset(*(t[kept] for t in features.tensors))
+        head = make_loader(kept_features, settings.batch_size, 0, shuffle=True)
         # the probe's epoch is chosen on its own training part: the held-out fold stays unseen
-        head_val = make_loader(TensorDataset(*(t[kept] for t in features.tensors)), 256, 0)
-        fit(model.classifier, head, head_val, settings.baseline, device, track=False)
+        fit(model.classifier, head, make_loader(kept_features, 256, 0), settings.baseline, device, track=False)
 
-        def subset(indices: np.ndarray, transform: Any) -> InMemory:
-            return InMemory([images[i] for i in indices], [targets[i] for i in indices], transform)
-
-        held_loader = make_loader(subset(held, evaluation), 64, 0)
-        plain, flipped = probabilities(model, held_loader, device)
-        baseline["plain"][held], baseline["flip"][held] = plain, (plain + flipped) / 2
-        print(f"fold {fold}: baseline errors {score(plain, target_array[held])['errors']}", flush=True)
+        held_loader = make_loader(subset(images, targets, held, evaluation), 64, 0)
+        for view, probs in views(model, held_loader, device).items():
+            baseline[view][held] = probs
+        print(
+            f"fold {fold}: baseline errors {score(baseline['plain'][held], target_array[held])['errors']}", flush=True
+        )
 
         freeze_backbone(model, final.unfreeze_blocks)
-        optimizer = torch.optim.Adam(
-            [p for p in model.parameters() if p.requires_grad], lr=final.lr, weight_decay=final.weight_decay
+        optimizer, scheduler = make_optimizer(model, final)
+        train_loader = make_loader(
+            subset(images, targets, kept, training), settings.batch_size, 0, shuffle=True, seed=settings.seed
         )
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=final.epochs)
-        train_loader = make_loader(subset(kept, training), settings.batch_size, 0, shuffle=True, seed=settings.seed)
         for epoch in range(args.epochs):
-            train_one_epoch(
-                model, train_loader, optimizer, device, f"fold {fold} epoch {epoch + 1}", final.label_smoothing
-            )
+            desc = f"fold {fold} epoch {epoch + 1}"
+            train_one_epoch(model, train_loader, optimizer, device, desc, final.label_smoothing)
             scheduler.step()
-            plain, flipped = probabilities(model, held_loader, device)
-            per_epoch[epoch]["plain"][held], per_epoch[epoch]["flip"][held] = plain, (plain + flipped) / 2
-            print(f"fold {fold} epoch {epoch + 1}: errors {score(plain, target_array[held])['errors']}", flush=True)
+            for view, probs in views(model, held_loader, device).items():
+                per_epoch[epoch][view][held] = probs
+            print(f"{desc}: errors {score(per_epoch[epoch]['plain'][held], target_array[held])['errors']}", flush=True)
 
     ran = assignment < (args.run_folds or args.folds)
     target_array = target_array[ran]

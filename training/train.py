@@ -98,13 +98,13 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> tupl
 
 @torch.inference_mode()
 def predict(predictor: Predictor, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted classes and targets over a loader, as the exported model will predict them."""
+    """Class probabilities and targets over a loader, as the exported model computes them."""
     predictor.eval()
-    predictions, targets = [], []
+    probabilities, targets = [], []
     for inputs, batch_targets in loader:
-        predictions.append(predictor(to_device(inputs, device)).argmax(1).cpu())
+        probabilities.append(predictor(to_device(inputs, device)).cpu())
         targets.append(batch_targets)
-    return torch.cat(predictions).numpy(), torch.cat(targets).numpy()
+    return torch.cat(probabilities).numpy(), torch.cat(targets).numpy()
 
 
 @torch.inference_mode()
@@ -116,6 +116,16 @@ def extract_features(model: nn.Module, loader: DataLoader, device: torch.device,
         features.append(embed(model, to_device(inputs, device)).cpu())
         targets.append(batch_targets)
     return TensorDataset(torch.cat(features), torch.cat(targets))
+
+
+def make_optimizer(
+    model: nn.Module, stage: StageParams
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """Adam over the trainable parameters, with a cosine decay over the stage's epochs."""
+    optimizer = torch.optim.Adam(
+        [p for p in model.parameters() if p.requires_grad], lr=stage.lr, weight_decay=stage.weight_decay
+    )
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=stage.epochs)
 
 
 def fit(
@@ -131,10 +141,7 @@ def fit(
 
     track: log every epoch to the active MLflow run.
     """
-    optimizer = torch.optim.Adam(
-        [p for p in model.parameters() if p.requires_grad], lr=stage.lr, weight_decay=stage.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=stage.epochs)
+    optimizer, scheduler = make_optimizer(model, stage)
     history: list[dict[str, float]] = []
     best_key, best_state, stale = (-1.0, 0.0), copy.deepcopy(model.state_dict()), 0
     for epoch in range(1, stage.epochs + 1):
@@ -216,11 +223,11 @@ def train_stage(name: str, params: Params, data_dir: Path, pretrained: str, out_
 
         # both stages are scored as they would be exported (settings.hflip_average), and on the single view
         test = loader("test", evaluation)
-        predictions, targets = predict(Predictor(model, settings.hflip_average), test, device)
+        probabilities, targets = predict(Predictor(model, settings.hflip_average), test, device)
         single_view, _ = predict(Predictor(model), test, device)
-        report = classification_report(targets, predictions, labels)
+        report = classification_report(targets, probabilities.argmax(1), labels)
         report["hflip_average"] = settings.hflip_average
-        report["single_view_accuracy"] = float((single_view == targets).mean())
+        report["single_view_accuracy"] = float((single_view.argmax(1) == targets).mean())
         report["train_seconds"] = time.perf_counter() - started
         mlflow.log_metrics({f"test_{k}": v for k, v in report.items() if isinstance(v, float) and k != "train_seconds"})
         mlflow.log_metric("train_seconds", report["train_seconds"])
