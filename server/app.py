@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from imaging import limit_pillow
 from server.config import Settings
 from server.logs import get_logger
 from server.metrics import Metrics
@@ -238,10 +239,12 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     log = get_logger()
     app.state.limiter = anyio.CapacityLimiter(settings.inference_concurrency)
+    limit_pillow(settings.max_image_pixels)
     try:
         model: Model | None = Model(
-            settings.model_path, threads=settings.ort_threads, max_pixels=settings.max_image_pixels
-        )
+            settings.model_path, threads=settings.ort_threads, max_pixels=settings.max_image_pixels,
+            max_decode_bytes=settings.max_decode_bytes,
+        )  # fmt: skip
         app.state.model_error = None
     except ModelError as error:
         model, app.state.model_error = None, str(error)

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from imaging import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS
+
 MIB = 1024 * 1024
 
 
@@ -51,6 +53,7 @@ class Settings:
     inference_concurrency: int
     max_upload_bytes: int
     max_image_pixels: int
+    max_decode_bytes: int
     max_batch_files: int
     log_level: str
     log_format: str
@@ -76,7 +79,8 @@ class Settings:
             ort_threads=ort_threads,
             inference_concurrency=_int("INFERENCE_CONCURRENCY", 0) or 2 * max(1, cpus_per_worker // ort_threads),
             max_upload_bytes=_int("MAX_UPLOAD_BYTES", 10 * MIB, minimum=1),
-            max_image_pixels=_int("MAX_IMAGE_PIXELS", 50_000_000, minimum=1),
+            max_image_pixels=_int("MAX_IMAGE_PIXELS", DEFAULT_MAX_PIXELS, minimum=1),
+            max_decode_bytes=_int("MAX_DECODE_BYTES", DEFAULT_MAX_DECODE_BYTES, minimum=1),
             max_batch_files=_int("MAX_BATCH_FILES", 32, minimum=1),
             log_level=_choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
             log_format=_choice("LOG_FORMAT", "json", ("json", "text")),

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from imaging import DEFAULT_MAX_DECODE_BYTES
 from server.preprocess import ImageError, Preprocessor
 
 METADATA_KEY = "catsdogs"  # written by export.convert: one JSON document in the model's metadata_props
@@ -34,7 +35,9 @@ class Prediction:
 class Model:
     """An exported classifier ready to serve: session, preprocessing and labels all from the file itself."""
 
-    def __init__(self, path: Path, *, threads: int, max_pixels: int) -> None:
+    def __init__(
+        self, path: Path, *, threads: int, max_pixels: int, max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES
+    ) -> None:
         started = time.perf_counter()
         if not path.is_file():
             raise ModelError(f"model file not found: {path}")
@@ -53,7 +56,9 @@ class Model:
             labels = list(self.metadata["preprocess"]["labels"])
         except (KeyError, TypeError, json.JSONDecodeError):
             raise ModelError(f"{path} carries no catsdogs metadata (export it with `make export`)") from None
-        self.preprocess = Preprocessor(self.metadata["preprocess"], max_pixels=max_pixels)
+        self.preprocess = Preprocessor(
+            self.metadata["preprocess"], max_pixels=max_pixels, max_decode_bytes=max_decode_bytes
+        )
         self.labels: list[str] = labels
         self.input_name = self.session.get_inputs()[0].name
         self.path = path

@@ -26,7 +26,7 @@ def workspace(tmp_path_factory, make_raw_module):
     root = tmp_path_factory.mktemp("export")
     params = load_params(ROOT / "params.yaml")
     prepare(make_raw_module(per_class=30), root / "processed", root / "reports", labels=("cat", "dog"),
-            fractions=params.data.split, salt=params.data.split_salt)  # fmt: skip
+            fractions=params.data.split, salt=params.data.split_salt, preprocess=params.preprocess)  # fmt: skip
     torch.save(seeded_checkpoint(WEIGHTS), root / "final.pt")
     return root
 

@@ -44,7 +44,7 @@ def test_short_real_training_run_logs_both_runs_and_writes_checkpoints(make_raw,
     params = load_params(params_path)
     processed = tmp_path / "processed"
     prepare(make_raw(per_class=30), processed, tmp_path / "reports", labels=("cat", "dog"),
-            fractions=params.data.split, salt=params.data.split_salt)  # fmt: skip
+            fractions=params.data.split, salt=params.data.split_salt, preprocess=params.preprocess)  # fmt: skip
     out, reports = tmp_path / "models", tmp_path / "reports"
     train.main(["--params", str(params_path), "--data", str(processed), "--pretrained", str(weights),
                 "--out-dir", str(out), "--reports-dir", str(reports)])  # fmt: skip
@@ -139,7 +139,7 @@ def test_short_real_cross_validation_scores_every_train_val_photo_once(make_raw,
     params = load_params(params_path)
     processed = tmp_path / "processed"
     prepare(make_raw(per_class=30), processed, tmp_path / "reports", labels=("cat", "dog"),
-            fractions=params.data.split, salt=params.data.split_salt)  # fmt: skip
+            fractions=params.data.split, salt=params.data.split_salt, preprocess=params.preprocess)  # fmt: skip
     out = tmp_path / "cv.json"
     cv.main(["--params", str(params_path), "--data", str(processed), "--pretrained", str(weights),
              "--folds", "2", "--epochs", "1", "--out", str(out)])  # fmt: skip

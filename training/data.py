@@ -1,26 +1,26 @@
-"""Prepare stage: decode every raw photo, drop the broken and duplicated, split by content hash, write RGB folders."""
+"""Prepare stage: decode every raw photo as the server would, drop the broken and duplicated, split by content hash."""
 
 from __future__ import annotations
 
 import argparse
 import csv
 import hashlib
-import io
 import json
 import shutil
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
+from imaging import EXTENSIONS, Decoder, ImageError
 from training.config import DEFAULT_PARAMS, SplitParams, load_params
-from training.presets import to_rgb
 from training.utils import sha256_bytes, write_json
 
 SPLITS = ("train", "val", "test")
-EXIF_ORIENTATION = 0x0112
-MANIFEST_FIELDS = ["file", "source", "sha256", "label", "split", "width", "height", "converted"]
+MANIFEST_FIELDS = ["file", "source", "sha256", "label", "split", "width", "height", "format"]
 
 
 class Skip(Exception):
@@ -36,7 +36,7 @@ class Record:
     split: str
     width: int
     height: int
-    converted: bool
+    format: str
 
 
 def normalize_label(name: str, labels: tuple[str, ...]) -> str | None:
@@ -62,25 +62,15 @@ def discover(root: Path, labels: tuple[str, ...]) -> list[tuple[Path, str | None
     return [(p, infer_label(p, root, labels)) for p in files]
 
 
-def decode(data: bytes) -> tuple[Image.Image, tuple[int, int], bool]:
-    """Fully decode raw bytes into an upright RGB image; returns it, the original size, and whether it was changed."""
-    if not data:
-        raise Skip("empty file")
+def check(data: bytes, decoder: Decoder) -> tuple[str, int, int]:
+    """Decode a raw file through the server's decoder; its format and stored size, or Skip with the server's reason."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            original = (image.width, image.height)
-            rotated = image.getexif().get(EXIF_ORIENTATION, 1) not in (1, None)
-            upright = ImageOps.exif_transpose(image)
-            rgb = to_rgb(upright)
-            converted = rotated or image.format != "JPEG" or image.mode != "RGB"
-            return rgb, original, converted
-    except UnidentifiedImageError:
-        raise Skip("not an image: unrecognised format") from None
-    except Image.DecompressionBombError as error:
-        raise Skip(f"too large: {error}") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise Skip(f"corrupt or truncated image: {error}") from None
+        image = decoder.open(data)
+        width, height = image.size
+        decoder(data)
+    except ImageError as error:
+        raise Skip(error.message) from None
+    return image.format or "", width, height
 
 
 def assign_split(sha256: str, fractions: SplitParams, salt: str) -> str:
@@ -101,8 +91,13 @@ def prepare(
     labels: tuple[str, ...],
     fractions: SplitParams,
     salt: str,
+    preprocess: Mapping[str, Any],
 ) -> dict[str, object]:
-    """Run the whole stage; returns the summary written to reports/prepare.json."""
+    """Run the whole stage; returns the summary written to reports/prepare.json.
+
+    Each kept photo is written byte for byte, so training reads it through the same decoder (imaging.Decoder:
+    JPEG draft, reduction, EXIF orientation, alpha background from the spec) as the server reads an upload.
+    """
     if not raw_dir.is_dir():
         raise FileNotFoundError(f"raw data folder not found: {raw_dir}")
     if out_dir.exists():
@@ -111,6 +106,7 @@ def prepare(
         for label in labels:
             (out_dir / split / label).mkdir(parents=True)
     reports_dir.mkdir(parents=True, exist_ok=True)
+    decoder = Decoder.from_spec(preprocess)
 
     records: dict[str, Record] = {}
     skipped: list[dict[str, str]] = []
@@ -128,17 +124,14 @@ def prepare(
                     conflicts.add(digest)
                     raise Skip(f"same content as {first.source}, which is labelled {first.label}")
                 raise Skip(f"duplicate of {first.source}")
-            image, (width, height), converted = decode(data)
+            fmt, width, height = check(data, decoder)
         except Skip as reason:
             skipped.append({"source": source, "reason": str(reason)})
             continue
         split = assign_split(digest, fractions, salt)
-        name = f"{split}/{label}/{digest[:16]}{'.png' if converted else '.jpg'}"
-        if converted:
-            image.save(out_dir / name, format="PNG")
-        else:
-            (out_dir / name).write_bytes(data)
-        records[digest] = Record(name, source, digest, label, split, width, height, converted)
+        name = f"{split}/{label}/{digest[:16]}{EXTENSIONS[fmt]}"
+        (out_dir / name).write_bytes(data)
+        records[digest] = Record(name, source, digest, label, split, width, height, fmt)
 
     for digest in conflicts:  # a photo filed under two classes is trusted in neither
         dropped = records.pop(digest)
@@ -153,7 +146,7 @@ def prepare(
         "images": len(records),
         "skipped": len(skipped),
         "label_conflicts": len(conflicts),
-        "converted": sum(r.converted for r in records.values()),
+        "formats": dict(sorted(Counter(r.format for r in records.values()).items())),
         "counts": counts,
         "manifest_sha256": sha256_bytes((out_dir / "manifest.csv").read_bytes()),
     }
@@ -187,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         labels=tuple(params.preprocess["labels"]),
         fractions=params.data.split,
         salt=params.data.split_salt,
+        preprocess=params.preprocess,
     )
     print(json.dumps(summary, indent=2))
 

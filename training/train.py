@@ -17,9 +17,10 @@ import torch
 import yaml
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from torchvision.datasets import ImageFolder
+from torchvision.datasets import DatasetFolder
 from tqdm import tqdm
 
+from imaging import EXTENSIONS
 from training import tracking
 from training.config import DEFAULT_PARAMS, Params, StageParams, load_params
 from training.metrics import classification_report, plot_confusion_matrix
@@ -30,10 +31,13 @@ from training.utils import git_commit, pick_device, seed_everything, sha256_file
 STAGES = ("baseline", "final")
 
 
-def load_data(root: Path, split: str, spec: PreprocessSpec, transform: Callable[..., torch.Tensor]) -> ImageFolder:
+def load_data(root: Path, split: str, spec: PreprocessSpec, transform: Callable[..., torch.Tensor]) -> DatasetFolder:
     """One split of the prepared ImageFolder; its class order must be the spec's label order."""
     # allow_empty: a tiny dataset may leave a class out of a split; the class order must not shift because of it
-    dataset = ImageFolder(str(root / split), transform=transform, loader=ImageLoader(spec=spec), allow_empty=True)
+    dataset = DatasetFolder(
+        str(root / split), loader=ImageLoader(spec=spec), extensions=tuple(sorted(set(EXTENSIONS.values()))),
+        transform=transform, allow_empty=True,
+    )  # fmt: skip
     if tuple(dataset.classes) != spec.labels:
         raise ValueError(f"{root / split} has classes {dataset.classes}, expected {list(spec.labels)}")
     if len(dataset) == 0:
