@@ -22,6 +22,7 @@ from imaging.budget import (
 ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "MPO"})  # MPO: phone JPEGs with a depth frame
 EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif"}
 DRAFT_FORMATS = frozenset({"JPEG", "MPO"})
+BMP_RLE4 = 2
 EXIF_ORIENTATION = 0x0112
 TRANSPOSE = {  # EXIF orientation -> the transposition that shows the picture upright, as ImageOps.exif_transpose
     2: Image.Transpose.FLIP_LEFT_RIGHT,
@@ -129,6 +130,8 @@ class Decoder:
         if image.format not in ACCEPTED_FORMATS:
             accepted = ", ".join(sorted(ACCEPTED_FORMATS - {"MPO"}))
             raise ImageError(415, "unsupported_format", f"{image.format} images are not accepted; use {accepted}")
+        if image.format == "BMP" and image.info.get("compression") == BMP_RLE4:  # Pillow decodes it pixel by pixel
+            raise ImageError(415, "unsupported_format", "4-bit run-length-encoded BMPs are not accepted")
         return image
 
     def check(self, image: Image.Image, scans: int = 1) -> int:

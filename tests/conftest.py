@@ -15,7 +15,7 @@ DATASET = SHARED / "datasets" / "cats-vs-dogs-2k"
 WEIGHTS = SHARED / "weights" / "mobilenet_v2_imagenet.pt"
 PROBLEM_FILES = {
     "cats/Thumbs.db": "not an image",
-    "cats/cat.90001.jpg": "empty file",
+    "cats/cat.90001.jpg": "empty",
     "cats/cat.90003.jpg": "not an image",  # an HTML error page
     "dogs/dog.90002.jpg": "truncated",
 }

@@ -75,12 +75,12 @@ def flat_png(width: int, height: int, mode: str = "RGB") -> bytes:
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
 
 
-def rle_bmp(width: int, height: int) -> bytes:
-    """An 8-bit RLE BMP of width x height made of 'delta' escapes (skip 255 columns and 255 rows): a few bytes."""
+def rle_bmp(width: int, height: int, bits: int = 8) -> bytes:
+    """An 8-bit (or 4-bit) RLE BMP of width x height made of "delta" escapes (skip 255 columns and rows): tiny."""
     palette = b"".join(bytes((i, i, i, 0)) for i in range(256))
     pixels = b"\x00\x02\xff\xff" * (height // 255 + 2) + b"\x00\x01"
     offset = 14 + 40 + len(palette)
-    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(pixels), 2835, 2835, 256, 0)
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, bits, {8: 1, 4: 2}[bits], len(pixels), 2835, 2835, 256, 0)
     return b"BM" + struct.pack("<IHHI", offset + len(pixels), 0, 0, offset) + info + palette + pixels
 
 

@@ -8,18 +8,26 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from tests.conftest import AWKWARD, CMYK, DATASET, EXIF_ROTATED, GRAYSCALE, PROBLEM_FILES, RGBA_PNG, photos
-from training.config import SplitParams
+from imaging import Decoder
+from tests.conftest import AWKWARD, CMYK, DATASET, EXIF_ROTATED, GRAYSCALE, PROBLEM_FILES, RGBA_PNG, ROOT, photos
+from tests.images import flat_png, transparent_png
+from training.config import SplitParams, load_params
 from training.data import assign_split, infer_label, prepare
+from training.presets import ImageLoader, PreprocessSpec
 from training.utils import sha256_file
 
 LABELS = ("cat", "dog")
 SPLIT = SplitParams(train=0.8, val=0.1, test=0.1)
+PREPROCESS = load_params(ROOT / "params.yaml").preprocess
 
 
-def run_prepare(raw: Path, tmp_path: Path, tag: str = "out") -> tuple[dict, list[dict], list[dict]]:
+def run_prepare(
+    raw: Path, tmp_path: Path, tag: str = "out", preprocess: dict | None = None
+) -> tuple[dict, list[dict], list[dict]]:
     out, reports = tmp_path / tag / "processed", tmp_path / tag / "reports"
-    summary = prepare(raw, out, reports, labels=LABELS, fractions=SPLIT, salt="test")
+    summary = prepare(
+        raw, out, reports, labels=LABELS, fractions=SPLIT, salt="test", preprocess=preprocess or PREPROCESS
+    )
     with open(out / "manifest.csv") as handle:
         manifest = list(csv.DictReader(handle))
     with open(reports / "skipped.csv") as handle:
@@ -58,35 +66,62 @@ def test_every_broken_file_is_skipped_with_its_reason(make_raw, tmp_path):
     assert {row["source"] for row in manifest}.isdisjoint(PROBLEM_FILES)
 
 
-def test_awkward_images_become_correct_upright_rgb(make_raw, tmp_path):
+def test_awkward_images_are_kept_byte_for_byte_and_read_upright_rgb_by_training(make_raw, tmp_path):
+    """Nothing is re-encoded: training reads each file through the server's decoder (draft, EXIF, background)."""
     _, manifest, skipped = run_prepare(make_raw(per_class=0, extra=AWKWARD), tmp_path)
     assert skipped == []
     rows = {row["source"]: row for row in manifest}
+    load = ImageLoader(spec=PreprocessSpec.from_dict(PREPROCESS))
+    served = Decoder.from_spec(PREPROCESS)
+    images = {}
     for source in AWKWARD:
-        with Image.open(tmp_path / "out" / "processed" / rows[source]["file"]) as image:
-            assert image.mode == "RGB", source
-            with Image.open(DATASET / source) as original:
-                assert (int(rows[source]["width"]), int(rows[source]["height"])) == original.size
+        prepared = tmp_path / "out" / "processed" / rows[source]["file"]
+        assert prepared.read_bytes() == (DATASET / source).read_bytes(), source
+        with Image.open(DATASET / source) as original:
+            assert (int(rows[source]["width"]), int(rows[source]["height"])) == original.size
+            assert rows[source]["format"] == original.format
+        images[source] = load(prepared)
+        assert images[source].mode == "RGB", source
+        assert np.array_equal(np.asarray(images[source]), np.asarray(served((DATASET / source).read_bytes())))
+    assert rows[RGBA_PNG]["file"].endswith(".png") and rows[EXIF_ROTATED]["file"].endswith(".jpg")
 
     def pixels(source: str) -> np.ndarray:
-        return np.asarray(Image.open(tmp_path / "out" / "processed" / rows[source]["file"]), dtype=np.int16)
+        return np.asarray(images[source], dtype=np.int16)
 
     with Image.open(DATASET / EXIF_ROTATED) as raw:
         upright = np.asarray(ImageOps.exif_transpose(raw).convert("RGB"), dtype=np.int16)
         as_stored = np.asarray(raw.convert("RGB"), dtype=np.int16)
-    assert np.array_equal(pixels(EXIF_ROTATED), upright)
+    assert np.array_equal(pixels(EXIF_ROTATED), upright)  # 256x256: no draft below the resize size
     assert np.abs(pixels(EXIF_ROTATED) - as_stored).mean() > 10  # the rotation really happened
-
     gray = pixels(GRAYSCALE)
     assert np.array_equal(gray[..., 0], gray[..., 1]) and np.array_equal(gray[..., 1], gray[..., 2])
     with Image.open(DATASET / CMYK) as raw:
+        raw.draft("RGB", (256, 256))  # what serving decodes; the old PNG re-encoding lost it
         assert np.array_equal(pixels(CMYK), np.asarray(raw.convert("RGB"), dtype=np.int16))
-    with Image.open(DATASET / RGBA_PNG) as raw:
-        alpha = np.asarray(raw)[..., 3]
-    rgba = pixels(RGBA_PNG)
-    if (alpha == 0).any():  # fully transparent pixels land on white, not on black
-        assert (rgba[alpha == 0] == 255).all()
-    assert rows[RGBA_PNG]["converted"] == "True" and rows[EXIF_ROTATED]["converted"] == "True"
+
+
+@pytest.mark.parametrize("background", [(255, 255, 255), (0, 128, 0)])
+def test_transparent_pixels_reach_training_on_the_specs_background(tmp_path, background):
+    raw = tmp_path / "raw" / "cats"
+    raw.mkdir(parents=True)
+    (raw / "see-through.png").write_bytes(transparent_png("cats/cat.2.jpg"))
+    preprocess = {**PREPROCESS, "alpha_background": list(background)}
+    _, [row], skipped = run_prepare(tmp_path / "raw", tmp_path, preprocess=preprocess)
+    assert skipped == []
+    with Image.open(raw / "see-through.png") as original:
+        transparent = np.asarray(original)[..., 3] == 0
+    assert transparent.sum() > 1000
+    image = ImageLoader(spec=PreprocessSpec.from_dict(preprocess))(tmp_path / "out" / "processed" / row["file"])
+    assert (np.asarray(image)[transparent] == background).all()
+
+
+def test_photos_the_server_would_refuse_are_skipped_with_its_reason(tmp_path):
+    raw = tmp_path / "raw" / "dogs"
+    raw.mkdir(parents=True)
+    (raw / "bomb.png").write_bytes(flat_png(7000, 7000, "RGBA"))
+    summary, _, skipped = run_prepare(tmp_path / "raw", tmp_path)
+    assert summary["images"] == 0
+    assert "MAX_DECODE_BYTES" in skipped[0]["reason"]
 
 
 def test_split_is_deterministic_and_stable_when_photos_are_added(make_raw, tmp_path):
@@ -126,7 +161,8 @@ def test_duplicates_are_kept_once_and_cross_class_copies_dropped(make_raw, tmp_p
 
 def test_missing_raw_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="raw data folder not found"):
-        prepare(tmp_path / "nope", tmp_path / "o", tmp_path / "r", labels=LABELS, fractions=SPLIT, salt="s")
+        prepare(tmp_path / "nope", tmp_path / "o", tmp_path / "r", labels=LABELS, fractions=SPLIT, salt="s",
+                preprocess=PREPROCESS)  # fmt: skip
 
 
 def test_invalid_split_fractions_are_rejected():
