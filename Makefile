@@ -10,7 +10,7 @@ export PRETRAINED
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: setup data prepare train cv export pipeline serve test test-fast lint format mlflow-ui bench bench-model \
-	image image-train smoke-image smoke-compose eval-deployed clean
+	image image-train smoke-image smoke-compose eval-deployed clean bench-hostile
 
 setup: $(VENV)/.installed
 
@@ -56,6 +56,10 @@ bench: setup
 
 bench-model: setup
 	python -m bench.model
+
+HOSTILE_BASE ?= cb8dd46
+bench-hostile: setup ## Cost (outcome, CPU, peak RSS) of each class of hostile image, now and at HOSTILE_BASE
+	python -m bench.hostile --base $(HOSTILE_BASE) --out reports/bench-hostile.json
 
 pipeline: data
 	dvc repro

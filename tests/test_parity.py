@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from PIL import Image
 
 from server.model import Model
 from server.preprocess import Preprocessor
-from tests.conftest import AWKWARD, DATASET, WEIGHTS, photos
+from tests.conftest import AWKWARD, DATASET, LARGE, WEIGHTS, photos
+from tests.images import encode, transparent_png
+from training.config import SplitParams
+from training.data import SPLITS, prepare
 from training.model import Predictor, load_predictor
-from training.presets import ClassificationPresetEval, PreprocessSpec, load_image
+from training.presets import ClassificationPresetEval, ImageLoader, PreprocessSpec
+from training.train import load_data
 
 PHOTOS = [*photos("cat", 20), *photos("dog", 20)]  # 40 real photos
+MADE = {  # made from real photos: transparency, and a PNG large enough to be box-reduced before the resize
+    "cats/see-through.png": lambda: transparent_png("cats/cat.3.jpg"),
+    "dogs/large.png": lambda: encode(Image.open(DATASET / LARGE).convert("RGB").resize((2048, 1152)), "PNG"),
+}
+SOURCES = [*(f"{p.parent.name}/{p.name}" for p in PHOTOS[:32]), *AWKWARD, *MADE]
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +41,35 @@ def exported(tmp_path_factory):
     return path, predictor, PreprocessSpec.from_dict(checkpoint["preprocess"])
 
 
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, exported) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The raw folder, and what training reads from it: prepare stage, then training's own load_data."""
+    _, _, spec = exported
+    root = tmp_path_factory.mktemp("prepared")
+    for source in SOURCES:
+        (root / "raw" / source).parent.mkdir(parents=True, exist_ok=True)
+        if source in MADE:
+            (root / "raw" / source).write_bytes(MADE[source]())
+        else:
+            shutil.copyfile(DATASET / source, root / "raw" / source)
+    processed = root / "processed"
+    prepare(root / "raw", processed, root / "reports", labels=spec.labels, fractions=SplitParams(0.5, 0.25, 0.25),
+            salt="parity", preprocess=spec.to_dict())  # fmt: skip
+    with open(processed / "manifest.csv") as handle:
+        source_of = {row["file"]: row["source"] for row in csv.DictReader(handle)}
+    read: dict[str, torch.Tensor] = {}
+    for split in SPLITS:
+        dataset = load_data(processed, split, spec, ClassificationPresetEval(spec=spec))
+        for index, (path, _) in enumerate(dataset.samples):
+            read[source_of[Path(path).relative_to(processed).as_posix()]] = dataset[index][0]
+    assert set(read) == set(SOURCES)
+    return root / "raw", read
+
+
 def torch_inputs(spec: PreprocessSpec, files: list[Path]) -> torch.Tensor:
-    """The training evaluation transform, exactly as training and export use it."""
-    transform = ClassificationPresetEval(spec=spec)
-    draft = spec.resize_size if spec.jpeg_draft else None
-    return torch.stack([transform(load_image(f, draft)) for f in files])
+    """The training evaluation transform on files read by training's loader, exactly as training and export do."""
+    transform, load = ClassificationPresetEval(spec=spec), ImageLoader(spec=spec)
+    return torch.stack([transform(load(f)) for f in files])
 
 
 @pytest.mark.parametrize("batch_size", [1, 8])
@@ -66,11 +102,13 @@ def test_exported_model_averages_each_photo_with_its_mirror_image(exported):
     np.testing.assert_allclose(session.run(None, {name: inputs.flip(3).numpy()})[0], served, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("file", [*PHOTOS[:32], *(DATASET / a for a in AWKWARD)], ids=lambda p: p.name)
-def test_serving_preprocessing_equals_the_training_transform(exported, file):
+@pytest.mark.parametrize("source", SOURCES)
+def test_serving_preprocessing_equals_what_training_reads(exported, prepared, source):
+    """The upload's bytes through the server against the prepared file through training's load_data."""
     _, _, spec = exported
-    served = Preprocessor(spec.to_dict(), max_pixels=50_000_000)(file.read_bytes())
-    np.testing.assert_allclose(served, torch_inputs(spec, [file])[0].numpy(), rtol=0, atol=1e-5)
+    raw, training_read = prepared
+    served = Preprocessor(spec.to_dict(), max_pixels=50_000_000)((raw / source).read_bytes())
+    np.testing.assert_allclose(served, training_read[source].numpy(), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("jpeg_draft", [True, False])

@@ -12,12 +12,12 @@ import pytest
 from tests.conftest import ROOT
 
 ALLOWED = {"onnxruntime", "numpy", "PIL", "starlette", "uvicorn", "multipart", "python_multipart", "prometheus_client",
-           "anyio", "server"}  # fmt: skip
-SERVER_TESTS = ["tests/test_app.py", "tests/test_preprocess.py", "tests/test_server_process.py"]
+           "anyio", "server", "imaging"}  # fmt: skip
+SERVER_TESTS = ["tests/test_app.py", "tests/test_preprocess.py", "tests/test_imaging.py", "tests/test_server_process.py"]
 
 
 def test_server_imports_only_the_serving_stack():
-    for path in (ROOT / "server").glob("*.py"):
+    for path in [*(ROOT / "server").glob("*.py"), *(ROOT / "imaging").glob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
