@@ -13,7 +13,12 @@ from tests.conftest import ROOT
 
 ALLOWED = {"onnxruntime", "numpy", "PIL", "starlette", "uvicorn", "multipart", "python_multipart", "prometheus_client",
            "anyio", "server", "imaging"}  # fmt: skip
-SERVER_TESTS = ["tests/test_app.py", "tests/test_preprocess.py", "tests/test_imaging.py", "tests/test_server_process.py"]
+SERVER_TESTS = [
+    "tests/test_app.py",
+    "tests/test_preprocess.py",
+    "tests/test_imaging.py",
+    "tests/test_server_process.py",
+]
 
 
 def test_server_imports_only_the_serving_stack():
