@@ -137,7 +137,8 @@ class Decoder:
     def check(self, image: Image.Image, scans: int = 1) -> int:
         """Refuse an image over the pixel limit or the memory budget; set the JPEG draft; return the reduce factor.
 
-        `scans`: a JPEG's start-of-scan markers (0xFFDA can only be a marker in a JPEG's entropy-coded data).
+        `scans`: a JPEG's start-of-scan markers (0xFFDA), counted over the whole file: a scan of an EXIF thumbnail
+        or of an MPO's second frame counts too, which can only over-estimate.
         """
         width, height = image.size
         if width * height > self.max_pixels:

@@ -29,7 +29,7 @@ def dvc(workspace: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_dvc_repro_runs_every_stage_then_only_what_a_param_change_touches(tmp_path):
     workspace = tmp_path / "project"
     workspace.mkdir()
-    for name in ("training", "export"):
+    for name in ("imaging", "training", "export"):
         shutil.copytree(ROOT / name, workspace / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", workspace)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())

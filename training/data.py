@@ -62,7 +62,7 @@ def discover(root: Path, labels: tuple[str, ...]) -> list[tuple[Path, str | None
     return [(p, infer_label(p, root, labels)) for p in files]
 
 
-def check(data: bytes, decoder: Decoder) -> tuple[str, int, int]:
+def validate(data: bytes, decoder: Decoder) -> tuple[str, int, int]:
     """Decode a raw file through the server's decoder; its format and stored size, or Skip with the server's reason."""
     try:
         image = decoder.open(data)
@@ -124,7 +124,7 @@ def prepare(
                     conflicts.add(digest)
                     raise Skip(f"same content as {first.source}, which is labelled {first.label}")
                 raise Skip(f"duplicate of {first.source}")
-            fmt, width, height = check(data, decoder)
+            fmt, width, height = validate(data, decoder)
         except Skip as reason:
             skipped.append({"source": source, "reason": str(reason)})
             continue
