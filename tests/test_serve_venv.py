@@ -14,6 +14,7 @@ from tests.conftest import ROOT
 ALLOWED = {"onnxruntime", "numpy", "PIL", "starlette", "uvicorn", "multipart", "python_multipart", "prometheus_client",
            "anyio", "server"}  # fmt: skip
 SERVER_TESTS = ["tests/test_app.py", "tests/test_preprocess.py", "tests/test_server_process.py"]
+SERVER_TESTS += ["tests/test_classify.py"]  # make classify runs in the serve-only venv
 
 
 def test_server_imports_only_the_serving_stack():
