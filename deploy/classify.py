@@ -231,7 +231,7 @@ def summary(rows: list[Row], new: int, seconds: float, output: Path, others: int
         + (" (" + ", ".join(f"{code} {n}" for code, n in sorted(errors.items())) + ")" if errors else ""),
     ]
     if others:
-        lines.append(f"{others} files without an image extension left out")
+        lines.append(f"left out, without an image extension: {others} files")
     return "\n".join(lines)
 
 

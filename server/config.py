@@ -92,7 +92,7 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
-        """Every setting has a default, sized from the CPUs this process may use (see README, "Threads and workers").
+        """Every setting has a default, sized from the CPUs this process may use (docs/serving.md, Threads and workers).
 
         One onnxruntime thread per inference: for MobileNetV2 at batch 1 a second intra-op thread cuts latency by
         ~5%, while two inferences side by side nearly double throughput. Two inferences in flight per core: an
@@ -125,5 +125,5 @@ class Settings:
             return None
         return (
             f"WORKERS={self.workers} x ORT_THREADS={self.ort_threads} = {wanted} inference threads on {cpus} CPUs: "
-            "the cores are oversubscribed and every request gets slower (README: Threads and workers)"
+            "the cores are oversubscribed and every request gets slower (docs/serving.md, Threads and workers)"
         )
