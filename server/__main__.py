@@ -2,21 +2,44 @@
 
 from __future__ import annotations
 
+import argparse
+import logging.config
+import sys
+
 import uvicorn
 
-from server.config import Settings
-from server.logs import logging_config
+from server.config import Settings, settings_help
+from server.logs import get_logger, logging_config
 
 
-def main() -> None:
-    settings = Settings.from_env()
+def get_args_parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        prog="python -m server",
+        description="Serve the cat/dog classifier over HTTP. Every setting is an environment variable.",
+        epilog=settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    get_args_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ValueError as error:
+        print(f"python -m server: {error}", file=sys.stderr)
+        sys.exit(2)
+    log_config = logging_config(settings.log_level, settings.log_format)
+    warning = settings.oversubscription()
+    if warning:
+        logging.config.dictConfig(log_config)
+        get_logger().warning(warning)
     uvicorn.run(
         "server.app:create_app",
         factory=True,
         host=settings.host,
         port=settings.port,
         workers=settings.workers,
-        log_config=logging_config(settings.log_level, settings.log_format),
+        log_config=log_config,
         access_log=False,
         timeout_graceful_shutdown=settings.graceful_timeout,
         server_header=False,

@@ -176,12 +176,14 @@ async def metrics_endpoint(request: Request) -> Response:
 
 async def client_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ClientError)
+    request.scope["state"].setdefault("log", {})["error_code"] = exc.code  # "empty" and "corrupt" differ in logs
     return error_response(exc.status, exc.code, exc.message)
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    request.scope["state"].setdefault("log", {})["error_code"] = code
     return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
 
 

@@ -23,16 +23,51 @@ def available_cpus() -> int:
     return max(1, cpus)
 
 
-def _int(name: str, default: int, minimum: int = 0) -> int:
+@dataclass(frozen=True)
+class SettingHelp:
+    """One environment variable as `python -m server --help` and README describe it."""
+
+    name: str
+    default: str
+    meaning: str
+
+
+# Every variable Settings.from_env reads, one line each (tests/test_config.py checks none is missing).
+SETTINGS_HELP: tuple[SettingHelp, ...] = (
+    SettingHelp("MODEL_PATH", "models/model.onnx", "the ONNX model file (float32 or int8); absent: health-only mode"),
+    SettingHelp("HOST", "0.0.0.0", "address to listen on"),
+    SettingHelp("PORT", "8000", "TCP port to listen on (1-65535)"),
+    SettingHelp("WORKERS", "1", "uvicorn worker processes, each with its own onnxruntime session"),
+    SettingHelp("ORT_THREADS", "1", "onnxruntime intra-op threads per inference"),
+    SettingHelp("INFERENCE_CONCURRENCY", "2 x CPUs / (WORKERS x ORT_THREADS)", "inferences in flight per process"),
+    SettingHelp("MAX_UPLOAD_BYTES", str(10 * MIB), "request body limit in bytes (a whole /predict/batch body)"),
+    SettingHelp("MAX_IMAGE_PIXELS", "50000000", "declared width x height limit per image"),
+    SettingHelp("MAX_DECODE_BYTES", str(64 * MIB), "estimated peak memory to decode one image (docs/hardening.md)"),
+    SettingHelp("MAX_BATCH_FILES", "32", "files per /predict/batch request"),
+    SettingHelp("LOG_LEVEL", "info", "debug, info, warning or error"),
+    SettingHelp("LOG_FORMAT", "json", "json (one object per line) or text"),
+    SettingHelp("GRACEFUL_TIMEOUT", "30", "seconds in-flight requests get to finish on SIGTERM"),
+)
+
+
+def settings_help() -> str:
+    """The settings table printed by `python -m server --help`."""
+    width = max(len(s.name) for s in SETTINGS_HELP)
+    rows = [f"  {s.name:<{width}}  {s.meaning} (default: {s.default})" for s in SETTINGS_HELP]
+    return "\n".join([f"environment variables (CPUs available here: {available_cpus()}):", *rows])
+
+
+def _int(name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
+    expected = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
     try:
         value = int(raw)
     except ValueError:
-        raise ValueError(f"Invalid {name}={raw!r}: expected an integer >= {minimum}") from None
-    if value < minimum:
-        raise ValueError(f"Invalid {name}={raw!r}: expected an integer >= {minimum}")
+        raise ValueError(f"Invalid {name}={raw!r}: expected an integer {expected}") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        raise ValueError(f"Invalid {name}={raw!r}: expected an integer {expected}")
     return value
 
 
@@ -61,7 +96,7 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
-        """Every setting has a default, sized from the CPUs this process may use (see README, "Threads and workers").
+        """Every setting has a default, sized from the CPUs this process may use (docs/serving.md, Threads and workers).
 
         One onnxruntime thread per inference: for MobileNetV2 at batch 1 a second intra-op thread cuts latency by
         ~5%, while two inferences side by side nearly double throughput. Two inferences in flight per core: an
@@ -74,7 +109,7 @@ class Settings:
         return cls(
             model_path=Path(os.environ.get("MODEL_PATH", "models/model.onnx")),
             host=os.environ.get("HOST", "0.0.0.0"),
-            port=_int("PORT", 8000, minimum=1),
+            port=_int("PORT", 8000, minimum=1, maximum=65535),
             workers=workers,
             ort_threads=ort_threads,
             inference_concurrency=_int("INFERENCE_CONCURRENCY", 0) or 2 * max(1, cpus_per_worker // ort_threads),
@@ -85,4 +120,15 @@ class Settings:
             log_level=_choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
             log_format=_choice("LOG_FORMAT", "json", ("json", "text")),
             graceful_timeout=_int("GRACEFUL_TIMEOUT", 30, minimum=0),
+        )
+
+    def oversubscription(self, cpus: int | None = None) -> str | None:
+        """A warning when WORKERS x ORT_THREADS asks for more cores than this process may use, else None."""
+        cpus = cpus or available_cpus()
+        wanted = self.workers * self.ort_threads
+        if wanted <= cpus:
+            return None
+        return (
+            f"WORKERS={self.workers} x ORT_THREADS={self.ort_threads} = {wanted} inference threads on {cpus} CPUs: "
+            "the cores are oversubscribed and every request gets slower (docs/serving.md, Threads and workers)"
         )

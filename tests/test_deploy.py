@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 
 from deploy import evaluate
+from deploy.client import free_port
 from deploy.smoke import smoke
 from tests.conftest import DATASET, photos
 from tests.service import Service
@@ -54,3 +56,56 @@ def test_evaluation_counts_failed_requests_as_wrong(service, tmp_path):
     assert correct <= 20 and report["accuracy"] < 1
     assert set(report["precision"]) == set(report["recall"]) == {"cat", "dog"}
     assert report["latency_ms"]["p95"] >= report["latency_ms"]["p50"] > 0
+
+
+def test_class_folders_match_the_model_labels_whatever_their_case_and_number():
+    labels = ["cat", "dog"]
+    assert [evaluate.match_label(name, labels) for name in ("cat", "cats", "Cat", "CATS", "Dogs", "dog")] == [
+        "cat", "cat", "cat", "cat", "dog", "dog",
+    ]  # fmt: skip
+    assert evaluate.match_label("birds", labels) is None and evaluate.match_label("ca", labels) is None
+    assert evaluate.match_label("Boxes", ["box"]) == "box"
+
+
+def test_plural_capitalised_folders_are_scored_like_the_model_labels(service, tmp_path, monkeypatch, capsys):
+    data = tmp_path / "eval"
+    for folder, label in (("Cats", "cat"), ("dogs", "dog")):
+        (data / folder).mkdir(parents=True)
+        for photo in photos(label, 8, start=201):
+            shutil.copyfile(photo, data / folder / photo.name)
+    monkeypatch.chdir(tmp_path)
+    evaluate.main(["--url", service.url, "--data", str(data), "--min-accuracy", "0.8"])
+    out = capsys.readouterr().out
+    assert "report written to build/eval-deployed.json" in out
+    report = json.loads((tmp_path / "build" / "eval-deployed.json").read_text())
+    counts = report["confusion_matrix"]["counts"]
+    assert report["confusion_matrix"]["rows_true"] == ["cat", "dog"] and report["errors"] == 0
+    assert counts[0][2] == counts[1][2] == 0 and sum(map(sum, counts)) == 16
+    assert report["accuracy"] >= 0.8 and "0 failed requests" in out
+
+
+def expect_usage_error(argv: list[str], capsys, match: str) -> float:
+    started = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(argv)
+    elapsed = time.perf_counter() - started
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and match in err, err
+    return elapsed
+
+
+def test_a_wrong_url_fails_fast_in_one_line(tmp_path, capsys):
+    url = f"http://127.0.0.1:{free_port()}"
+    assert expect_usage_error(["--url", url, "--data", str(DATASET)], capsys, f"cannot reach the service at {url}") < 5
+    assert expect_usage_error(["--url", "localhost:8000", "--data", str(DATASET)], capsys, "cannot reach") < 5
+
+
+def test_a_missing_folder_fails_before_asking_the_service(tmp_path, capsys):
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens: the folder is checked first
+    assert expect_usage_error(["--url", url, "--data", str(tmp_path / "nope")], capsys, "no such folder") < 1
+
+
+def test_a_folder_matching_no_label_is_refused(service, tmp_path, capsys):
+    (tmp_path / "birds").mkdir()
+    shutil.copyfile(photos("cat", 1)[0], tmp_path / "birds" / "bird.jpg")
+    expect_usage_error(["--url", service.url, "--data", str(tmp_path)], capsys, "matches none of the model's labels")

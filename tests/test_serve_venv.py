@@ -19,6 +19,7 @@ SERVER_TESTS = [
     "tests/test_imaging.py",
     "tests/test_server_process.py",
 ]
+SERVER_TESTS += ["tests/test_classify.py"]  # make classify runs in the serve-only venv
 
 
 def test_server_imports_only_the_serving_stack():

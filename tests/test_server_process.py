@@ -123,3 +123,17 @@ def test_graceful_shutdown_finishes_in_flight_requests(onnx_model):
     service.stop()
     request.join(timeout=60)
     assert result["r"].status_code == 200 and result["r"].json()["count"] == 32
+
+
+def test_error_request_lines_carry_the_error_code(service):
+    for request_id, data in (("req-empty", b""), ("req-corrupt", b"<html>not an image</html>")):
+        response = httpx.post(
+            f"{service.url}/predict", files={"file": ("x.jpg", data, "image/jpeg")},
+            headers={"X-Request-ID": request_id}, timeout=30,
+        )  # fmt: skip
+        assert response.status_code == 400
+    httpx.get(f"{service.url}/nowhere", headers={"X-Request-ID": "req-404"}, timeout=30)
+    time.sleep(0.2)
+    codes = {r["request_id"]: r.get("error_code") for r in service.records() if r.get("message") == "request"}
+    assert codes["req-empty"] != codes["req-corrupt"]
+    assert codes["req-empty"] == "empty_image" and codes["req-404"] == "not_found"

@@ -1,0 +1,277 @@
+"""Classify every image under a folder into a CSV (or JSON lines) file: a backfill of an unlabelled catalogue.
+
+In process by default, through the service's own code (server.model.Model: the same decoding, preprocessing,
+limits and model), or against a running service with --url. A file that cannot be classified gets a row with its
+error; the run never stops for one. When OUTPUT exists, the rows already there are kept and skipped (resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+import urllib.error
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from deploy.client import predict
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
+RETRIED_ON_RESUME = {"unreachable", "server_error"}  # the service's fault, not the file's: asked again on resume
+FIRST_COLUMNS = ["path", "label"]
+LAST_COLUMNS = ["error_code", "error"]
+
+Row = dict[str, Any]
+Classifier = Callable[[list[tuple[Path, bytes]]], list[Row]]
+
+
+def find_images(root: Path) -> list[Path]:
+    """Every image file (by extension, any case) under root, recursively, hidden files left out, sorted."""
+    return sorted(
+        path
+        for path in root.rglob("*")
+        if path.is_file()
+        and path.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in path.relative_to(root).parts)
+    )
+
+
+def error_row(code: str, message: str) -> Row:
+    return {"error_code": code, "error": message}
+
+
+# --- two ways to classify: in process, or over HTTP -----------------------------------------------------------------
+
+
+def in_process(model_path: Path, threads: int, max_pixels: int) -> tuple[Classifier, str]:
+    """Batches through server.model.Model, exactly as the service runs them."""
+    from server.model import Model, Prediction
+    from server.preprocess import ImageError
+
+    model = Model(model_path, threads=threads, max_pixels=max_pixels)
+
+    def to_row(result: Prediction | ImageError) -> Row:
+        if isinstance(result, ImageError):
+            return error_row(result.code, result.message)
+        return {**asdict(result), "model_version": model.version}
+
+    def one(data: bytes) -> Row:
+        try:
+            [result], _ = model.classify_all([data])
+        except Exception as error:  # a decoder failure the service would answer with 500: recorded, never fatal
+            return error_row("decode_failed", f"{type(error).__name__}: {error}")
+        return to_row(result)
+
+    def classify(batch: list[tuple[Path, bytes]]) -> list[Row]:
+        try:
+            results, _ = model.classify_all([data for _, data in batch])
+        except Exception:  # one bad file must not cost the batch: ask again one by one
+            return [one(data) for _, data in batch]
+        return [to_row(result) for result in results]
+
+    return classify, f"{model_path} (in process, model {model.version})"
+
+
+def over_http(base_url: str, concurrency: int, timeout: float) -> tuple[Classifier, str]:
+    """POST /predict per file (deploy.client), `concurrency` requests in flight."""
+    pool = ThreadPoolExecutor(max_workers=concurrency)
+
+    def one(item: tuple[Path, bytes]) -> Row:
+        path, data = item
+        try:
+            status, body = predict(base_url, data, path.name, timeout=timeout)
+        except (urllib.error.URLError, OSError) as error:
+            return error_row("unreachable", str(getattr(error, "reason", error)))
+        if status == 200:
+            return {key: value for key, value in body.items() if key != "latency_ms"}
+        error = body.get("error") or {}
+        code = error.get("code") or ("server_error" if status >= 500 else f"http_{status}")
+        return error_row("server_error" if status >= 500 else code, f"HTTP {status}: {error.get('message', body)}")
+
+    def classify(batch: list[tuple[Path, bytes]]) -> list[Row]:
+        return list(pool.map(one, batch))
+
+    return classify, f"{base_url} (over HTTP, {concurrency} at a time)"
+
+
+# --- output ---------------------------------------------------------------------------------------------------------
+
+
+def flatten(row: Row) -> Row:
+    """Nested values (the probabilities) as one column each: probabilities.cat, probabilities.dog."""
+    flat: Row = {}
+    for key, value in row.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{sub}": inner for sub, inner in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def columns_for(row: Row) -> list[str]:
+    middle = [key for key in flatten(row) if key not in FIRST_COLUMNS + LAST_COLUMNS]
+    return [*FIRST_COLUMNS, *middle, *LAST_COLUMNS]
+
+
+class Output:
+    """CSV or JSON lines by extension; appends, and knows which paths are already done."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.jsonl = path.suffix.lower() in (".jsonl", ".ndjson")
+        self.columns: list[str] | None = None
+        self.pending: list[Row] = []  # CSV rows waiting for the first prediction to fix the columns
+        self.done: dict[str, Row] = {}
+        if path.exists():
+            self.done = self.read_and_trim()
+
+    def read_and_trim(self) -> dict[str, Row]:
+        """The rows already written (a half-written last line cut off); rows the service failed are dropped."""
+        original = self.path.read_text(encoding="utf-8")
+        text = original if original.endswith("\n") or not original else original[: original.rfind("\n") + 1]
+        if self.jsonl:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            reader = csv.DictReader(text.splitlines())
+            rows = list(reader)
+            self.columns = list(reader.fieldnames or []) or None
+        kept = [row for row in rows if row.get("error_code") not in RETRIED_ON_RESUME]
+        if self.columns == [*FIRST_COLUMNS, *LAST_COLUMNS]:  # errors only so far: the next prediction sets columns
+            self.columns = None
+        if len(kept) != len(rows) or text != original or (self.columns is None and not self.jsonl):
+            self.path.write_text("")
+            if self.columns:
+                self.write_header(self.columns)
+            for row in kept:
+                self.write(row)
+        return {row["path"]: row for row in kept}
+
+    def write_header(self, columns: list[str]) -> None:
+        self.columns = columns
+        with self.path.open("a", newline="", encoding="utf-8") as file:
+            csv.writer(file).writerow(columns)
+
+    def append(self, rows: list[Row]) -> None:
+        with self.path.open("a", newline="", encoding="utf-8") as file:
+            csv.DictWriter(file, self.columns or [], extrasaction="ignore").writerows(flatten(r) for r in rows)
+
+    def write(self, row: Row) -> None:
+        if self.jsonl:
+            with self.path.open("a", encoding="utf-8") as file:
+                file.write(json.dumps(row) + "\n")
+        elif self.columns is not None:
+            self.append([row])
+        else:  # the first prediction fixes the columns; errors before it wait
+            self.pending.append(row)
+            if row.get("label") not in (None, ""):
+                self.write_header(columns_for(row))
+                rows, self.pending = self.pending, []
+                self.append(rows)
+
+    def flush(self) -> None:
+        """Rows held back because no prediction has fixed the columns yet (only errors so far)."""
+        if self.pending:
+            self.write_header(self.columns or [*FIRST_COLUMNS, *LAST_COLUMNS])
+            rows, self.pending = self.pending, []
+            self.append(rows)
+
+
+# --- the run --------------------------------------------------------------------------------------------------------
+
+
+def batches(items: list[Path], size: int) -> Iterator[list[Path]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def run(root: Path, output: Output, classify: Classifier, batch_size: int) -> list[Row]:
+    """Classify the images under root not yet in output; returns the new rows."""
+    todo = [path for path in find_images(root) if path.relative_to(root).as_posix() not in output.done]
+    new: list[Row] = []
+    with tqdm(total=len(todo), unit="img", desc="classify", file=sys.stderr) as bar:
+        for chunk in batches(todo, batch_size):
+            loaded: list[tuple[Path, bytes]] = []
+            for path in chunk:
+                try:
+                    loaded.append((path, path.read_bytes()))
+                except OSError as error:
+                    row = {"path": path.relative_to(root).as_posix(), **error_row("unreadable", str(error))}
+                    output.write(row)
+                    new.append(row)
+            for (path, _), result in zip(loaded, classify(loaded) if loaded else [], strict=True):
+                row = {"path": path.relative_to(root).as_posix(), **result}
+                output.write(row)
+                new.append(row)
+            bar.update(len(chunk))
+    output.flush()
+    return new
+
+
+def other_files(root: Path) -> int:
+    """Files under root that are not images by extension (Thumbs.db, .txt): left out, counted in the summary."""
+    return sum(1 for path in root.rglob("*") if path.is_file() and path.suffix.lower() not in IMAGE_SUFFIXES)
+
+
+def summary(rows: list[Row], new: int, seconds: float, output: Path, others: int = 0) -> str:
+    labels = Counter(str(row["label"]) for row in rows if row.get("label") not in (None, ""))
+    errors = Counter(str(row["error_code"]) for row in rows if row.get("error_code"))
+    rate = f", {new / seconds:.1f} images/s" if seconds > 0 and new else ""
+    lines = [
+        f"{len(rows)} rows in {output} ({new} new, {len(rows) - new} already there) in {seconds:.1f} s{rate}",
+        "labels: " + (", ".join(f"{label} {n}" for label, n in sorted(labels.items())) or "none"),
+        f"errors: {sum(errors.values())}"
+        + (" (" + ", ".join(f"{code} {n}" for code, n in sorted(errors.items())) + ")" if errors else ""),
+    ]
+    if others:
+        lines.append(f"left out, without an image extension: {others} files")
+    return "\n".join(lines)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m deploy.classify", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("input", type=Path, help="a folder of images (searched recursively)")
+    parser.add_argument("output", type=Path, help="predictions .csv, or .jsonl for JSON lines; resumed if it exists")
+    parser.add_argument("--url", help="classify with a running service at this URL instead of in process")
+    parser.add_argument("--model", type=Path, help="the ONNX model (default: MODEL_PATH, else models/model.onnx)")
+    parser.add_argument("--threads", type=int, help="onnxruntime threads in process (default: the CPUs)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per batch (default: 16)")
+    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight with --url (default: 4)")
+    parser.add_argument("--timeout", type=float, default=60, help="seconds per request with --url (default: 60)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = get_args_parser().parse_args(argv)
+    if not args.input.is_dir():
+        sys.exit(f"deploy.classify: no such folder: {args.input}")
+    if args.url:
+        classify, source = over_http(args.url.rstrip("/"), args.concurrency, args.timeout)
+    else:
+        from server.config import Settings, available_cpus
+        from server.model import ModelError
+
+        try:
+            settings = Settings.from_env()
+            model_path = args.model or settings.model_path
+            classify, source = in_process(model_path, args.threads or available_cpus(), settings.max_image_pixels)
+        except (ValueError, ModelError) as error:
+            sys.exit(f"deploy.classify: {error}")
+    output = Output(args.output)
+    print(f"classifying {args.input} with {source} into {args.output}", file=sys.stderr)
+    started = time.perf_counter()
+    new = run(args.input, output, classify, args.batch_size)
+    rows = [*output.done.values(), *new]
+    print(summary(rows, len(new), time.perf_counter() - started, args.output, other_files(args.input)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Settings from the environment and `python -m server` as a command: one-line errors, --help, warnings."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from server.config import SETTINGS_HELP, Settings, available_cpus
+from tests.conftest import ROOT
+from tests.service import Service
+
+BAD_VALUES = {
+    "PORT": ["0", "70000", "eighty"],
+    "WORKERS": ["0", "two"],
+    "ORT_THREADS": ["-1", "1.5"],
+    "INFERENCE_CONCURRENCY": ["-3", "many"],
+    "MAX_UPLOAD_BYTES": ["0", "10MB"],
+    "MAX_IMAGE_PIXELS": ["0", "lots"],
+    "MAX_DECODE_BYTES": ["0", "64MiB"],
+    "MAX_BATCH_FILES": ["0", "x"],
+    "LOG_LEVEL": ["verbose"],
+    "LOG_FORMAT": ["yaml"],
+    "GRACEFUL_TIMEOUT": ["-1", "soon"],
+}
+FREE_FORM = {"MODEL_PATH", "HOST"}  # any string is a valid path or host name
+
+
+def run_server(*args: str, timeout: float = 30, **env: str) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, "PORT": "1", "HOST": "127.0.0.1", "MODEL_PATH": "absent.onnx", **env}
+    return subprocess.run([sys.executable, "-m", "server", *args], cwd=ROOT, env=environment,
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+def variables_read_by_from_env() -> set[str]:
+    source = (ROOT / "server" / "config.py").read_text()
+    return set(re.findall(r'(?:_\w+|os\.environ\.get)\(\s*"([A-Z_]+)"', source))
+
+
+def test_every_variable_read_is_described_once():
+    names = [s.name for s in SETTINGS_HELP]
+    assert len(names) == len(set(names))
+    assert set(names) == variables_read_by_from_env()
+
+
+def test_every_validated_variable_has_a_bad_value_here():
+    assert set(BAD_VALUES) | FREE_FORM == variables_read_by_from_env()
+
+
+@pytest.mark.parametrize(("name", "value"), [(n, v) for n, values in BAD_VALUES.items() for v in values])
+def test_a_bad_setting_is_one_line_on_stderr_and_exit_code_2(name, value):
+    result = run_server(**{name: value})
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert name in lines[0] and repr(value) in lines[0]
+    assert result.stdout == ""
+
+
+def test_help_lists_every_setting_with_its_default_and_exits_without_serving():
+    result = run_server("--help", PORT="8000")
+    assert result.returncode == 0 and result.stderr == ""
+    for setting in SETTINGS_HELP:
+        [line] = [line for line in result.stdout.splitlines() if line.strip().startswith(setting.name + " ")]
+        assert f"(default: {setting.default})" in line and setting.meaning in line
+    assert f"CPUs available here: {available_cpus()}" in result.stdout
+    assert "startup" not in result.stdout and "Uvicorn running" not in result.stdout
+
+
+def test_unknown_arguments_are_refused():
+    result = run_server("--port", "9000")
+    assert result.returncode == 2 and "unrecognized arguments" in result.stderr
+
+
+def test_oversubscription_is_flagged_only_past_the_cpus():
+    settings = dataclasses.replace(Settings.from_env(), workers=2, ort_threads=2)
+    assert settings.oversubscription(cpus=4) is None
+    warning = settings.oversubscription(cpus=2)
+    assert warning and "WORKERS=2 x ORT_THREADS=2 = 4" in warning and "2 CPUs" in warning
+
+
+def test_the_service_warns_once_when_threads_exceed_the_cpus(onnx_model: Path):
+    threads = available_cpus() + 1
+    service = Service(onnx_model, ORT_THREADS=str(threads))
+    try:
+        service.wait_ready()
+    finally:
+        service.stop()
+    warnings = [r for r in service.records() if r["level"] == "warning"]
+    assert len(warnings) == 1 and f"ORT_THREADS={threads}" in warnings[0]["message"]
+
+
+def test_the_default_settings_start_without_a_warning(onnx_model: Path):
+    service = Service(onnx_model, ORT_THREADS="", WORKERS="")
+    try:
+        service.wait_ready()
+    finally:
+        service.stop()
+    assert not [r for r in service.records() if r["level"] == "warning"]
