@@ -36,7 +36,8 @@ case "${1:-}" in
     done
     if [ "$(docker inspect -f '{{.State.Health.Status}}' "$container")" != healthy ]; then
       docker logs --tail 50 "$container" >&2
-      echo "candidate $colour is not healthy; $live keeps serving" >&2
+      compose "$colour" down --timeout 5
+      echo "candidate $colour was not healthy and is stopped; $live keeps serving" >&2
       exit 1
     fi
     echo "$colour $(port_of "$colour")"
