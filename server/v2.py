@@ -83,7 +83,10 @@ def served_model(request: Request) -> Model:
 
 def model_outputs(request: Request, model: Model) -> list[Output]:
     """The outputs this model gives, found once per model by asking it about one blank image."""
-    cache: dict[str, list[Output]] = request.app.state.__dict__.setdefault("v2_outputs", {})
+    state = request.app.state
+    cache: dict[str, list[Output]] | None = getattr(state, "v2_outputs", None)
+    if cache is None:
+        cache = state.v2_outputs = {}
     if model.sha256 not in cache:
         size = model.preprocess.input_size
         [probe] = model.predict(np.zeros((1, 3, size, size), dtype=np.float32))
@@ -182,6 +185,8 @@ def requested_outputs(header: dict[str, Any], available: list[Output]) -> list[t
         if name not in by_name:
             raise bad_request(f"unknown output {name!r}; this model gives {', '.join(by_name)}")
         options = item.get("parameters") or {}
+        if not isinstance(options, dict):
+            raise bad_request(f"output {name!r} parameters must be an object")
         chosen.append((by_name[name], bool(options.get("binary_data", binary_default))))
     return chosen
 

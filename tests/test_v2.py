@@ -148,6 +148,8 @@ def test_a_non_image_is_a_400_naming_the_element(client):
         (b'{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["%%%"]}]}', "not base64"),
         (b'{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["aa=="]}], '
          b'"outputs": [{"name": "logits"}]}', "unknown output 'logits'"),
+        (b'{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["aa=="]}], '
+         b'"outputs": [{"name": "label", "parameters": []}]}', "must be an object"),
     ],
 )  # fmt: skip
 def test_malformed_requests_are_400_in_the_protocol_shape(service, request_body, message):
