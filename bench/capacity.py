@@ -3,6 +3,10 @@
 The service runs pinned to `--cpus` cores (its own sizing then follows: 2 inferences in flight per core), the load
 generator (bench.serve's single-threaded keep-alive client) on the remaining core. Both APIs are measured in one
 run: /predict (multipart) and the Open Inference Protocol infer (binary tensor data, one image per request).
+
+Two rates per API: wall-clock requests/s per pinned core, and requests per CPU-second the service process used
+(utime + stime of all its threads). On a shared machine the first falls with the neighbours' load; the second is
+what a core gives when it is the service's alone, the number the capacity plan needs.
 """
 
 from __future__ import annotations
@@ -23,17 +27,26 @@ from bench.common import cpu_info
 from bench.serve import ROOT, load, multipart_request
 from deploy.client import free_port
 
+BATCH = 8
 
-def v2_request(port: int, image: bytes) -> bytes:
-    tensor = {"name": "image", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 4 + len(image)}}
+
+def v2_request(port: int, image: bytes, count: int = 1) -> bytes:
+    data = (struct.pack("<I", len(image)) + image) * count
+    tensor = {"name": "image", "datatype": "BYTES", "shape": [count], "parameters": {"binary_data_size": len(data)}}
     header = json.dumps({"inputs": [tensor], "outputs": [{"name": "label"}, {"name": "probabilities"}]}).encode()
-    body = header + struct.pack("<I", len(image)) + image
+    body = header + data
     head = (
         f"POST /v2/models/catsdogs/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
         f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {len(header)}\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start(model: Path, port: int, cores: set[int]) -> subprocess.Popen[bytes]:
@@ -75,13 +88,25 @@ def main(argv: list[str] | None = None) -> None:
     report: dict[str, Any] = {"cpu": cpu_info(), "model": str(args.model), "image": args.image.name,
                               "service_cpus": args.cpus, "clients": args.clients, "seconds": args.seconds}  # fmt: skip
     try:
-        requests = {"/predict": multipart_request(port, image), "/v2/models/catsdogs/infer": v2_request(port, image)}
-        for request in requests.values():
+        requests = {
+            "/predict": (multipart_request(port, image), 1),
+            "/v2/models/catsdogs/infer": (v2_request(port, image), 1),
+            f"/v2/models/catsdogs/infer, {BATCH} images": (v2_request(port, image, BATCH), BATCH),
+        }
+        for request, _ in requests.values():
             load(port, request, args.clients, 2.0)  # warm every inference slot
         report["results"] = {}
-        for endpoint, request in requests.items():
+        for endpoint, (request, images) in requests.items():
+            used = cpu_seconds(process.pid)
             row = load(port, request, args.clients, args.seconds)
-            report["results"][endpoint] = {**row, "rps_per_cpu": round(row["rps"] / args.cpus, 2)}
+            used = cpu_seconds(process.pid) - used
+            report["results"][endpoint] = {
+                **row,
+                "rps_per_pinned_cpu": round(row["rps"] / args.cpus, 2),
+                "cpu_seconds": round(used, 2),
+                "requests_per_cpu_second": round(row["requests"] / used, 2),
+                "images_per_cpu_second": round(images * row["requests"] / used, 2),
+            }
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait()
