@@ -10,7 +10,7 @@ export PRETRAINED
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: setup data prepare train cv export pipeline serve test test-fast lint format mlflow-ui bench bench-model \
-	image image-train smoke-image smoke-compose eval-deployed clean lint-k8s
+	image image-train smoke-image smoke-compose eval-deployed clean
 
 setup: $(VENV)/.installed
 
@@ -57,6 +57,11 @@ bench: setup
 bench-model: setup
 	python -m bench.model
 
+.PHONY: bench-capacity
+bench-capacity: setup ## Requests/s per CPU through the service (/predict and V2 infer), for the capacity plan
+	@test -n "$(BENCH_IMAGE)" || { echo "set BENCH_IMAGE=path/to/photo.jpg (or run make prepare)" >&2; exit 2; }
+	python -m bench.capacity --image "$(BENCH_IMAGE)"
+
 pipeline: data
 	dvc repro
 
@@ -80,6 +85,7 @@ lint: setup
 
 # CRDs (ServiceMonitor, InferenceService) have no schema in kubernetes-validate: it warns and skips them.
 KUSTOMIZATIONS := deploy/k8s/base $(wildcard deploy/k8s/overlays/*) deploy/kserve
+.PHONY: lint-k8s
 lint-k8s: setup ## Render every kustomization (kubectl kustomize) and validate all resources (kubernetes-validate --strict)
 	@mkdir -p build/k8s
 	@set -e; for k in $(KUSTOMIZATIONS); do \
