@@ -106,17 +106,19 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
         size = int(header_length)
     try:
         header = json.loads(body[:size])
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise bad_request(f"the inference header is not JSON: {error}") from None
     if not isinstance(header, dict):
         raise bad_request("the inference header must be a JSON object")
     return header, body[size:]
 
 
-def bytes_elements(data: bytes) -> list[bytes]:
+def bytes_elements(data: bytes, count: int) -> list[bytes]:
     """BYTES tensor data in the binary extension: each element a 4-byte little-endian length, then its bytes."""
     elements, offset = [], 0
     while offset < len(data):
+        if len(elements) == count:
+            raise bad_request(f"binary data for '{INPUT_NAME}' holds more than the {count} elements of its shape")
         if offset + LENGTH_PREFIX.size > len(data):
             raise bad_request(f"binary data for '{INPUT_NAME}' ends inside a length prefix")
         (length,) = LENGTH_PREFIX.unpack_from(data, offset)
@@ -129,8 +131,8 @@ def bytes_elements(data: bytes) -> list[bytes]:
 
 
 def base64_elements(data: object) -> list[bytes]:
-    """JSON `data` of a BYTES tensor: base64 strings, flat or nested row-major."""
-    strings = list(np.asarray(data, dtype=object).ravel()) if isinstance(data, list) else None
+    """JSON `data` of a BYTES tensor: base64 strings, flat ([N]) or one per row ([N, 1])."""
+    strings = [x[0] if isinstance(x, list) and len(x) == 1 else x for x in data] if isinstance(data, list) else None
     if not strings or not all(isinstance(s, str) for s in strings):
         raise bad_request(f"'{INPUT_NAME}' data must be a non-empty list of base64 strings")
     try:
@@ -154,14 +156,14 @@ def image_input(header: dict[str, Any], binary: bytes, max_elements: int) -> lis
         raise bad_request(f"'{INPUT_NAME}' shape must be [N] (or [N, 1]), not {shape!r}")
     if shape[0] > max_elements:
         raise ClientError(413, "too_many_files", f"at most {max_elements} images per request, not {shape[0]}")
-    parameters = tensor.get("parameters") or {}
+    parameters = tensor.get("parameters", {})
     if not isinstance(parameters, dict):
         raise bad_request(f"'{INPUT_NAME}' parameters must be an object")
     size = parameters.get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or size != len(binary):
             raise bad_request(f"binary_data_size {size!r} does not match the {len(binary)} bytes after the header")
-        images = bytes_elements(binary)
+        images = bytes_elements(binary, shape[0])
     elif binary:
         raise bad_request("binary data follows the header but no input declares binary_data_size")
     else:
@@ -184,7 +186,7 @@ def requested_outputs(header: dict[str, Any], available: list[Output]) -> list[t
         name = item.get("name") if isinstance(item, dict) else None
         if name not in by_name:
             raise bad_request(f"unknown output {name!r}; this model gives {', '.join(by_name)}")
-        options = item.get("parameters") or {}
+        options = item.get("parameters", {})
         if not isinstance(options, dict):
             raise bad_request(f"output {name!r} parameters must be an object")
         chosen.append((by_name[name], bool(options.get("binary_data", binary_default))))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
+import json
 import struct
 import time
 from collections.abc import Iterator
@@ -146,6 +147,9 @@ def test_a_non_image_is_a_400_naming_the_element(client):
         (b'{"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1], "data": ["aa=="]}]}', "must be 'image'"),
         (b'{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": ["aa=="]}]}', "but 1 elements"),
         (b'{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["%%%"]}]}', "not base64"),
+        (b'{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": [["aa=="], ["a", "b"]]}]}',
+         "list of base64 strings"),
+        (b"[" * 100_000 + b"]" * 100_000, "not JSON"),
         (b'{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["aa=="]}], '
          b'"outputs": [{"name": "logits"}]}', "unknown output 'logits'"),
         (b'{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["aa=="]}], '
@@ -157,14 +161,17 @@ def test_malformed_requests_are_400_in_the_protocol_shape(service, request_body,
     assert response.status_code == 400 and message in response.json()["error"], response.text
 
 
-def test_binary_data_that_does_not_add_up_is_400(service):
-    header = (
-        b'{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 8}}]}'
-    )
-    body = header + struct.pack("<I", 100) + b"abcd"  # claims 100 bytes, has 4
-    response = httpx.post(f"{service.url}/v2/models/catsdogs/infer", content=body, timeout=30,
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [(struct.pack("<I", 100) + b"abcd", "past the end"), (struct.pack("<I", 0) * 1000, "more than the 1 elements")],
+    ids=["claims more than it has", "more elements than its shape"],
+)
+def test_binary_data_that_does_not_add_up_is_400(service, data, message):
+    tensor = {"name": "image", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": len(data)}}
+    header = json.dumps({"inputs": [tensor]}).encode()
+    response = httpx.post(f"{service.url}/v2/models/catsdogs/infer", content=header + data, timeout=30,
                           headers={"Inference-Header-Content-Length": str(len(header))})  # fmt: skip
-    assert response.status_code == 400 and "past the end" in response.json()["error"]
+    assert response.status_code == 400 and message in response.json()["error"]
 
 
 def test_limits_match_predict_batch(client):
