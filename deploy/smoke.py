@@ -9,10 +9,12 @@ from pathlib import Path
 from deploy.client import predict, request, wait_ready
 
 
-def smoke(base_url: str, images: list[Path], timeout: float) -> list[str]:
+def smoke(base_url: str, images: list[Path], timeout: float, expect_sha256: str | None = None) -> list[str]:
     """Every failed check, as a readable line (empty when the service is healthy)."""
     ready = wait_ready(base_url, timeout)
     failures: list[str] = []
+    if expect_sha256 and ready.get("model_sha256") != expect_sha256:
+        failures.append(f"/ready: model_sha256 {ready.get('model_sha256')} is not the released {expect_sha256}")
     status, health = request(f"{base_url}/health")
     if status != 200 or health.get("model_loaded") is not True:
         failures.append(f"/health: {status} {health}")
@@ -40,9 +42,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--wait", type=float, default=60, help="seconds to wait for /ready")
+    parser.add_argument("--expect-sha256", help="fail unless /ready serves the model file with this sha256")
     parser.add_argument("images", nargs="+", type=Path, help="real photos to classify")
     args = parser.parse_args(argv)
-    failures = smoke(args.url.rstrip("/"), args.images, args.wait)
+    failures = smoke(args.url.rstrip("/"), args.images, args.wait, args.expect_sha256)
     for failure in failures:
         print(f"FAIL {failure}", file=sys.stderr)
     if failures:

@@ -131,7 +131,9 @@ async def health(request: Request) -> JSONResponse:
 
 async def ready(request: Request) -> JSONResponse:
     model = require_model(request)
-    return JSONResponse({"status": "ready", "model_version": model.version, "precision": model.precision})
+    return JSONResponse(
+        {"status": "ready", "model_version": model.version, "precision": model.precision, "model_sha256": model.sha256}
+    )
 
 
 async def model_info(request: Request) -> JSONResponse:
@@ -267,6 +269,8 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
 
 def create_app(settings: Settings | None = None) -> Starlette:
     """The ASGI application (uvicorn: `server.app:create_app` with factory=True)."""
+    from server import v2  # imports this module's helpers, so it comes in once they exist
+
     metrics = Metrics()
     app = Starlette(
         routes=[
@@ -276,6 +280,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/predict", predict, methods=["POST"]),
             Route("/predict/batch", predict_batch, methods=["POST"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
+            *v2.routes,
         ],
         exception_handlers={ClientError: client_error, HTTPException: http_error, Exception: server_error},
         lifespan=lifespan,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -26,6 +27,13 @@ def service(onnx_model: Path):
 
 def test_smoke_passes_on_a_healthy_service(service):
     assert smoke(service.url, [*photos("cat", 2), *photos("dog", 2)], timeout=10) == []
+
+
+def test_smoke_checks_the_released_model_sha256(service, onnx_model):
+    released = hashlib.sha256(onnx_model.read_bytes()).hexdigest()
+    assert smoke(service.url, photos("cat", 1), timeout=10, expect_sha256=released) == []
+    [failure] = smoke(service.url, photos("cat", 1), timeout=10, expect_sha256="0" * 64)
+    assert failure.startswith(f"/ready: model_sha256 {released} is not the released")
 
 
 def test_smoke_fails_on_a_service_without_a_model(tmp_path):

@@ -1,0 +1,119 @@
+"""`python -m bench.capacity`: requests per second per CPU through the real service, for the capacity plan.
+
+The service runs pinned to `--cpus` cores (its own sizing then follows: 2 inferences in flight per core), the load
+generator (bench.serve's single-threaded keep-alive client) on the remaining core. Both APIs are measured in one
+run: /predict (multipart) and the Open Inference Protocol infer (binary tensor data, one image per request).
+
+Two rates per API: wall-clock requests/s per pinned core, and requests per CPU-second the service process used
+(utime + stime of all its threads). On a shared machine the first falls with the neighbours' load; the second is
+what a core gives when it is the service's alone, the number the capacity plan needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import cpu_info
+from bench.serve import ROOT, load, multipart_request
+from deploy.client import free_port
+
+BATCH = 8
+
+
+def v2_request(port: int, image: bytes, count: int = 1) -> bytes:
+    data = (struct.pack("<I", len(image)) + image) * count
+    tensor = {"name": "image", "datatype": "BYTES", "shape": [count], "parameters": {"binary_data_size": len(data)}}
+    header = json.dumps({"inputs": [tensor], "outputs": [{"name": "label"}, {"name": "probabilities"}]}).encode()
+    body = header + data
+    head = (
+        f"POST /v2/models/catsdogs/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {len(header)}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start(model: Path, port: int, cores: set[int]) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "MODEL_PATH": str(model), "PORT": str(port), "HOST": "127.0.0.1", "ORT_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "server"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+        preexec_fn=lambda: os.sched_setaffinity(0, cores),
+    )  # fmt: skip
+    deadline = time.perf_counter() + 60
+    while time.perf_counter() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as connection:
+                connection.sendall(b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n")
+                if connection.recv(64).startswith(b"HTTP/1.1 200"):
+                    return process
+        except OSError:
+            time.sleep(0.02)
+    process.kill()
+    raise TimeoutError("the service did not become ready")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", type=Path, default=Path(os.environ.get("MODEL_PATH", "models/model.onnx")))
+    parser.add_argument("--image", type=Path, required=True, help="a typical photo (about 500x375 JPEG)")
+    parser.add_argument("--cpus", type=int, default=1, help="cores the service is pinned to")
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--out", type=Path, default=Path("reports/bench-capacity.json"))
+    args = parser.parse_args(argv)
+    available = sorted(os.sched_getaffinity(0))
+    if args.cpus >= len(available):
+        parser.error(f"--cpus must leave a core for the load generator ({len(available)} available)")
+    cores, client_cores = set(available[: args.cpus]), set(available[args.cpus :])
+    os.sched_setaffinity(0, client_cores)
+    image = args.image.read_bytes()
+    port = free_port()
+    process = start(args.model, port, cores)
+    report: dict[str, Any] = {"cpu": cpu_info(), "model": str(args.model), "image": args.image.name,
+                              "service_cpus": args.cpus, "clients": args.clients, "seconds": args.seconds}  # fmt: skip
+    try:
+        requests = {
+            "/predict": (multipart_request(port, image), 1),
+            "/v2/models/catsdogs/infer": (v2_request(port, image), 1),
+            f"/v2/models/catsdogs/infer, {BATCH} images": (v2_request(port, image, BATCH), BATCH),
+        }
+        for request, _ in requests.values():
+            load(port, request, args.clients, 2.0)  # warm every inference slot
+        report["results"] = {}
+        for endpoint, (request, images) in requests.items():
+            used = cpu_seconds(process.pid)
+            row = load(port, request, args.clients, args.seconds)
+            used = cpu_seconds(process.pid) - used
+            report["results"][endpoint] = {
+                **row,
+                "rps_per_pinned_cpu": round(row["rps"] / args.cpus, 2),
+                "cpu_seconds": round(used, 2),
+                "requests_per_cpu_second": round(row["requests"] / used, 2),
+                "images_per_cpu_second": round(images * row["requests"] / used, 2),
+            }
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Choose the model a deployment ships, explicitly: the MLflow `champion` (or a pinned registered version).
+
+Resolves the registered model version, downloads the ONNX file `make export` logged to its run (`onnx/model.onnx`),
+and writes what a deployment records and pins: a JSON release (registered model, version, run id, sha256) and,
+for the Kubernetes overlays, a `model.env` with MODEL_VERSION, MODEL_URL and MODEL_SHA256.
+
+    python -m deploy.model_release --alias champion --out build/release
+    python -m deploy.model_release --version 7 --out build/release --env-out deploy/k8s/overlays/production/model.env \
+        --url-template '{mlflow}/api/2.0/mlflow-artifacts/artifacts/{experiment_id}/{run_id}/artifacts/onnx/model.onnx'
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACT = "onnx/model.onnx"
+
+
+def registry_defaults() -> tuple[str, str]:
+    """(registered model, champion alias) from params.yaml: one source of truth with training."""
+    mlflow = yaml.safe_load((ROOT / "params.yaml").read_text())["mlflow"]
+    return mlflow["registered_model"], mlflow["champion_alias"]
+
+
+def release(
+    registered_model: str, out: Path, *, alias: str | None = None, version: str | None = None
+) -> dict[str, Any]:
+    """Download the chosen version's ONNX file into out/model.onnx and describe it."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    if (alias is None) == (version is None):
+        raise ValueError("give exactly one of alias (e.g. champion) or version")
+    client = MlflowClient()
+    chosen = (
+        client.get_model_version_by_alias(registered_model, alias)
+        if alias
+        else client.get_model_version(registered_model, version)
+    )
+    run = client.get_run(chosen.run_id)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(run_id=chosen.run_id, artifact_path=ARTIFACT, dst_path=tmp))
+        shutil.copyfile(local, out / "model.onnx")
+    return {
+        "registered_model": registered_model,
+        "version": str(chosen.version),
+        "alias": alias,
+        "model_version": f"{registered_model}-v{chosen.version}",
+        "run_id": chosen.run_id,
+        "experiment_id": run.info.experiment_id,
+        "artifact": ARTIFACT,
+        "sha256": hashlib.sha256((out / "model.onnx").read_bytes()).hexdigest(),
+        "tracking_uri": mlflow.get_tracking_uri(),
+    }
+
+
+def model_env(record: dict[str, Any], url: str) -> str:
+    """The kustomize configMapGenerator file the init container reads (server.fetch_model)."""
+    return (
+        f"# {record['registered_model']} version {record['version']}"
+        f"{' (alias ' + record['alias'] + ')' if record['alias'] else ''}, run {record['run_id']}\n"
+        f"MODEL_VERSION={record['model_version']}\nMODEL_URL={url}\nMODEL_SHA256={record['sha256']}\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    registered, champion = registry_defaults()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--registered-model", default=registered)
+    choice = parser.add_mutually_exclusive_group()
+    choice.add_argument("--alias", help=f"a registry alias (default: {champion})")
+    choice.add_argument("--version", help="a pinned registered version number instead of the alias")
+    parser.add_argument("--out", type=Path, default=Path("build/release"), help="gets model.onnx and release.json")
+    parser.add_argument("--url-template", help="MODEL_URL for model.env, with {mlflow} {experiment_id} {run_id} "
+                        "{version} {sha256} filled in")  # fmt: skip
+    parser.add_argument("--env-out", type=Path, help="write the kustomize model.env here (needs --url-template)")
+    args = parser.parse_args(argv)
+    if args.env_out and not args.url_template:
+        parser.error("--env-out needs --url-template")
+    alias = None if args.version else (args.alias or champion)
+    record = release(args.registered_model, args.out, alias=alias, version=args.version)
+    if args.url_template:
+        record["url"] = args.url_template.format(mlflow=os.environ.get("MLFLOW_TRACKING_URI", "").rstrip("/"), **record)
+    (args.out / "release.json").write_text(json.dumps(record, indent=2) + "\n")
+    if args.env_out:
+        args.env_out.write_text(model_env(record, record["url"]))
+    print(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""The deployed model is chosen explicitly from a real MLflow registry (SQLite store, local artifacts)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from deploy import model_release
+
+
+@pytest.fixture
+def registry(onnx_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Two registered versions of catsdogs-mobilenetv2, each run holding onnx/model.onnx; version 1 is champion."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = mlflow.create_experiment("catsdogs", artifact_location=(tmp_path / "artifacts").as_uri())
+    client, name = MlflowClient(), model_release.registry_defaults()[0]
+    client.create_registered_model(name)
+    runs = {}
+    for version, payload in (("1", onnx_model.read_bytes()), ("2", b"a later, different file")):
+        with mlflow.start_run(experiment_id=experiment) as run:
+            staged = tmp_path / version / "model.onnx"
+            staged.parent.mkdir()
+            staged.write_bytes(payload)
+            mlflow.log_artifact(str(staged), artifact_path="onnx")
+        client.create_model_version(name, source=f"{run.info.artifact_uri}/onnx", run_id=run.info.run_id)
+        runs[version] = run.info.run_id
+    client.set_registered_model_alias(name, "champion", "1")
+    return runs
+
+
+def test_the_champion_is_downloaded_and_pinned_by_sha256(registry, onnx_model, tmp_path):
+    env = tmp_path / "model.env"
+    model_release.main(["--out", str(tmp_path / "release"), "--env-out", str(env),
+                        "--url-template", "https://models.example.com/{run_id}/model.onnx"])  # fmt: skip
+    sha256 = hashlib.sha256(onnx_model.read_bytes()).hexdigest()
+    record = json.loads((tmp_path / "release" / "release.json").read_text())
+    assert record["version"] == "1" and record["alias"] == "champion" and record["run_id"] == registry["1"]
+    assert record["sha256"] == sha256
+    assert (tmp_path / "release" / "model.onnx").read_bytes() == onnx_model.read_bytes()
+    lines = dict(line.split("=", 1) for line in env.read_text().splitlines() if not line.startswith("#"))
+    assert lines == {"MODEL_VERSION": "catsdogs-mobilenetv2-v1", "MODEL_SHA256": sha256,
+                     "MODEL_URL": f"https://models.example.com/{registry['1']}/model.onnx"}  # fmt: skip
+
+
+def test_a_pinned_version_overrides_the_champion(registry, tmp_path):
+    model_release.main(["--version", "2", "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "release.json").read_text())
+    assert record["version"] == "2" and record["alias"] is None and record["run_id"] == registry["2"]
+    assert record["sha256"] == hashlib.sha256(b"a later, different file").hexdigest()
