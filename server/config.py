@@ -55,6 +55,11 @@ class Settings:
     log_level: str
     log_format: str
     graceful_timeout: int
+    feedback_store_size: int = 10_000
+    feedback_db: Path | None = None
+    drift_window: int = 500
+    prediction_log: Path | None = None
+    prediction_log_sample_every: int = 0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -81,4 +86,9 @@ class Settings:
             log_level=_choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
             log_format=_choice("LOG_FORMAT", "json", ("json", "text")),
             graceful_timeout=_int("GRACEFUL_TIMEOUT", 30, minimum=0),
+            feedback_store_size=_int("FEEDBACK_STORE_SIZE", 10_000, minimum=1),
+            feedback_db=Path(os.environ["FEEDBACK_DB"]) if os.environ.get("FEEDBACK_DB") else None,
+            drift_window=_int("DRIFT_WINDOW", 500, minimum=1),
+            prediction_log=Path(os.environ["PREDICTION_LOG"]) if os.environ.get("PREDICTION_LOG") else None,
+            prediction_log_sample_every=_int("PREDICTION_LOG_SAMPLE_EVERY", 0),
         )
