@@ -10,7 +10,7 @@ export PRETRAINED
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: setup data prepare train cv export pipeline serve test test-fast lint format mlflow-ui bench bench-model \
-	image image-train smoke-image smoke-compose eval-deployed clean
+	image image-train smoke-image smoke-compose eval-deployed screenshots clean
 
 setup: $(VENV)/.installed
 
@@ -65,6 +65,9 @@ test: setup
 
 test-fast: setup
 	pytest -m "not slow"
+
+screenshots: setup ## Screenshots of the page at desktop and phone sizes into docs/img (the browser test, headless Chromium)
+	PAGE_SCREENSHOTS=docs/img pytest tests/test_page.py -q
 
 TOOLS ?= .tools
 lint: setup

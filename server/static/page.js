@@ -62,6 +62,10 @@ function makeCard(file) {
   image.alt = `Your photo ${file.name}`;
   image.src = URL.createObjectURL(file);
   image.addEventListener("load", () => URL.revokeObjectURL(image.src), { once: true });
+  image.addEventListener("error", () => {
+    URL.revokeObjectURL(image.src);
+    image.replaceWith(element("div", "thumb none", "No preview"));
+  }, { once: true });
   const body = element("div", "body");
   body.append(element("p", "file", file.name), element("p", "answer", "Classifying…"));
   card.append(image, body);
@@ -155,6 +159,7 @@ function showError(card, error) {
   text.dataset.testid = "error";
   text.dataset.code = error.code || "";
   body.replaceChildren(element("p", "file", card.fileName), text);
+  card.classList.add("failed");
   card.classList.remove("pending");
   card.removeAttribute("aria-busy");
   return `${card.fileName}: ${message}`;
