@@ -10,7 +10,7 @@ export PRETRAINED
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: setup data prepare train cv export pipeline serve test test-fast lint format mlflow-ui bench bench-model \
-	image image-train smoke-image smoke-compose eval-deployed screenshots clean
+	image image-train smoke-image smoke-compose eval-deployed screenshots drift-demo clean
 
 setup: $(VENV)/.installed
 
@@ -56,6 +56,9 @@ bench: setup
 
 bench-model: setup
 	python -m bench.model
+
+drift-demo: setup ## The drift PSI gauges for photos like the reference, dogs only and non-pets (MODEL_PATH, DRIFT_WINDOW)
+	python -m bench.drift --model "$${MODEL_PATH:-models/model.onnx}" --window "$${DRIFT_WINDOW:-200}"
 
 pipeline: data
 	dvc repro
