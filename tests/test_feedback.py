@@ -143,6 +143,6 @@ def test_alerts_and_dashboard_use_only_metrics_the_service_exports(client):
     monitoring = ROOT / "monitoring"
     text = (monitoring / "prometheus" / "alerts.yml").read_text()
     text += (monitoring / "grafana" / "dashboards" / "catsdogs.json").read_text()
-    used = set(re.findall(r"catsdogs_\w+", text)) - {"catsdogs_service"}
+    used = set(re.findall(r"catsdogs_\w+", text))
     assert {"catsdogs_feedback_total", "catsdogs_drift_psi", "catsdogs_drift_window_predictions"} <= used
     assert used <= exported, used - exported
