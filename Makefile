@@ -13,7 +13,7 @@ export PRETRAINED
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: help setup setup-serve data prepare train cv export pipeline serve classify test test-fast lint format \
-	mlflow-ui bench bench-model bench-hostile image image-train smoke-image smoke-compose eval-deployed clean
+	mlflow-ui bench bench-model bench-hostile image image-train smoke-image smoke-compose eval-deployed screenshots drift-demo clean
 
 help: ## List the targets with one line each (this is the default goal)
 	@echo "Usage: make TARGET [VARIABLE=value ...]"
@@ -93,6 +93,9 @@ bench-capacity: setup ## Requests/s per CPU through the service (/predict and V2
 	@test -n "$(BENCH_IMAGE)" || { echo "set BENCH_IMAGE=path/to/photo.jpg (or run make prepare)" >&2; exit 2; }
 	python -m bench.capacity --image "$(BENCH_IMAGE)"
 
+drift-demo: setup ## The drift PSI gauges for photos like the reference, dogs only and non-pets (MODEL_PATH, DRIFT_WINDOW)
+	python -m bench.drift --model "$${MODEL_PATH:-models/model.onnx}" --window "$${DRIFT_WINDOW:-200}"
+
 pipeline: data ## The whole DVC pipeline (dvc repro)
 	dvc repro
 
@@ -101,6 +104,9 @@ test: setup ## Every test (what CI runs)
 
 test-fast: setup ## The tests without the slow ones (training, export, clean serve venv)
 	pytest -m "not slow"
+
+screenshots: setup ## Screenshots of the page at desktop and phone sizes into docs/img (the browser test, headless Chromium)
+	PAGE_SCREENSHOTS=docs/img pytest tests/test_page.py -q
 
 TOOLS ?= .tools
 lint: setup ## ruff, hadolint, compose and workflow schemas, actionlint

@@ -16,6 +16,7 @@ import onnx
 import torch
 
 from export.evaluate import METADATA_KEY, evaluate_onnx, load_split, torch_probabilities
+from export.reference import reference_for_split
 from training import tracking
 from training.config import DEFAULT_PARAMS, load_params
 from training.model import Predictor, load_predictor
@@ -108,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / args.out.name
         export_onnx(predictor, spec.input_size, staged, settings.opset)
-        write_metadata(staged, model_metadata(checkpoint, "float32"))
+        reference = reference_for_split(staged, data_dir, spec)  # drift monitoring's baseline (server.drift)
+        write_metadata(staged, {**model_metadata(checkpoint, "float32"), "reference": reference})
         fp32, fp32_probabilities = evaluate_onnx(staged, inputs, targets, labels)
         reference = torch_probabilities(predictor, inputs)
         report: dict[str, Any] = {

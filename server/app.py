@@ -20,10 +20,13 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from imaging import limit_pillow
+from server import page
 from server.config import Settings
+from server.feedback import feedback
 from server.logs import get_logger
 from server.metrics import Metrics
 from server.model import Model, ModelError, Prediction
+from server.observe import Observer, observe
 from server.preprocess import ImageError
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -143,10 +146,11 @@ async def model_info(request: Request) -> JSONResponse:
 async def predict(request: Request) -> JSONResponse:
     started = request.scope["state"]["started"]
     model = require_model(request)
-    [(_, data)] = await read_uploads(request, "file", max_files=1)
+    [(name, data)] = await read_uploads(request, "file", max_files=1)
     [result] = await run_classify(request, [data])
     if isinstance(result, ImageError):
         raise ClientError(result.status, result.code, result.message)
+    observe(request, [(name, data)], [result])
     request.scope["state"]["log"] = {"label": result.label, "confidence": round(result.confidence, 4)}
     return JSONResponse(prediction_body(result, model, started))
 
@@ -163,6 +167,7 @@ async def predict_batch(request: Request) -> JSONResponse:
             items.append({"file": filename, "error": {"code": result.code, "message": result.message}})
         else:
             items.append({"file": filename, **prediction_body(result, model, started)})
+    observe(request, uploads, results, items)
     errors = sum("error" in item for item in items)
     request.scope["state"]["log"] = {"files": len(items), "errors": errors}
     return JSONResponse({"results": items, "model_version": model.version, "count": len(items), "errors": errors})
@@ -263,7 +268,9 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
                    "load_seconds": round(model.load_seconds, 3), "ort_threads": settings.ort_threads,
                    "inference_concurrency": settings.inference_concurrency},
         )  # fmt: skip
+    app.state.observer = Observer(settings, app.state.metrics, model)
     yield
+    app.state.observer.close()
     log.info("shutdown", extra={"model_version": model.version if model else None})
 
 
@@ -281,6 +288,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/predict/batch", predict_batch, methods=["POST"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
             *v2.routes,
+            Route("/feedback", feedback, methods=["POST"]),
+            *page.ROUTES,
         ],
         exception_handlers={ClientError: client_error, HTTPException: http_error, Exception: server_error},
         lifespan=lifespan,

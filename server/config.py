@@ -47,6 +47,15 @@ SETTINGS_HELP: tuple[SettingHelp, ...] = (
     SettingHelp("LOG_LEVEL", "info", "debug, info, warning or error"),
     SettingHelp("LOG_FORMAT", "json", "json (one object per line) or text"),
     SettingHelp("GRACEFUL_TIMEOUT", "30", "seconds in-flight requests get to finish on SIGTERM"),
+    SettingHelp(
+        "FEEDBACK_STORE_SIZE", "10000", "recent predictions kept in memory for POST /feedback (oldest evicted)"
+    ),
+    SettingHelp("FEEDBACK_DB", "unset", "SQLite file for the feedback store instead of memory (survives restarts)"),
+    SettingHelp(
+        "DRIFT_WINDOW", "500", "predictions per drift window (catsdogs_drift_psi against the model's reference)"
+    ),
+    SettingHelp("PREDICTION_LOG", "unset", "JSON-lines file of predictions and feedback (never image bytes)"),
+    SettingHelp("PREDICTION_LOG_SAMPLE_EVERY", "0", "save every Nth image next to the prediction log (0: never)"),
 )
 
 
@@ -93,6 +102,11 @@ class Settings:
     log_level: str
     log_format: str
     graceful_timeout: int
+    feedback_store_size: int = 10_000
+    feedback_db: Path | None = None
+    drift_window: int = 500
+    prediction_log: Path | None = None
+    prediction_log_sample_every: int = 0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -120,6 +134,11 @@ class Settings:
             log_level=_choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
             log_format=_choice("LOG_FORMAT", "json", ("json", "text")),
             graceful_timeout=_int("GRACEFUL_TIMEOUT", 30, minimum=0),
+            feedback_store_size=_int("FEEDBACK_STORE_SIZE", 10_000, minimum=1),
+            feedback_db=Path(os.environ["FEEDBACK_DB"]) if os.environ.get("FEEDBACK_DB") else None,
+            drift_window=_int("DRIFT_WINDOW", 500, minimum=1),
+            prediction_log=Path(os.environ["PREDICTION_LOG"]) if os.environ.get("PREDICTION_LOG") else None,
+            prediction_log_sample_every=_int("PREDICTION_LOG_SAMPLE_EVERY", 0),
         )
 
     def oversubscription(self, cpus: int | None = None) -> str | None:

@@ -48,6 +48,17 @@ class Metrics:
         self.model_info = Gauge(
             "catsdogs_model_info", "The served model", ["version", "precision", "sha256"], registry=r
         )
+        self.feedback = Counter(
+            "catsdogs_feedback", "Feedback by true label and whether the prediction was right", ["label", "correct"],
+            registry=r,
+        )  # fmt: skip
+        self.drift_psi = Gauge(
+            "catsdogs_drift_psi", "PSI of a signal over the drift window vs the model's reference", ["signal"],
+            registry=r,
+        )  # fmt: skip
+        self.drift_window = Gauge(
+            "catsdogs_drift_window_predictions", "Predictions in the drift window", ["signal"], registry=r
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -13,6 +13,9 @@ from pathlib import Path
 IMAGENET_CATS = range(281, 286)
 IMAGENET_DOGS = range(151, 269)
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "mobilenet_v2_imagenet.pt"
+# Reference distributions for drift monitoring: photos the tests do not send (they use the low numbers).
+REFERENCE_PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cats-vs-dogs-2k"
+REFERENCE_RANGE = range(901, 1001)
 
 
 def seeded_checkpoint(weights: Path) -> dict:
@@ -54,8 +57,29 @@ def export_seeded_model(out_dir: Path, weights: Path = DEFAULT_WEIGHTS) -> Path:
     predictor, checkpoint = load_predictor(checkpoint_path)
     path = out_dir / "model.onnx"
     export_onnx(predictor, checkpoint["preprocess"]["input_size"], path, opset=18)
-    write_metadata(path, model_metadata(checkpoint, "float32"))
+    reference = seeded_reference(path, checkpoint["preprocess"])
+    write_metadata(path, {**model_metadata(checkpoint, "float32"), "reference": reference})
     return path
+
+
+def seeded_reference(path: Path, preprocess: dict) -> dict:
+    """The reference distributions on 100 cats and 100 dogs from the shared photos (CI has no validation split)."""
+    import numpy as np
+    from PIL import Image
+
+    from export.reference import reference_for
+    from training.presets import ClassificationPresetEval, PreprocessSpec
+
+    spec = PreprocessSpec.from_dict(preprocess)
+    transform = ClassificationPresetEval(spec=spec)
+    inputs, targets = [], []
+    for target, label in enumerate(spec.labels):
+        for i in REFERENCE_RANGE:
+            with Image.open(REFERENCE_PHOTOS / f"{label}s" / f"{label}.{i}.jpg") as image:
+                inputs.append(transform(image.convert("RGB")).numpy())
+            targets.append(target)
+    source = f"shared photos {REFERENCE_RANGE.start}-{REFERENCE_RANGE.stop - 1} of each class"
+    return reference_for(path, np.stack(inputs), np.asarray(targets), list(spec.labels), source)
 
 
 if __name__ == "__main__":

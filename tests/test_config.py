@@ -27,8 +27,11 @@ BAD_VALUES = {
     "LOG_LEVEL": ["verbose"],
     "LOG_FORMAT": ["yaml"],
     "GRACEFUL_TIMEOUT": ["-1", "soon"],
+    "FEEDBACK_STORE_SIZE": ["0", "many"],
+    "DRIFT_WINDOW": ["0", "x"],
+    "PREDICTION_LOG_SAMPLE_EVERY": ["-1", "often"],
 }
-FREE_FORM = {"MODEL_PATH", "HOST"}  # any string is a valid path or host name
+FREE_FORM = {"MODEL_PATH", "HOST", "FEEDBACK_DB", "PREDICTION_LOG"}  # any string is a valid path or host name
 
 
 def run_server(*args: str, timeout: float = 30, **env: str) -> subprocess.CompletedProcess[str]:

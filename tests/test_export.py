@@ -74,6 +74,11 @@ def test_export_writes_checked_onnx_with_metadata_and_sidecar(workspace, monkeyp
     sidecar = json.loads(out.with_suffix(".json").read_text())
     assert sidecar["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
     assert {k: v for k, v in sidecar.items() if k not in ("file", "sha256")} == metadata
+    reference = metadata["reference"]  # drift monitoring's baseline, on the validation split
+    val_images = sum(1 for _ in (workspace / "processed" / "val").rglob("*.*"))
+    assert reference["source"] == "val split" and reference["images"] == val_images > 0
+    signals = reference["signals"]
+    assert sum(signals["confidence"]["counts"]) == sum(signals["label"]["counts"]) == val_images
     graph = onnx.load(str(out)).graph
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a named, dynamic batch axis
     assert report["float32"]["accuracy"] == report["torch_accuracy"]  # to the image

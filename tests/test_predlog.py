@@ -1,0 +1,61 @@
+"""PREDICTION_LOG: one JSON line per prediction and feedback, joinable offline; image bytes only as opted samples."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from starlette.testclient import TestClient
+
+from server.app import create_app
+from server.config import Settings
+from tests.images import photo_bytes, reencoded
+
+CAT, DOG = "cats/cat.1.jpg", "dogs/dog.1.jpg"
+
+
+def run(model: Path, log: Path, sample_every: int) -> list[bytes]:
+    """Four predictions (multipart, raw PNG body, a batch of two with a bad file) and two feedbacks."""
+    settings = dataclasses.replace(Settings.from_env(), model_path=model, ort_threads=1, prediction_log=log,
+                                   prediction_log_sample_every=sample_every)  # fmt: skip
+    sent = [photo_bytes(CAT), reencoded(DOG, "PNG"), photo_bytes(DOG), photo_bytes(CAT)]
+    with TestClient(create_app(settings)) as client:
+        first = client.post("/predict", files={"file": ("cat.jpg", sent[0], "image/jpeg")}).headers["x-request-id"]
+        client.post("/predict", content=sent[1], headers={"content-type": "image/png", "x-request-id": "raw-1"})
+        files = [("files", ("dog.jpg", sent[2], "image/jpeg")), ("files", ("bad.jpg", b"x", "image/jpeg")),
+                 ("files", ("cat.jpeg", sent[3], "image/jpeg"))]  # fmt: skip
+        client.post("/predict/batch", files=files, headers={"x-request-id": "b-1"})
+        assert client.post("/feedback", json={"request_id": first, "label": "cat"}).status_code == 200
+        assert client.post("/feedback", json={"request_id": "b-1/2", "label": "dog"}).status_code == 200
+    return sent
+
+
+def test_the_log_joins_predictions_and_feedback_and_holds_no_image(onnx_model, tmp_path):
+    log = tmp_path / "logs" / "predictions.jsonl"
+    sent = run(onnx_model, log, sample_every=0)
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    predictions = {e["request_id"]: e for e in events if e["event"] == "prediction"}
+    feedback = {e["request_id"]: e for e in events if e["event"] == "feedback"}
+    assert list(predictions)[1:] == ["raw-1", "b-1/0", "b-1/2"] and len(feedback) == 2
+    raw = predictions["raw-1"]
+    assert raw["label"] == "dog" and raw["model_version"] == "seeded-imagenet-head"
+    assert raw["bytes"] == len(sent[1]) and raw["content_type"] == "image/png"
+    assert predictions["b-1/2"]["content_type"] == "image/jpeg" and predictions["b-1/2"]["bytes"] == len(sent[3])
+    assert set(raw) == {"event", "time", "request_id", "model_version", "label", "probabilities", "bytes",
+                        "content_type"}  # fmt: skip
+    joined = [(predictions[i]["label"], f["label"]) for i, f in feedback.items()]  # what offline tooling does
+    assert joined == [("cat", "cat"), ("cat", "dog")]
+    assert log.stat().st_size < 2000  # a few hundred bytes a line: no image in it
+    assert not (tmp_path / "logs" / "predictions.jsonl.samples").exists()
+
+
+def test_samples_are_written_only_when_asked(onnx_model, tmp_path):
+    log = tmp_path / "predictions.jsonl"
+    sent = run(onnx_model, log, sample_every=2)
+    events = [json.loads(line) for line in log.read_text().splitlines() if '"prediction"' in line]
+    sampled = [e for e in events if "sample" in e]
+    assert [e["request_id"] for e in sampled] == [events[0]["request_id"], "b-1/0"]
+    samples = tmp_path / "predictions.jsonl.samples"
+    assert (samples / sampled[0]["sample"]).read_bytes() == sent[0]
+    assert (samples / "b-1_0.jpg").read_bytes() == sent[2]
