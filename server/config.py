@@ -48,7 +48,10 @@ class Settings:
     port: int
     workers: int
     ort_threads: int
+    ort_solo_threads: int
     inference_concurrency: int
+    max_queue: int
+    queue_timeout: int
     max_upload_bytes: int
     max_image_pixels: int
     max_batch_files: int
@@ -68,13 +71,19 @@ class Settings:
         workers = _int("WORKERS", 1, minimum=1)
         cpus_per_worker = max(1, available_cpus() // workers)
         ort_threads = _int("ORT_THREADS", 0) or 1
+        concurrency = _int("INFERENCE_CONCURRENCY", 0) or 2 * max(1, cpus_per_worker // ort_threads)
         return cls(
             model_path=Path(os.environ.get("MODEL_PATH", "models/model.onnx")),
             host=os.environ.get("HOST", "0.0.0.0"),
             port=_int("PORT", 8000, minimum=1),
             workers=workers,
             ort_threads=ort_threads,
-            inference_concurrency=_int("INFERENCE_CONCURRENCY", 0) or 2 * max(1, cpus_per_worker // ort_threads),
+            # one request alone on an idle process runs on all its CPUs (0 or <= ORT_THREADS: never)
+            ort_solo_threads=_int("ORT_SOLO_THREADS", cpus_per_worker),
+            inference_concurrency=concurrency,
+            # requests waiting for an inference slot (each may hold a body): see docs/hardening.md, "Memory budget"
+            max_queue=_int("MAX_QUEUE", 2 * concurrency),
+            queue_timeout=_int("QUEUE_TIMEOUT", 10, minimum=1),
             max_upload_bytes=_int("MAX_UPLOAD_BYTES", 10 * MIB, minimum=1),
             max_image_pixels=_int("MAX_IMAGE_PIXELS", 50_000_000, minimum=1),
             max_batch_files=_int("MAX_BATCH_FILES", 32, minimum=1),
