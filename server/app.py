@@ -24,6 +24,7 @@ from server.config import Settings
 from server.logs import get_logger
 from server.metrics import Metrics
 from server.model import Model, ModelError, Prediction
+from server.openapi import document
 from server.preprocess import ImageError
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -192,6 +193,10 @@ async def metrics_endpoint(request: Request) -> Response:
     return Response(metrics.render(), media_type=metrics.content_type)
 
 
+async def openapi_endpoint(request: Request) -> JSONResponse:
+    return JSONResponse(document(request.app.state.settings))
+
+
 # --- errors, middleware, lifespan ---------------------------------------------------------------------------------
 
 
@@ -310,6 +315,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/predict", predict, methods=["POST"]),
             Route("/predict/batch", predict_batch, methods=["POST"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
+            Route("/openapi.json", openapi_endpoint, methods=["GET"]),
         ],
         exception_handlers={
             ClientError: client_error,
