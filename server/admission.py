@@ -3,8 +3,10 @@
 A request is admitted before its body is read: every admitted request may hold a body of up to MAX_UPLOAD_BYTES
 (twice over while a multipart part spools to /tmp), so counting after the read would leave the memory held by
 bodies unbounded. `slots` requests run (INFERENCE_CONCURRENCY) and up to `queue` more wait for a slot (MAX_QUEUE);
-one more is answered 503 with Retry-After without its body being kept, and a request that waits for a slot longer
-than `timeout` seconds (QUEUE_TIMEOUT) is answered 503 too. See docs/hardening.md, "Backpressure".
+one more is answered 503 with Retry-After without its body being kept, as is one whose body (its Content-Length, or
+MAX_UPLOAD_BYTES when it has none) would take the admitted requests' bodies past MAX_QUEUE_BYTES (a lone request is
+always admitted). A request that waits for a slot longer than `timeout` seconds (QUEUE_TIMEOUT) is answered 503 too.
+See docs/hardening.md, "Backpressure" and "Memory budget".
 """
 
 from __future__ import annotations
@@ -34,26 +36,30 @@ class Overloaded(Exception):
 class Admission:
     """Admits at most `slots + queue` inference requests; runs their inference `slots` at a time, in FIFO order."""
 
-    def __init__(self, slots: int, queue: int, timeout: float, metrics: Metrics) -> None:
+    def __init__(self, slots: int, queue: int, timeout: float, metrics: Metrics, max_bytes: int = 2**62) -> None:
         self.slots, self.queue, self.timeout, self.metrics = slots, queue, timeout, metrics
         self.capacity = slots + queue
+        self.max_bytes = max_bytes  # the bodies admitted requests may hold, in all
         self.admitted = 0
+        self.held_bytes = 0
         self.limiter = anyio.CapacityLimiter(slots)  # the inference slots, waited for in arrival order
         self.threads = anyio.CapacityLimiter(slots)  # worker threads: always free for a slot holder
 
-    def enter(self) -> None:
-        """Count one more admitted request, or raise Overloaded when the bound is reached."""
-        if self.admitted >= self.capacity:
+    def enter(self, size: int = 0) -> None:
+        """Count one more admitted request that may hold `size` body bytes, or raise Overloaded past a bound."""
+        if self.admitted >= self.capacity or (self.admitted and self.held_bytes + size > self.max_bytes):
             self.metrics.rejected.labels("overloaded").inc()
             raise Overloaded(
                 "overloaded",
                 f"the service is at capacity ({self.slots} running, {self.queue} waiting); retry shortly",
             )
         self.admitted += 1
+        self.held_bytes += size
         self.metrics.admitted.set(self.admitted)
 
-    def leave(self) -> None:
+    def leave(self, size: int = 0) -> None:
         self.admitted -= 1
+        self.held_bytes -= size
         self.metrics.admitted.set(self.admitted)
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
@@ -82,10 +88,12 @@ async def admit(request: Request) -> None:
     if state.get("admission") is not None:
         return
     admission: Admission = request.app.state.admission
+    limit = request.app.state.settings.max_upload_bytes
+    declared = request.headers.get("content-length", "")
+    size = min(int(declared), limit) if declared.isdigit() else limit  # a chunked body may grow to the limit
     try:
-        admission.enter()
+        admission.enter(size)
     except Overloaded:
-        limit = request.app.state.settings.max_upload_bytes
         with anyio.move_on_after(1.0), contextlib.suppress(ClientDisconnect):
             received = 0
             async for chunk in request.stream():
@@ -93,4 +101,4 @@ async def admit(request: Request) -> None:
                 if received > limit:
                     break
         raise
-    state["admission"] = admission
+    state["admission"] = (admission, size)

@@ -254,8 +254,9 @@ class RequestMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             self.metrics.in_flight.dec()
-            if (admission := state.pop("admission", None)) is not None:
-                admission.leave()
+            if (admitted := state.pop("admission", None)) is not None:
+                admission, size = admitted
+                admission.leave(size)
             elapsed = time.perf_counter() - started
             route = scope.get("route")
             endpoint = getattr(route, "path", "unmatched")
@@ -275,7 +276,11 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     log = get_logger()
     app.state.admission = Admission(
-        settings.inference_concurrency, settings.max_queue, settings.queue_timeout, app.state.metrics
+        settings.inference_concurrency,
+        settings.max_queue,
+        settings.queue_timeout,
+        app.state.metrics,
+        max_bytes=settings.max_queue_bytes,
     )
     app.state.limiter = app.state.admission.limiter
     try:
@@ -284,6 +289,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
             threads=settings.ort_threads,
             max_pixels=settings.max_image_pixels,
             solo_threads=settings.ort_solo_threads,
+            decoders=settings.decode_concurrency,
         )
         app.state.model_error = None
     except ModelError as error:

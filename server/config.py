@@ -51,6 +51,8 @@ class Settings:
     ort_solo_threads: int
     inference_concurrency: int
     max_queue: int
+    max_queue_bytes: int
+    decode_concurrency: int
     queue_timeout: int
     max_upload_bytes: int
     max_image_pixels: int
@@ -83,7 +85,10 @@ class Settings:
             inference_concurrency=concurrency,
             # requests waiting for an inference slot (each may hold a body): see docs/hardening.md, "Memory budget"
             max_queue=_int("MAX_QUEUE", 2 * concurrency),
+            max_queue_bytes=_int("MAX_QUEUE_BYTES", 64 * MIB, minimum=1),
             queue_timeout=_int("QUEUE_TIMEOUT", 10, minimum=1),
+            # images decoded at once: decoding is CPU-bound and its memory peak is per image
+            decode_concurrency=_int("DECODE_CONCURRENCY", 0) or cpus_per_worker,
             max_upload_bytes=_int("MAX_UPLOAD_BYTES", 10 * MIB, minimum=1),
             max_image_pixels=_int("MAX_IMAGE_PIXELS", 50_000_000, minimum=1),
             max_batch_files=_int("MAX_BATCH_FILES", 32, minimum=1),

@@ -50,6 +50,20 @@ def test_past_the_bound_requests_get_503_with_retry_after_at_once(small):
     assert admission.admitted == 0  # every admitted request was let go
 
 
+def test_bodies_held_by_admitted_requests_are_bounded_in_bytes(onnx_model):
+    photo = photo_bytes(CAT)
+    app = create_app(settings_for(onnx_model, max_queue=8, max_queue_bytes=len(photo) * 3))
+    with TestClient(app) as client:
+        admission = client.app.state.admission
+        client.portal.call(admission.enter, len(photo) * 2)  # a request holding two photos' worth of body
+        assert_error(post_file(client, photo), 503, "overloaded")  # a third and its multipart framing do not fit
+        assert post_file(client, photo[: len(photo) // 2], mime="image/jpeg").status_code == 400  # half fits
+        client.portal.call(admission.leave, len(photo) * 2)
+        assert admission.held_bytes == 0 and post_file(client, photo).status_code == 200
+    with TestClient(create_app(settings_for(onnx_model, max_queue_bytes=10))) as alone:
+        assert post_file(alone, photo).status_code == 200  # a lone request is admitted whatever its size
+
+
 def test_a_request_that_waits_too_long_for_a_slot_gets_503(small):
     limiter = small.app.state.limiter
     small.portal.call(limiter.acquire_on_behalf_of_nowait, "held")  # the only inference slot is busy
