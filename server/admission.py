@@ -6,7 +6,7 @@ bodies unbounded. `slots` requests run (INFERENCE_CONCURRENCY) and up to `queue`
 one more is answered 503 with Retry-After without its body being kept, as is one whose body (its Content-Length, or
 MAX_UPLOAD_BYTES when it has none) would take the admitted requests' bodies past MAX_QUEUE_BYTES (a lone request is
 always admitted). A request that waits for a slot longer than `timeout` seconds (QUEUE_TIMEOUT) is answered 503 too.
-See docs/hardening.md, "Backpressure" and "Memory budget".
+See docs/capacity.md, "Backpressure" and "Memory budget".
 """
 
 from __future__ import annotations

@@ -83,7 +83,7 @@ class Settings:
             # one request alone on an idle process runs on all its CPUs (0 or <= ORT_THREADS: never)
             ort_solo_threads=_int("ORT_SOLO_THREADS", cpus_per_worker),
             inference_concurrency=concurrency,
-            # requests waiting for an inference slot (each may hold a body): see docs/hardening.md, "Memory budget"
+            # requests waiting for an inference slot (each may hold a body): see docs/capacity.md, "Memory budget"
             max_queue=_int("MAX_QUEUE", 4 * concurrency),
             max_queue_bytes=_int("MAX_QUEUE_BYTES", 64 * MIB, minimum=1),
             queue_timeout=_int("QUEUE_TIMEOUT", 10, minimum=1),

@@ -130,22 +130,21 @@ class Model:
                 self.running -= 1
 
     def classify_all(self, images: list[bytes]) -> tuple[list[Prediction | ImageError], float]:
-        """Each image's prediction, or its ImageError; the good ones run as one batch. Returns the results and the
-        seconds session.run took."""
-        arrays: dict[int, np.ndarray] = {}
+        """Each image's prediction, or its ImageError. Returns the results and the seconds session.run took.
+        Each image is decoded and run in turn (RUN_BATCH), so a batch holds one decoded image at a time."""
         errors: dict[int, ImageError] = {}
+        predictions: dict[int, Prediction] = {}
+        seconds = 0.0
         for index, data in enumerate(images):
             try:
                 with self.decoding:
-                    arrays[index] = self.preprocess(data)
+                    array = self.preprocess(data)
             except ImageError as error:
                 errors[index] = error
-        predictions: dict[int, Prediction] = {}
-        seconds = 0.0
-        if arrays:
+                continue
             started = time.perf_counter()
-            predictions = dict(zip(arrays, self.predict(np.stack(list(arrays.values()))), strict=True))
-            seconds = time.perf_counter() - started
+            [predictions[index]] = self.predict(array[np.newaxis])
+            seconds += time.perf_counter() - started
         return [predictions[i] if i in predictions else errors[i] for i in range(len(images))], seconds
 
     def classify(self, data: bytes) -> Prediction:
