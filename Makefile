@@ -48,11 +48,13 @@ export: data
 serve: setup
 	python -m server
 
-# Benchmarks: numbers to read, not pass/fail. BENCH_IMAGE: a typical ~500x375 JPEG.
+# Benchmarks: numbers to read, not pass/fail. BENCH_IMAGE: a typical ~500x375 JPEG. BENCH_ARGS e.g.
+# --baseline DIR (another checkout measured in the same run), --worst-pixels N, --no-worst (see docs/capacity.md).
+BENCH_ARGS ?=
 BENCH_IMAGE ?= $(firstword $(wildcard data/processed/test/cat/*.jpg))
 bench: setup
 	@test -n "$(BENCH_IMAGE)" || { echo "set BENCH_IMAGE=path/to/photo.jpg (or run make prepare)" >&2; exit 2; }
-	python -m bench.serve --image "$(BENCH_IMAGE)"
+	python -m bench.serve --image "$(BENCH_IMAGE)" $(BENCH_ARGS)
 
 bench-model: setup
 	python -m bench.model
