@@ -72,6 +72,7 @@ class Model:
         except Exception as error:
             raise ModelError(f"cannot load {path}: {error}") from error
         self.running = 0  # inferences in session.run now (either session)
+        self.active = 0  # classify_all calls in progress (decoding or running)
         self.running_lock = threading.Lock()
         # at most `decoders` images decoded at once (0: no bound), so the decode memory peaks do not all add up
         self.decoding = threading.BoundedSemaphore(decoders) if decoders else contextlib.nullcontext()
@@ -120,7 +121,7 @@ class Model:
     def run(self, batch: np.ndarray) -> np.ndarray:
         """session.run on the solo session when no other inference is running, else on the shared one."""
         with self.running_lock:
-            solo = self.running == 0
+            solo = self.running == 0 and self.active <= 1  # no other request decoding or running
             self.running += 1
         session = self.solo_session if solo and self.solo_session else self.session
         try:
@@ -135,16 +136,22 @@ class Model:
         errors: dict[int, ImageError] = {}
         predictions: dict[int, Prediction] = {}
         seconds = 0.0
-        for index, data in enumerate(images):
-            try:
-                with self.decoding:
-                    array = self.preprocess(data)
-            except ImageError as error:
-                errors[index] = error
-                continue
-            started = time.perf_counter()
-            [predictions[index]] = self.predict(array[np.newaxis])
-            seconds += time.perf_counter() - started
+        with self.running_lock:
+            self.active += 1
+        try:
+            for index, data in enumerate(images):
+                try:
+                    with self.decoding:
+                        array = self.preprocess(data)
+                except ImageError as error:
+                    errors[index] = error
+                    continue
+                started = time.perf_counter()
+                [predictions[index]] = self.predict(array[np.newaxis])
+                seconds += time.perf_counter() - started
+        finally:
+            with self.running_lock:
+                self.active -= 1
         return [predictions[i] if i in predictions else errors[i] for i in range(len(images))], seconds
 
     def classify(self, data: bytes) -> Prediction:
