@@ -75,11 +75,13 @@ classify: $(SERVE_SETUP) ## Classify a folder: INPUT=photos OUTPUT=predictions.c
 	$(SERVE_PYTHON) -m deploy.classify "$(INPUT)" "$(OUTPUT)" \
 	  $(if $(filter command line environment,$(origin URL)),--url "$(URL)")
 
-# Benchmarks: numbers to read, not pass/fail. BENCH_IMAGE: a typical ~500x375 JPEG.
+# Benchmarks: numbers to read, not pass/fail. BENCH_IMAGE: a typical ~500x375 JPEG. BENCH_ARGS e.g.
+# --baseline DIR (another checkout measured in the same run), --worst-pixels N, --no-worst (see docs/capacity.md).
+BENCH_ARGS ?=
 BENCH_IMAGE ?= $(firstword $(wildcard data/processed/test/cat/*.jpg))
 bench: setup ## The service's latency, throughput, memory and start-up vs its in-process floor
 	@test -n "$(BENCH_IMAGE)" || { echo "set BENCH_IMAGE=path/to/photo.jpg (or run make prepare)" >&2; exit 2; }
-	python -m bench.serve --image "$(BENCH_IMAGE)"
+	python -m bench.serve --image "$(BENCH_IMAGE)" $(BENCH_ARGS)
 
 bench-model: setup ## PyTorch eager vs onnxruntime float32 vs int8 at batch 1 and 8
 	python -m bench.model

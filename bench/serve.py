@@ -6,6 +6,7 @@ A tiny keep-alive HTTP client on raw sockets generates the load, so the client c
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import re
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from bench.common import cpu_info, percentiles, time_ms
 from deploy.client import free_port
@@ -119,12 +121,21 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def start_server(model: Path, port: int) -> tuple[subprocess.Popen[bytes], float]:
-    """`python -m server` with the given model; returns the process and the seconds from spawn to /ready = 200."""
-    env = {**os.environ, "MODEL_PATH": str(model), "PORT": str(port), "HOST": "127.0.0.1"}
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident memory so far (VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    raise RuntimeError("no VmHWM")
+
+
+def start_server(model: Path, port: int, root: Path = ROOT) -> tuple[subprocess.Popen[bytes], float]:
+    """`python -m server` (from `root`: another checkout's code for a before/after run) with the given model;
+    returns the process and the seconds from spawn to /ready = 200."""
+    env = {**os.environ, "MODEL_PATH": str(model.resolve()), "PORT": str(port), "HOST": "127.0.0.1"}
     started = time.perf_counter()
     # The service logs as in production (a JSON line per request), into the void.
-    process = subprocess.Popen([sys.executable, "-m", "server"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+    process = subprocess.Popen([sys.executable, "-m", "server"], cwd=root, env=env, stdout=subprocess.DEVNULL)
     probe = b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n"
     while True:
         if process.poll() is not None:
@@ -143,8 +154,14 @@ def in_process(model_path: Path, image: bytes, seconds: float) -> dict[str, Any]
     """The floor: decode + preprocess + session.run for one image, and the best throughput the cores give in-process."""
     cpus = available_cpus()
     settings = Settings.from_env()  # the floor uses the service's own thread setting
-    floor_model = Model(model_path, threads=settings.ort_threads, max_pixels=settings.max_image_pixels)
-    floor = {"ort_threads": settings.ort_threads, **percentiles(time_ms(lambda: floor_model.classify(image), 200, 20))}
+    floors = {}
+    for threads in sorted({settings.ort_threads, cpus}):
+        floor_model = Model(model_path, threads=threads, max_pixels=settings.max_image_pixels)
+        floors[threads] = {
+            "ort_threads": threads,
+            **percentiles(time_ms(lambda m=floor_model: m.classify(image), 200, 20)),
+        }
+    floor = min(floors.values(), key=lambda f: f["p50_ms"])  # the fastest single-photo time in-process
     served = Model(model_path, threads=cpus, max_pixels=50_000_000)
     one_thread = Model(model_path, threads=1, max_pixels=50_000_000)
     options: dict[str, float] = {}
@@ -167,36 +184,132 @@ def in_process(model_path: Path, image: bytes, seconds: float) -> dict[str, Any]
         for thread in threads:
             thread.join()
         options[name] = round(sum(done) / (time.perf_counter() - started), 2)
-    return {"floor": floor, "throughput_ips": options, "best_throughput_ips": max(options.values())}
+    return {"floor": floor, "floors": list(floors.values()), "throughput_ips": options,
+            "best_throughput_ips": max(options.values())}  # fmt: skip
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", type=Path, default=Path(os.environ.get("MODEL_PATH", "models/model.onnx")))
-    parser.add_argument("--image", type=Path, required=True, help="a typical photo (about 500x375 JPEG)")
-    parser.add_argument("--seconds", type=float, default=8.0, help="per throughput measurement")
-    parser.add_argument("--rss-requests", type=int, default=5000)
-    parser.add_argument("--out", type=Path, default=Path("reports/bench-serve.json"))
-    return parser
+def batch_request(port: int, images: list[tuple[str, bytes, str]]) -> bytes:
+    """A /predict/batch request: one `files` part per (filename, bytes, content type)."""
+    parts = b"".join(
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+        f"Content-Type: {mime}\r\n\r\n".encode()
+        + data
+        + b"\r\n"
+        for name, data, mime in images
+    )
+    body = parts + f"--{BOUNDARY}--\r\n".encode()
+    head = (
+        f"POST /predict/batch HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = get_args_parser().parse_args(argv)
-    image = args.image.read_bytes()
-    settings = Settings.from_env()
-    report: dict[str, Any] = {
-        "cpu": cpu_info(),
-        "model": str(args.model),
-        "image": args.image.name,
-        "service": {"workers": settings.workers, "ort_threads": settings.ort_threads,
-                    "inference_concurrency": settings.inference_concurrency},
-    }  # fmt: skip
-    report["in_process"] = in_process(args.model, image, args.seconds)
+def one_shot(port: int, request: bytes) -> tuple[int, float]:
+    """One request on a fresh connection: (status, seconds); status 0 when the connection was dropped."""
+    started = time.perf_counter()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=120) as connection:
+            connection.sendall(request)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = connection.recv(65536)
+                if not chunk:
+                    return 0, time.perf_counter() - started
+                data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+            while len(body) < length:
+                chunk = connection.recv(65536)
+                if not chunk:
+                    return 0, time.perf_counter() - started
+                body += chunk
+            return int(head.split()[1]), time.perf_counter() - started
+    except OSError:
+        return 0, time.perf_counter() - started
 
+
+def flood(port: int, request: bytes, total: int = 256, parallel: int = 64) -> dict[str, Any]:
+    """`total` requests, `parallel` at a time, each on a fresh connection: what each got and how fast."""
+    results: list[tuple[int, float]] = []
+    lock = threading.Lock()
+    pending = list(range(total))
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if not pending:
+                    return
+                pending.pop()
+            outcome = one_shot(port, request)
+            with lock:
+                results.append(outcome)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(parallel)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    by_status: dict[str, int] = {}
+    for status, _ in results:
+        by_status[str(status)] = by_status.get(str(status), 0) + 1
+
+    def ms(status: int) -> dict[str, float]:
+        times = [seconds * 1000 for got, seconds in results if got == status]
+        return {"p50_ms": round(float(np.percentile(times, 50)), 1), "max_ms": round(max(times), 1)} if times else {}
+
+    return {"requests": total, "parallel": parallel, "by_status": by_status, "dropped": by_status.get("0", 0),
+            "seconds": round(elapsed, 2), "ok": ms(200), "refused": ms(503)}  # fmt: skip
+
+
+def worst_mix(port: int, pid: int, name: str, request: bytes, clients: int, seconds: float) -> dict[str, Any]:
+    """`clients` connections sending `request` back to back for `seconds`: the process's peak RSS meanwhile."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    outcomes: list[int] = []
+    stop = time.perf_counter() + seconds
+
+    def worker() -> None:
+        while time.perf_counter() < stop:
+            outcomes.append(one_shot(port, request)[0])
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    statuses = {str(s): outcomes.count(s) for s in sorted(set(outcomes))}
+    return {"mix": name, "clients": clients, "body_bytes": len(request), "by_status": statuses,
+            "peak_rss_mb": peak_rss_mb(pid)}  # fmt: skip
+
+
+def worst_requests(port: int, image: bytes, settings: Settings, pixels: int) -> dict[str, bytes]:
+    """The costliest requests the defaults accept: the largest body, the fullest batch, the most pixels."""
+    padded = image + b"\0" * (settings.max_upload_bytes - len(image) - 1024)  # bytes after JPEG's end are ignored
+    side = int(pixels**0.5)
+    buffer = io.BytesIO()
+    Image.new("RGBA", (side, side), (120, 80, 40, 128)).save(buffer, format="PNG")  # small on the wire
+    flat = buffer.getvalue()
+    return {
+        f"/predict, {len(padded) >> 20} MiB body (MAX_UPLOAD_BYTES)": multipart_request(port, padded),
+        f"/predict/batch, {settings.max_batch_files} photos (MAX_BATCH_FILES)": batch_request(
+            port, [(f"{i}.jpg", image, "image/jpeg") for i in range(settings.max_batch_files)]
+        ),
+        f"/predict/batch, 2 x {side}x{side} RGBA PNG ({len(flat) >> 10} KiB each)": batch_request(
+            port, [(f"{i}.png", flat, "image/png") for i in range(2)]
+        ),
+    }
+
+
+def measure_service(root: Path, model: Path, image: bytes, args: argparse.Namespace) -> dict[str, Any]:
+    """Start-up, one client's latency, throughput at 1/4/16 clients and RSS over many requests, for the service
+    run from `root`; with --worst (this checkout only) also the flood and the worst accepted mixes."""
+    report: dict[str, Any] = {"root": str(root)}
     startups = []
     for _ in range(3):
         port = free_port()
-        process, seconds = start_server(args.model, port)
+        process, seconds = start_server(model, port, root)
         startups.append(seconds)
         if len(startups) < 3:
             process.send_signal(signal.SIGTERM)
@@ -226,22 +339,71 @@ def main(argv: list[str] | None = None) -> None:
             samples.append({"requests": sent, "rss_mb": rss_mb(process.pid)})
         report["rss_mb_after_requests"] = {"requests": sent, "rss_mb": samples[-1]["rss_mb"], "samples": samples}
         report["warmup_requests"] = warmup["requests"]
+        if args.worst:
+            settings = Settings.from_env()
+            report["flood"] = flood(port, request)
+            report["ready_after_flood"] = one_shot(port, b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 200
+            capacity = settings.inference_concurrency + settings.max_queue
+            pixels = args.worst_pixels or settings.max_image_pixels
+            report["worst_mix"] = [
+                worst_mix(port, process.pid, name, body, capacity, args.seconds)
+                for name, body in worst_requests(port, image, settings, pixels).items()
+            ]
+            report["peak_rss_mb"] = max(row["peak_rss_mb"] for row in report["worst_mix"])
+            report["ready_after_worst_mix"] = one_shot(port, b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 200
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait()
+    return report
 
-    floor = report["in_process"]["floor"]["p50_ms"]
-    best = report["in_process"]["best_throughput_ips"]
-    at16 = report["throughput"][-1]["rps"]
-    report["verdict"] = {
-        "p50_over_floor": round(report["http_single_client"]["p50_ms"] / floor, 3),
+
+def verdict(in_process: dict[str, Any], service: dict[str, Any]) -> dict[str, Any]:
+    floor = in_process["floor"]["p50_ms"]
+    best = in_process["best_throughput_ips"]
+    at16 = service["throughput"][-1]["rps"]
+    return {
+        "p50_over_floor": round(service["http_single_client"]["p50_ms"] / floor, 3),
         "p50_target": "<= 1.3",
         "throughput16_over_in_process": round(at16 / best, 3),
         "throughput_target": ">= 0.85",
-        "rss_growth_mb": round(report["rss_mb_after_requests"]["rss_mb"] - report["rss_mb_after_warmup"], 1),
+        "rss_growth_mb": round(service["rss_mb_after_requests"]["rss_mb"] - service["rss_mb_after_warmup"], 1),
         "rss_target": "< 200 MB, not growing",
         "ready_target": "< 1.5 s",
     }
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", type=Path, default=Path(os.environ.get("MODEL_PATH", "models/model.onnx")))
+    parser.add_argument("--image", type=Path, required=True, help="a typical photo (about 500x375 JPEG)")
+    parser.add_argument("--seconds", type=float, default=8.0, help="per throughput measurement")
+    parser.add_argument("--rss-requests", type=int, default=5000)
+    parser.add_argument("--baseline", type=Path, help="another checkout (e.g. the previous release) measured too")
+    parser.add_argument("--no-worst", dest="worst", action="store_false", help="skip the flood and worst mixes")
+    parser.add_argument("--worst-pixels", type=int, default=0, help="pixels of the worst PNG (MAX_IMAGE_PIXELS)")
+    parser.add_argument("--out", type=Path, default=Path("reports/bench-serve.json"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = get_args_parser().parse_args(argv)
+    image = args.image.read_bytes()
+    settings = Settings.from_env()
+    report: dict[str, Any] = {
+        "cpu": cpu_info(),
+        "model": str(args.model),
+        "image": args.image.name,
+        "settings": {name: getattr(settings, name) for name in (
+            "workers", "ort_threads", "ort_solo_threads", "inference_concurrency", "max_queue", "max_queue_bytes",
+            "queue_timeout", "decode_concurrency", "max_upload_bytes", "max_image_pixels", "max_batch_files")},
+    }  # fmt: skip
+    report["in_process"] = in_process(args.model, image, args.seconds)
+    report["service"] = measure_service(ROOT, args.model, image, args)
+    report["verdict"] = verdict(report["in_process"], report["service"])
+    if args.baseline:
+        args.worst = False
+        report["baseline"] = measure_service(args.baseline, args.model, image, args)
+        report["baseline_verdict"] = verdict(report["in_process"], report["baseline"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

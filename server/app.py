@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import time
 import uuid
@@ -9,7 +10,6 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import anyio
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -21,12 +21,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from imaging import limit_pillow
 from server import page
+from server.admission import RETRY_AFTER_S, Admission, Overloaded, admit
 from server.config import Settings
 from server.feedback import feedback
 from server.logs import get_logger
 from server.metrics import Metrics
 from server.model import Model, ModelError, Prediction
 from server.observe import Observer, observe
+from server.openapi import document
 from server.preprocess import ImageError
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -60,23 +62,42 @@ async def limited_stream(request: Request, limit: int) -> AsyncGenerator[bytes, 
         yield chunk
 
 
+class TooManyFiles(Exception):
+    """More file parts than the request may carry."""
+
+
+class UploadParser(MultiPartParser):
+    """Starlette's multipart parser that counts the file parts itself and stops at the first one too many."""
+
+    def __init__(self, *args: Any, file_limit: int, **kwargs: Any) -> None:
+        super().__init__(*args, max_files=math.inf, **kwargs)
+        self.file_limit = file_limit
+
+    def on_part_end(self) -> None:
+        super().on_part_end()
+        if sum(isinstance(value, UploadFile) for _, value in self.items) > self.file_limit:
+            raise TooManyFiles
+
+
 async def read_uploads(request: Request, field: str, max_files: int) -> list[tuple[str, bytes]]:
-    """(filename, bytes) of each uploaded image: multipart parts named `field`, or a raw image/* body."""
+    """(filename, bytes) of each uploaded image: multipart parts named `field`, or a raw image/* body.
+    The request is admitted (server.admission) before any of its body is read."""
     settings: Settings = request.app.state.settings
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     body = limited_stream(request, settings.max_upload_bytes)
-    if content_type.startswith("image/"):
-        return [("body", b"".join([chunk async for chunk in body]))]
-    if content_type != "multipart/form-data":
+    if not content_type.startswith("image/") and content_type != "multipart/form-data":
         raise ClientError(
             415, "unsupported_media_type", f"send multipart/form-data with a '{field}' field, or an image/* body"
         )
-    parser = MultiPartParser(request.headers, body, max_files=max_files, max_fields=16)
+    await admit(request)
+    if content_type.startswith("image/"):
+        return [("body", b"".join([chunk async for chunk in body]))]
+    parser = UploadParser(request.headers, body, file_limit=max_files, max_fields=16)
     try:
         form = await parser.parse()
+    except TooManyFiles:
+        raise ClientError(413, "too_many_files", f"at most {max_files} files per request") from None
     except MultiPartException as error:
-        if str(error).startswith("Too many files"):
-            raise ClientError(413, "too_many_files", f"at most {max_files} files per request") from None
         raise ClientError(400, "invalid_multipart", str(error)) from None
     try:
         parts = [part for part in form.getlist(field) if isinstance(part, UploadFile)]
@@ -110,10 +131,12 @@ def classify(model: Model, metrics: Metrics, images: list[bytes]) -> list[Predic
 
 
 async def run_classify(request: Request, images: list[bytes]) -> list[Prediction | ImageError]:
-    """Inference off the event loop, at most `inference_concurrency` at a time so cores are not oversubscribed."""
+    """Inference off the event loop, at most `inference_concurrency` at a time so cores are not oversubscribed;
+    the request is admitted first (a no-op when read_uploads did), and waits at most QUEUE_TIMEOUT for a slot."""
     model = require_model(request)
     state = request.app.state
-    return await anyio.to_thread.run_sync(classify, model, state.metrics, images, limiter=state.limiter)
+    await admit(request)
+    return await state.admission.run(classify, model, state.metrics, images)
 
 
 def prediction_body(prediction: Prediction, model: Model, started: float) -> dict[str, Any]:
@@ -178,6 +201,12 @@ async def metrics_endpoint(request: Request) -> Response:
     return Response(metrics.render(), media_type=metrics.content_type)
 
 
+async def openapi_endpoint(request: Request) -> JSONResponse:
+    model: Model | None = request.app.state.model
+    labels, version = (model.labels, model.version) if model else (None, None)
+    return JSONResponse(document(request.app.state.settings, labels, version))
+
+
 # --- errors, middleware, lifespan ---------------------------------------------------------------------------------
 
 
@@ -194,9 +223,17 @@ async def http_error(request: Request, exc: Exception) -> Response:
     return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
 
 
+async def overloaded(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, Overloaded)
+    return error_response(503, exc.code, exc.message, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
 async def server_error(request: Request, exc: Exception) -> Response:
-    get_logger().exception("unhandled error", extra={"request_id": request.scope["state"].get("request_id")})
-    return error_response(500, "internal_error", "the service failed to handle the request")
+    """Starlette sends this response outside the middleware stack, so it carries the request id itself."""
+    request_id = request.scope.get("state", {}).get("request_id")
+    get_logger().exception("unhandled error", extra={"request_id": request_id})
+    headers = {"X-Request-ID": request_id} if request_id else None
+    return error_response(500, "internal_error", "the service failed to handle the request", headers=headers)
 
 
 class RequestMiddleware:
@@ -229,6 +266,9 @@ class RequestMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             self.metrics.in_flight.dec()
+            if (admitted := state.pop("admission", None)) is not None:
+                admission, size = admitted
+                admission.leave(size)
             elapsed = time.perf_counter() - started
             route = scope.get("route")
             endpoint = getattr(route, "path", "unmatched")
@@ -247,13 +287,24 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     """Load and warm the model before the service reports ready; without one, serve health only."""
     settings: Settings = app.state.settings
     log = get_logger()
-    app.state.limiter = anyio.CapacityLimiter(settings.inference_concurrency)
+    app.state.admission = Admission(
+        settings.inference_concurrency,
+        settings.max_queue,
+        settings.queue_timeout,
+        app.state.metrics,
+        max_bytes=settings.max_queue_bytes,
+    )
+    app.state.limiter = app.state.admission.limiter
     limit_pillow(settings.max_image_pixels)
     try:
         model: Model | None = Model(
-            settings.model_path, threads=settings.ort_threads, max_pixels=settings.max_image_pixels,
+            settings.model_path,
+            threads=settings.ort_threads,
+            max_pixels=settings.max_image_pixels,
             max_decode_bytes=settings.max_decode_bytes,
-        )  # fmt: skip
+            solo_threads=settings.ort_solo_threads,
+            decoders=settings.decode_concurrency,
+        )
         app.state.model_error = None
     except ModelError as error:
         model, app.state.model_error = None, str(error)
@@ -266,7 +317,8 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
             "startup",
             extra={"model_version": model.version, "model_path": str(model.path),
                    "load_seconds": round(model.load_seconds, 3), "ort_threads": settings.ort_threads,
-                   "inference_concurrency": settings.inference_concurrency},
+                   "ort_solo_threads": model.solo_threads, "inference_concurrency": settings.inference_concurrency,
+                   "max_queue": settings.max_queue},
         )  # fmt: skip
     app.state.observer = Observer(settings, app.state.metrics, model)
     yield
@@ -290,8 +342,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
             *v2.routes,
             Route("/feedback", feedback, methods=["POST"]),
             *page.ROUTES,
+            Route("/openapi.json", openapi_endpoint, methods=["GET"]),
         ],
-        exception_handlers={ClientError: client_error, HTTPException: http_error, Exception: server_error},
+        exception_handlers={
+            ClientError: client_error,
+            Overloaded: overloaded,
+            HTTPException: http_error,
+            Exception: server_error,
+        },
         lifespan=lifespan,
     )
     app.state.settings = settings or Settings.from_env()

@@ -12,15 +12,29 @@ MIB = 1024 * 1024
 
 
 def available_cpus() -> int:
-    """CPUs this process may really use: the affinity mask, capped by a cgroup v2 CPU quota (container limits)."""
+    """CPUs this process may really use: the affinity mask, capped by a cgroup CPU quota (container limits)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cgroup_cpu_quota(Path("/sys/fs/cgroup"))
+    if quota is not None:
+        cpus = min(cpus, max(1, int(quota)))
+    return max(1, cpus)
+
+
+def cgroup_cpu_quota(root: Path) -> float | None:
+    """The CPU limit in CPUs from cgroup v2 (`cpu.max`) or v1 (`cpu/cpu.cfs_quota_us`), or None when unlimited."""
     try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            cpus = min(cpus, max(1, int(int(quota) / int(period))))
+        quota, period = (root / "cpu.max").read_text().split()
+        return None if quota == "max" else int(quota) / int(period)
     except (OSError, ValueError):
         pass
-    return max(1, cpus)
+    for folder in (root / "cpu", root / "cpu,cpuacct"):
+        try:
+            quota_us = int((folder / "cpu.cfs_quota_us").read_text())
+            period_us = int((folder / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
+    return None
 
 
 @dataclass(frozen=True)
@@ -40,6 +54,13 @@ SETTINGS_HELP: tuple[SettingHelp, ...] = (
     SettingHelp("WORKERS", "1", "uvicorn worker processes, each with its own onnxruntime session"),
     SettingHelp("ORT_THREADS", "1", "onnxruntime intra-op threads per inference"),
     SettingHelp("INFERENCE_CONCURRENCY", "2 x CPUs / (WORKERS x ORT_THREADS)", "inferences in flight per process"),
+    SettingHelp(
+        "ORT_SOLO_THREADS", "CPUs / WORKERS", "onnxruntime threads for an inference that runs alone (idle machine)"
+    ),
+    SettingHelp("MAX_QUEUE", "4 x INFERENCE_CONCURRENCY", "requests that may wait for an inference slot; past it 503"),
+    SettingHelp("MAX_QUEUE_BYTES", str(64 * MIB), "bytes of bodies all admitted requests may hold; past it 503"),
+    SettingHelp("QUEUE_TIMEOUT", "10", "seconds a request may wait for an inference slot before a 503"),
+    SettingHelp("DECODE_CONCURRENCY", "CPUs / WORKERS", "images decoded at once (bounds decode memory)"),
     SettingHelp("MAX_UPLOAD_BYTES", str(10 * MIB), "request body limit in bytes (a whole /predict/batch body)"),
     SettingHelp("MAX_IMAGE_PIXELS", "50000000", "declared width x height limit per image"),
     SettingHelp("MAX_DECODE_BYTES", str(64 * MIB), "estimated peak memory to decode one image (docs/hardening.md)"),
@@ -94,7 +115,12 @@ class Settings:
     port: int
     workers: int
     ort_threads: int
+    ort_solo_threads: int
     inference_concurrency: int
+    max_queue: int
+    max_queue_bytes: int
+    decode_concurrency: int
+    queue_timeout: int
     max_upload_bytes: int
     max_image_pixels: int
     max_decode_bytes: int
@@ -120,13 +146,22 @@ class Settings:
         workers = _int("WORKERS", 1, minimum=1)
         cpus_per_worker = max(1, available_cpus() // workers)
         ort_threads = _int("ORT_THREADS", 0) or 1
+        concurrency = _int("INFERENCE_CONCURRENCY", 0) or 2 * max(1, cpus_per_worker // ort_threads)
         return cls(
             model_path=Path(os.environ.get("MODEL_PATH", "models/model.onnx")),
             host=os.environ.get("HOST", "0.0.0.0"),
             port=_int("PORT", 8000, minimum=1, maximum=65535),
             workers=workers,
             ort_threads=ort_threads,
-            inference_concurrency=_int("INFERENCE_CONCURRENCY", 0) or 2 * max(1, cpus_per_worker // ort_threads),
+            # one request alone on an idle process runs on all its CPUs (0 or <= ORT_THREADS: never)
+            ort_solo_threads=_int("ORT_SOLO_THREADS", cpus_per_worker),
+            inference_concurrency=concurrency,
+            # requests waiting for an inference slot (each may hold a body): see docs/capacity.md, "Memory budget"
+            max_queue=_int("MAX_QUEUE", 4 * concurrency),
+            max_queue_bytes=_int("MAX_QUEUE_BYTES", 64 * MIB, minimum=1),
+            queue_timeout=_int("QUEUE_TIMEOUT", 10, minimum=1),
+            # images decoded at once: decoding is CPU-bound and its memory peak is per image
+            decode_concurrency=_int("DECODE_CONCURRENCY", 0) or cpus_per_worker,
             max_upload_bytes=_int("MAX_UPLOAD_BYTES", 10 * MIB, minimum=1),
             max_image_pixels=_int("MAX_IMAGE_PIXELS", DEFAULT_MAX_PIXELS, minimum=1),
             max_decode_bytes=_int("MAX_DECODE_BYTES", DEFAULT_MAX_DECODE_BYTES, minimum=1),

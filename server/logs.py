@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from typing import Any
 
 LOGGER_NAME = "catsdogs"
-RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+# color_message: uvicorn's copy of some messages with terminal colour codes, for its own console formatter
+RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message"}
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def escape(value: object) -> str:
+    """Control characters as visible escapes (\\n, \\x1b), so a value can never start a new log line."""
+    return CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(value))
 
 
 class JsonFormatter(logging.Formatter):
@@ -28,11 +36,12 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """Human-readable: the message followed by key=value extras."""
+    """Human-readable: the message followed by key=value extras, control characters escaped (one record, one line;
+    only an exception's traceback continues on the lines after it)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        extras = " ".join(f"{k}={v}" for k, v in vars(record).items() if k not in RESERVED)
-        line = f"{self.formatTime(record)} {record.levelname:<7} {record.name}: {record.getMessage()} {extras}"
+        extras = " ".join(f"{k}={escape(v)}" for k, v in vars(record).items() if k not in RESERVED)
+        line = f"{self.formatTime(record)} {record.levelname:<7} {record.name}: {escape(record.getMessage())} {extras}"
         return line.rstrip() + (f"\n{self.formatException(record.exc_info)}" if record.exc_info else "")
 
 

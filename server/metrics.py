@@ -44,6 +44,15 @@ class Metrics:
             registry=r,
         )
         self.in_flight = Gauge("catsdogs_http_requests_in_flight", "Requests being handled", registry=r)
+        self.rejected = Counter(
+            "catsdogs_requests_rejected", "Requests refused with 503 by backpressure, by reason", ["reason"], registry=r
+        )
+        for reason in ("overloaded", "queue_timeout"):
+            self.rejected.labels(reason)
+        self.admitted = Gauge(
+            "catsdogs_inference_requests_admitted", "Inference requests admitted (running or waiting)", registry=r
+        )
+        self.queued = Gauge("catsdogs_inference_requests_queued", "Requests waiting for an inference slot", registry=r)
         self.model_loaded = Gauge("catsdogs_model_loaded", "1 when a model is loaded and warm", registry=r)
         self.model_info = Gauge(
             "catsdogs_model_info", "The served model", ["version", "precision", "sha256"], registry=r

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +17,11 @@ import onnxruntime as ort
 from imaging import DEFAULT_MAX_DECODE_BYTES
 from server.preprocess import ImageError, Preprocessor
 
+PROVIDERS = ["CPUExecutionProvider"]
+# Images per session.run. onnxruntime's arena keeps the activations of the largest batch it has run (~19 MB an
+# image for MobileNetV2 with flip averaging: 860 MB after one batch of 32), and batch 1 is also the fastest per
+# image on CPU (25 ms vs 37 ms at batch 4 on 2 cores), so a batch request runs image by image.
+RUN_BATCH = 1
 METADATA_KEY = "catsdogs"  # written by export.convert: one JSON document in the model's metadata_props
 
 
@@ -32,38 +39,70 @@ class Prediction:
         return self.probabilities[self.label]
 
 
+def session_options(threads: int, *, spin: bool = True) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spin:  # idle pool threads sleep instead of spinning on cores that other inferences need
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 class Model:
-    """An exported classifier ready to serve: session, preprocessing and labels all from the file itself."""
+    """An exported classifier ready to serve: session, preprocessing and labels all from the file itself.
+
+    `threads` onnxruntime threads per inference is right under load (inferences side by side use the cores). With
+    `solo_threads` > `threads`, a second session over the same file runs an inference that starts while no other
+    is running on that many threads, so one request on an idle machine uses the idle cores.
+    """
 
     def __init__(
-        self, path: Path, *, threads: int, max_pixels: int, max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES
+        self,
+        path: Path,
+        *,
+        threads: int,
+        max_pixels: int,
+        max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+        solo_threads: int = 0,
+        decoders: int = 0,
     ) -> None:
         started = time.perf_counter()
         if not path.is_file():
             raise ModelError(f"model file not found: {path}")
         data = path.read_bytes()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
-            self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(data, session_options(threads), providers=PROVIDERS)
+            self.solo_session = (
+                ort.InferenceSession(data, session_options(solo_threads, spin=False), providers=PROVIDERS)
+                if solo_threads > threads
+                else None
+            )
         except Exception as error:
             raise ModelError(f"cannot load {path}: {error}") from error
+        self.running = 0  # inferences in session.run now (either session)
+        self.active = 0  # classify_all calls in progress (decoding or running)
+        self.running_lock = threading.Lock()
+        # at most `decoders` images decoded at once (0: no bound), so the decode memory peaks do not all add up
+        self.decoding = threading.BoundedSemaphore(decoders) if decoders else contextlib.nullcontext()
         try:
             self.metadata: dict[str, Any] = json.loads(self.session.get_modelmeta().custom_metadata_map[METADATA_KEY])
             labels = list(self.metadata["preprocess"]["labels"])
         except (KeyError, TypeError, json.JSONDecodeError):
             raise ModelError(f"{path} carries no catsdogs metadata (export it with `make export`)") from None
-        self.preprocess = Preprocessor(
-            self.metadata["preprocess"], max_pixels=max_pixels, max_decode_bytes=max_decode_bytes
-        )
+        try:
+            self.preprocess = Preprocessor(
+                self.metadata["preprocess"], max_pixels=max_pixels, max_decode_bytes=max_decode_bytes
+            )
+        except (ValueError, KeyError, TypeError) as error:
+            raise ModelError(f"{path}: the service cannot honour its preprocessing spec: {error}") from None
         self.labels: list[str] = labels
         self.input_name = self.session.get_inputs()[0].name
         self.path = path
         self.sha256 = hashlib.sha256(data).hexdigest()
         self.threads = threads
+        self.solo_threads = solo_threads if self.solo_session else threads
         self.warm_up()
         self.load_seconds = time.perf_counter() - started
 
@@ -75,12 +114,15 @@ class Model:
         """First runs allocate and plan; do them before the service says it is ready."""
         size = self.preprocess.input_size
         sample = np.zeros((1, 3, size, size), dtype=np.float32)
-        for _ in range(runs):
-            self.session.run(None, {self.input_name: sample})
+        for session in (self.session, self.solo_session):
+            for _ in range(runs if session else 0):
+                session.run(None, {self.input_name: sample})  # type: ignore[union-attr]
 
     def predict(self, batch: np.ndarray) -> list[Prediction]:
         """Probabilities for a stack of preprocessed images."""
-        probabilities = self.session.run(None, {self.input_name: batch})[0]
+        probabilities = np.concatenate(
+            [self.run(batch[start : start + RUN_BATCH]) for start in range(0, len(batch), RUN_BATCH)]
+        )
         return [
             Prediction(
                 self.labels[int(row.argmax())], {label: float(p) for label, p in zip(self.labels, row, strict=True)}
@@ -88,22 +130,40 @@ class Model:
             for row in probabilities
         ]
 
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """session.run on the solo session when no other inference is running, else on the shared one."""
+        with self.running_lock:
+            solo = self.running == 0 and self.active <= 1  # no other request decoding or running
+            self.running += 1
+        session = self.solo_session if solo and self.solo_session else self.session
+        try:
+            return session.run(None, {self.input_name: batch})[0]
+        finally:
+            with self.running_lock:
+                self.running -= 1
+
     def classify_all(self, images: list[bytes]) -> tuple[list[Prediction | ImageError], float]:
-        """Each image's prediction, or its ImageError; the good ones run as one batch. Returns the results and the
-        seconds session.run took."""
-        arrays: dict[int, np.ndarray] = {}
+        """Each image's prediction, or its ImageError. Returns the results and the seconds session.run took.
+        Each image is decoded and run in turn (RUN_BATCH), so a batch holds one decoded image at a time."""
         errors: dict[int, ImageError] = {}
-        for index, data in enumerate(images):
-            try:
-                arrays[index] = self.preprocess(data)
-            except ImageError as error:
-                errors[index] = error
         predictions: dict[int, Prediction] = {}
         seconds = 0.0
-        if arrays:
-            started = time.perf_counter()
-            predictions = dict(zip(arrays, self.predict(np.stack(list(arrays.values()))), strict=True))
-            seconds = time.perf_counter() - started
+        with self.running_lock:
+            self.active += 1
+        try:
+            for index, data in enumerate(images):
+                try:
+                    with self.decoding:
+                        array = self.preprocess(data)
+                except ImageError as error:
+                    errors[index] = error
+                    continue
+                started = time.perf_counter()
+                [predictions[index]] = self.predict(array[np.newaxis])
+                seconds += time.perf_counter() - started
+        finally:
+            with self.running_lock:
+                self.active -= 1
         return [predictions[i] if i in predictions else errors[i] for i in range(len(images))], seconds
 
     def classify(self, data: bytes) -> Prediction:
@@ -126,5 +186,6 @@ class Model:
             "sha256": self.sha256,
             "precision": self.precision,
             "ort_threads": self.threads,
+            "ort_solo_threads": self.solo_threads,
             "onnxruntime": ort.__version__,
         }

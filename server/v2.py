@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from server.admission import RETRY_AFTER_S, Overloaded, admit
 from server.app import ClientError, limited_stream, require_model, run_classify
 from server.model import Model, Prediction
 from server.preprocess import ImageError
@@ -61,6 +62,8 @@ def v2_errors(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[R
             return await endpoint(request)
         except ClientError as error:
             return JSONResponse({"error": error.message}, status_code=error.status)
+        except Overloaded as error:
+            return JSONResponse({"error": error.message}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
 
     return handle
 
@@ -291,6 +294,7 @@ async def infer(request: Request) -> Response:
     """POST /v2/models/catsdogs/infer: the same budgets, preprocessing, inference and metrics as /predict."""
     model = served_model(request)
     settings = request.app.state.settings
+    await admit(request)  # before the body is read, as /predict does: a waiting request holds its body
     body = b"".join([chunk async for chunk in limited_stream(request, settings.max_upload_bytes)])
     header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
     images = image_input(header, binary, settings.max_batch_files)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from server.config import SETTINGS_HELP, Settings, available_cpus
+from server.config import SETTINGS_HELP, Settings, available_cpus, cgroup_cpu_quota
 from tests.conftest import ROOT
 from tests.service import Service
 
@@ -21,6 +21,11 @@ BAD_VALUES = {
     "ORT_THREADS": ["-1", "1.5"],
     "INFERENCE_CONCURRENCY": ["-3", "many"],
     "MAX_UPLOAD_BYTES": ["0", "10MB"],
+    "ORT_SOLO_THREADS": ["-1", "all"],
+    "MAX_QUEUE": ["-1", "long"],
+    "MAX_QUEUE_BYTES": ["0", "64MiB"],
+    "QUEUE_TIMEOUT": ["0", "10s"],
+    "DECODE_CONCURRENCY": ["-2", "x"],
     "MAX_IMAGE_PIXELS": ["0", "lots"],
     "MAX_DECODE_BYTES": ["0", "64MiB"],
     "MAX_BATCH_FILES": ["0", "x"],
@@ -105,3 +110,20 @@ def test_the_default_settings_start_without_a_warning(onnx_model: Path):
     finally:
         service.stop()
     assert not [r for r in service.records() if r["level"] == "warning"]
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"cpu.max": "150000 100000\n"}, 1.5),
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1.0),
+        ({"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),
+    ],
+)
+def test_cpu_quota_is_read_from_cgroup_v2_and_v1(tmp_path, files, expected):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_cpu_quota(tmp_path) == expected

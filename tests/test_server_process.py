@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import signal
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,19 +111,39 @@ def test_health_only_mode_starts_without_a_model(tmp_path):
         service.stop()
 
 
+def test_json_log_lines_carry_no_terminal_colour_codes(service):
+    assert service.records() and not any("\x1b" in line or "color_message" in line for line in service.lines)
+
+
+def metric_value(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return next(float(line.split()[1]) for line in text.splitlines() if line.startswith(f"{name} "))
+
+
 def test_graceful_shutdown_finishes_in_flight_requests(onnx_model):
+    """The request is still sending its body when SIGTERM arrives, so it is in flight whatever the machine's speed."""
     service = Service(onnx_model)
     service.wait_ready()
     files = [("files", (f"{i}.jpg", photo_bytes(f"dogs/dog.{i}.jpg"), "image/jpeg")) for i in range(1, 33)]
-    result: dict[str, httpx.Response] = {}
-    request = threading.Thread(
-        target=lambda: result.update(r=httpx.post(f"{service.url}/predict/batch", files=files, timeout=60))
-    )
-    request.start()
-    time.sleep(0.3)  # the batch of 32 photos is being decoded and classified
+    request = httpx.Request("POST", f"{service.url}/predict/batch", files=files)
+    body = request.read()
+    head = "".join(f"{k}: {v}\r\n" for k, v in request.headers.items() if k.lower() != "host")
+    with socket.create_connection(("127.0.0.1", service.port), timeout=60) as connection:
+        connection.sendall(f"POST /predict/batch HTTP/1.1\r\nHost: x\r\n{head}\r\n".encode() + body[:1000])
+        deadline = time.perf_counter() + 30
+        while metric_value(service.url, "catsdogs_http_requests_in_flight") < 2:  # ours and this scrape
+            assert time.perf_counter() < deadline
+            time.sleep(0.02)
+        service.process.send_signal(signal.SIGTERM)
+        while not any(r["message"] == "Shutting down" for r in service.records()):
+            assert time.perf_counter() < deadline and service.process.poll() is None
+            time.sleep(0.02)
+        connection.sendall(body[1000:])
+        response = read_response(connection)
     service.stop()
-    request.join(timeout=60)
-    assert result["r"].status_code == 200 and result["r"].json()["count"] == 32
+    head, _, payload = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), response[:300]
+    assert json.loads(payload)["count"] == 32 and json.loads(payload)["errors"] == 0
 
 
 def test_error_request_lines_carry_the_error_code(service):

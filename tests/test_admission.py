@@ -1,0 +1,134 @@
+"""Backpressure: a bounded number of inference requests, refused at once past the bound, never left hanging."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx2 as httpx
+import pytest
+from starlette.testclient import TestClient
+
+from bench.serve import multipart_request
+from server.app import create_app
+from tests.images import photo_bytes
+from tests.service import Service
+from tests.test_app import CAT, assert_error, metric, post_file, settings_for
+from tests.test_server_process import read_response
+
+
+@pytest.fixture
+def small(onnx_model: Path) -> Iterator[TestClient]:
+    """One inference slot, one waiting place, one second of waiting."""
+    app = create_app(settings_for(onnx_model, inference_concurrency=1, max_queue=1, queue_timeout=1))
+    with TestClient(app) as client:
+        yield client
+
+
+def test_past_the_bound_requests_get_503_with_retry_after_at_once(small):
+    admission = small.app.state.admission
+    for _ in range(admission.capacity):  # two requests hold the slot and the waiting place
+        small.portal.call(admission.enter)
+    started = time.perf_counter()
+    response = post_file(small, photo_bytes(CAT))
+    assert time.perf_counter() - started < 1.0
+    assert_error(response, 503, "overloaded")
+    assert response.headers["retry-after"] == "1" and response.headers["x-request-id"]
+    for endpoint in ("/predict/batch",):
+        files = [("files", ("cat.jpg", photo_bytes(CAT), "image/jpeg"))]
+        assert_error(small.post(endpoint, files=files), 503, "overloaded")
+    assert metric(small.get("/metrics").text, "catsdogs_requests_rejected_total", reason="overloaded") == 2
+    small.portal.call(admission.leave)
+    assert post_file(small, photo_bytes(CAT)).status_code == 200  # one place free again
+    small.portal.call(admission.leave)
+    assert admission.admitted == 0  # every admitted request was let go
+
+
+def test_bodies_held_by_admitted_requests_are_bounded_in_bytes(onnx_model):
+    photo = photo_bytes(CAT)
+    app = create_app(settings_for(onnx_model, max_queue=8, max_queue_bytes=len(photo) * 3))
+    with TestClient(app) as client:
+        admission = client.app.state.admission
+        client.portal.call(admission.enter, len(photo) * 2)  # a request holding two photos' worth of body
+        assert_error(post_file(client, photo), 503, "overloaded")  # a third and its multipart framing do not fit
+        assert post_file(client, photo[: len(photo) // 2], mime="image/jpeg").status_code == 400  # half fits
+        client.portal.call(admission.leave, len(photo) * 2)
+        assert admission.held_bytes == 0 and post_file(client, photo).status_code == 200
+    with TestClient(create_app(settings_for(onnx_model, max_queue_bytes=10))) as alone:
+        assert post_file(alone, photo).status_code == 200  # a lone request is admitted whatever its size
+
+
+def test_a_request_that_waits_too_long_for_a_slot_gets_503(small):
+    limiter = small.app.state.limiter
+    small.portal.call(limiter.acquire_on_behalf_of_nowait, "held")  # the only inference slot is busy
+    release = threading.Timer(6.0, lambda: small.portal.call(limiter.release_on_behalf_of, "held"))
+    release.start()
+    try:
+        started = time.perf_counter()
+        response = post_file(small, photo_bytes(CAT))
+        waited = time.perf_counter() - started
+    finally:
+        release.cancel()
+        small.portal.call(limiter.release_on_behalf_of, "held")
+    assert_error(response, 503, "queue_timeout")
+    assert response.headers["retry-after"] == "1"
+    assert 0.9 < waited < 4.0
+    text = small.get("/metrics").text
+    assert metric(text, "catsdogs_requests_rejected_total", reason="queue_timeout") == 1
+    assert metric(text, "catsdogs_inference_requests_queued") == 0
+    assert post_file(small, photo_bytes(CAT)).status_code == 200
+
+
+def test_a_flood_gets_only_200s_and_fast_503s_and_the_service_stays_ready(onnx_model):
+    """256 ordinary requests, 64 at a time, against real uvicorn: no dropped connection, no slow refusal."""
+    service = Service(onnx_model, INFERENCE_CONCURRENCY="2", MAX_QUEUE="4", QUEUE_TIMEOUT="10")
+    try:
+        service.wait_ready()
+        photo = photo_bytes(CAT)
+
+        request = multipart_request(service.port, photo)
+
+        def send(_: int) -> tuple[int, float, str, str]:
+            """One request on a fresh connection, on a raw socket (a thin client: the cores are shared)."""
+            started = time.perf_counter()
+            with socket.create_connection(("127.0.0.1", service.port), timeout=60) as connection:
+                connection.sendall(request)
+                response = read_response(connection)
+            seconds = time.perf_counter() - started
+            head, _, body = response.partition(b"\r\n\r\n")
+            status = int(head.split()[1])
+            retry = re.search(rb"(?im)^retry-after: *(\S+)", head)
+            code = json.loads(body)["error"]["code"] if status != 200 else ""
+            return status, seconds, code, retry.group(1).decode() if retry else ""
+
+        with ThreadPoolExecutor(64) as pool:
+            results = list(pool.map(send, range(256)))  # a transport error would raise here
+        statuses = [status for status, *_ in results]
+        refused = [(seconds, code, retry) for status, seconds, code, retry in results if status == 503]
+        assert set(statuses) <= {200, 503}, statuses
+        assert statuses.count(200) >= 6 and refused, statuses
+        assert {code for _, code, _ in refused} == {"overloaded"}
+        assert {retry for *_, retry in refused} == {"1"}
+        refusal_seconds = sorted(seconds for seconds, *_ in refused)
+        served_seconds = sorted(seconds for status, seconds, *_ in results if status == 200)
+        time.sleep(0.2)
+        refusal_ms = sorted(r["latency_ms"] for r in service.records() if r.get("status") == 503)
+        assert len(refusal_ms) == len(refused) and refusal_ms[len(refusal_ms) // 2] < 50, refusal_ms
+        median_200, median_503 = served_seconds[len(served_seconds) // 2], refusal_seconds[len(refusal_seconds) // 2]
+        print(f"flood: {statuses.count(200)} x 200, {len(refused)} x 503; client-side median 200 {median_200:.3f} s, "
+              f"503 {median_503:.3f} s; server-side median 503 {refusal_ms[len(refusal_ms) // 2]:.1f} ms")  # fmt: skip
+        assert median_503 < median_200
+        assert httpx.get(f"{service.url}/ready", timeout=5).status_code == 200
+        text = httpx.get(f"{service.url}/metrics", timeout=5).text
+        assert metric(text, "catsdogs_requests_rejected_total", reason="overloaded") == len(refused)
+        assert metric(text, "catsdogs_inference_requests_admitted") == 0
+        after = httpx.post(f"{service.url}/predict", files={"file": ("cat.jpg", photo, "image/jpeg")}, timeout=30)
+        assert after.status_code == 200 and after.json()["label"] == "cat"
+    finally:
+        service.stop()
