@@ -22,7 +22,7 @@ from training.model import Predictor, load_predictor
 from training.presets import PreprocessSpec
 from training.utils import sha256_file, write_json
 
-INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
+INPUT_NAME, OUTPUT_NAME, PET_OUTPUT_NAME = "image", "probabilities", "pet_score"
 LINEAGE_KEYS = ("model_version", "run_id", "data_version", "raw_data_md5", "git_commit", "pretrained_sha256")
 
 
@@ -36,6 +36,7 @@ def model_metadata(checkpoint: dict[str, Any], precision: str) -> dict[str, Any]
         "preprocess": spec,
         "input_name": INPUT_NAME,
         "output_name": OUTPUT_NAME,
+        "pet": {"output_name": PET_OUTPUT_NAME} if checkpoint.get("pet_head") else None,
         "precision": precision,
         "hflip_average": bool(checkpoint.get("hflip_average", False)),
         **lineage,
@@ -43,14 +44,15 @@ def model_metadata(checkpoint: dict[str, Any], precision: str) -> dict[str, Any]
 
 
 def export_onnx(predictor: Predictor, input_size: int, path: Path, opset: int) -> None:
-    """torch.onnx.export with softmax (and flip averaging) in the graph and a dynamic batch axis, checked."""
+    """torch.onnx.export with softmax (and flip averaging, and the pet score) in the graph and a dynamic batch axis,
+    checked."""
     example = torch.randn(2, 3, input_size, input_size)  # batch 2: the parity tests use other sizes
     torch.onnx.export(
         predictor.eval(),
         (example,),
         str(path),
         input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
+        output_names=[OUTPUT_NAME, PET_OUTPUT_NAME] if predictor.pet_head is not None else [OUTPUT_NAME],
         opset_version=opset,
         dynamo=True,
         external_data=False,

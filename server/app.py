@@ -102,6 +102,8 @@ def classify(model: Model, metrics: Metrics, images: list[bytes]) -> list[Predic
     for prediction in predictions:
         metrics.predictions.labels(prediction.label).inc()
         metrics.confidence.observe(prediction.confidence)
+        if prediction.is_pet is False:
+            metrics.not_a_pet.inc()
     return results
 
 
@@ -116,6 +118,8 @@ def prediction_body(prediction: Prediction, model: Model, started: float) -> dic
     return {
         "label": prediction.label,
         "probabilities": prediction.probabilities,
+        "is_pet": prediction.is_pet,
+        "pet_score": prediction.pet_score,
         "model_version": model.version,
         "latency_ms": round((time.perf_counter() - started) * 1000, 3),
     }
@@ -240,7 +244,10 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     app.state.limiter = anyio.CapacityLimiter(settings.inference_concurrency)
     try:
         model: Model | None = Model(
-            settings.model_path, threads=settings.ort_threads, max_pixels=settings.max_image_pixels
+            settings.model_path,
+            threads=settings.ort_threads,
+            max_pixels=settings.max_image_pixels,
+            pet_threshold=settings.pet_threshold,
         )
         app.state.model_error = None
     except ModelError as error:

@@ -41,6 +41,17 @@ def _choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
+def _fraction(name: str) -> float | None:
+    raw = os.environ.get(name, "")
+    try:
+        value = float(raw) if raw else None
+    except ValueError:
+        value = -1.0
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise ValueError(f"Invalid {name}={raw!r}: expected a number from 0 to 1")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     model_path: Path
@@ -55,6 +66,7 @@ class Settings:
     log_level: str
     log_format: str
     graceful_timeout: int
+    pet_threshold: float | None = None  # None: the threshold recorded in the model's metadata
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -81,4 +93,5 @@ class Settings:
             log_level=_choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
             log_format=_choice("LOG_FORMAT", "json", ("json", "text")),
             graceful_timeout=_int("GRACEFUL_TIMEOUT", 30, minimum=0),
+            pet_threshold=_fraction("PET_THRESHOLD"),
         )

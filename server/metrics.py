@@ -43,6 +43,9 @@ class Metrics:
             buckets=CONFIDENCE_BUCKETS,
             registry=r,
         )
+        self.not_a_pet = Counter(
+            "catsdogs_not_a_pet", "Answers whose photo is neither a cat nor a dog (is_pet false)", registry=r
+        )
         self.in_flight = Gauge("catsdogs_http_requests_in_flight", "Requests being handled", registry=r)
         self.model_loaded = Gauge("catsdogs_model_loaded", "1 when a model is loaded and warm", registry=r)
         self.model_info = Gauge(
