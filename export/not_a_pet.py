@@ -28,7 +28,7 @@ from training.stats import proportion
 from training.utils import write_json
 
 matplotlib.use("Agg")
-from matplotlib import pyplot as plt  # noqa: E402
+from matplotlib import pyplot as plt
 
 METHOD = (
     "ImageNet 1000-class head of the same backbone as a second output: pet_score = its softmax mass on the "
@@ -170,7 +170,9 @@ def calibrate(
     return metadata, report, sets
 
 
-def publish(report: dict[str, Any], sets: dict[str, tuple[np.ndarray, np.ndarray]], out: Path, run_id: str | None) -> Path:
+def publish(
+    report: dict[str, Any], sets: dict[str, tuple[np.ndarray, np.ndarray]], out: Path, run_id: str | None
+) -> Path:
     """reports/not-a-pet.json and its PNG curve; both logged to the model's MLflow run when it has one."""
     write_json(out, report)
     figure = out.with_suffix(".png")

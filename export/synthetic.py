@@ -15,11 +15,50 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 Rng = np.random.Generator
-WORDS = (
-    "invoice total amount due date account customer order shipping address payment terms the of and to in "
-    "for with report summary quarter revenue growth meeting agenda notes project status update please sign "
-    "here policy number reference page section table figure results analysis"
-).split()
+WORDS = [
+    "invoice",
+    "total",
+    "amount",
+    "due",
+    "date",
+    "account",
+    "customer",
+    "order",
+    "shipping",
+    "address",
+    "payment",
+    "terms",
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "for",
+    "with",
+    "report",
+    "summary",
+    "quarter",
+    "revenue",
+    "growth",
+    "meeting",
+    "agenda",
+    "notes",
+    "project",
+    "status",
+    "update",
+    "please",
+    "sign",
+    "here",
+    "policy",
+    "number",
+    "reference",
+    "page",
+    "section",
+    "table",
+    "figure",
+    "results",
+    "analysis",
+]
 SIZES = ((640, 480), (800, 600), (1024, 768), (1280, 720), (500, 500), (600, 800))
 
 
@@ -48,7 +87,7 @@ def document(rng: Rng) -> Image.Image:
         if rng.random() < 0.15:  # a ruled table
             rows, cols = int(rng.integers(3, 7)), int(rng.integers(2, 5))
             cell = (width - 80) // cols
-            for r in range(rows):
+            for _ in range(rows):
                 for c in range(cols):
                     box = (40 + c * cell, y, 40 + (c + 1) * cell, y + size * 2)
                     draw.rectangle(box, outline=(60, 60, 60))
@@ -139,7 +178,7 @@ def drawing(rng: Rng) -> Image.Image:
         elif kind == 2:
             draw.arc((x - r, y - r, x + r, y + r), int(rng.integers(360)), int(rng.integers(360)), fill=ink, width=line)
         else:
-            points = np.cumsum(rng.normal(0, 20, (int(rng.integers(5, 40)), 2)), 0) + (x, y)
+            points = np.cumsum(rng.normal(0, 20, (int(rng.integers(5, 40)), 2)), 0) + np.array([x, y])
             draw.line([tuple(p) for p in points.astype(int)], fill=ink, width=line)
     return image
 
