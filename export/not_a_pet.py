@@ -155,6 +155,7 @@ def calibrate(
     }
     metadata = {"threshold": threshold, "method": METHOD, "chosen_on": chosen_on}
     report = {
+        "model_version": model.version,
         "method": METHOD,
         "threshold": threshold,
         "chosen_on": chosen_on,
