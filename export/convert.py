@@ -15,15 +15,17 @@ import numpy as np
 import onnx
 import torch
 
-from export.evaluate import METADATA_KEY, evaluate_onnx, load_split, torch_probabilities
+from export import not_a_pet
+from export.evaluate import METADATA_KEY, evaluate_onnx, load_split, make_session, predict, torch_probabilities
 from export.reference import reference_for_split
 from training import tracking
 from training.config import DEFAULT_PARAMS, load_params
 from training.model import Predictor, load_predictor
 from training.presets import PreprocessSpec
+from training.stats import proportion
 from training.utils import sha256_file, write_json
 
-INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
+INPUT_NAME, OUTPUT_NAME, PET_OUTPUT_NAME = "image", "probabilities", "pet_score"
 LINEAGE_KEYS = ("model_version", "run_id", "data_version", "raw_data_md5", "git_commit", "pretrained_sha256")
 
 
@@ -37,6 +39,7 @@ def model_metadata(checkpoint: dict[str, Any], precision: str) -> dict[str, Any]
         "preprocess": spec,
         "input_name": INPUT_NAME,
         "output_name": OUTPUT_NAME,
+        "pet": {"output_name": PET_OUTPUT_NAME} if checkpoint.get("pet_head") else None,
         "precision": precision,
         "hflip_average": bool(checkpoint.get("hflip_average", False)),
         **lineage,
@@ -44,14 +47,15 @@ def model_metadata(checkpoint: dict[str, Any], precision: str) -> dict[str, Any]
 
 
 def export_onnx(predictor: Predictor, input_size: int, path: Path, opset: int) -> None:
-    """torch.onnx.export with softmax (and flip averaging) in the graph and a dynamic batch axis, checked."""
+    """torch.onnx.export with softmax (and flip averaging, and the pet score) in the graph and a dynamic batch axis,
+    checked."""
     example = torch.randn(2, 3, input_size, input_size)  # batch 2: the parity tests use other sizes
     torch.onnx.export(
         predictor.eval(),
         (example,),
         str(path),
         input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
+        output_names=[OUTPUT_NAME, PET_OUTPUT_NAME] if predictor.pet_head is not None else [OUTPUT_NAME],
         opset_version=opset,
         dynamo=True,
         external_data=False,
@@ -70,6 +74,13 @@ def write_metadata(path: Path, metadata: dict[str, Any]) -> dict[str, Any]:
     sidecar = {**metadata, "file": path.name, "sha256": sha256_file(path)}
     write_json(path.with_suffix(".json"), sidecar)
     return sidecar
+
+
+def accuracy_gate(path: Path, inputs: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
+    """The exported model's accuracy on the given photos with its Wilson 95% interval (what the gate reads)."""
+    session = make_session(path)
+    correct = int((predict(session, inputs).argmax(1) == targets).sum())
+    return {"photos": "val+test", **proportion(correct, len(targets))}
 
 
 def log_to_run(run_id: str | None, files: list[Path], metrics: dict[str, float]) -> None:
@@ -105,25 +116,45 @@ def main(argv: list[str] | None = None) -> None:
     labels = list(spec.labels)
     data_dir = args.data or Path(params.data.processed_dir)
     inputs, targets = load_split(data_dir, "test", spec)
+    val_inputs, val_targets = load_split(data_dir, "val", spec)
 
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / args.out.name
         export_onnx(predictor, spec.input_size, staged, settings.opset)
-        reference = reference_for_split(staged, data_dir, spec)  # drift monitoring's baseline (server.drift)
-        write_metadata(staged, {**model_metadata(checkpoint, "float32"), "reference": reference})
+        drift_reference = reference_for_split(staged, data_dir, spec)  # drift monitoring's baseline (server.drift)
+        metadata = {**model_metadata(checkpoint, "float32"), "reference": drift_reference}
+        write_metadata(staged, metadata)
         fp32, fp32_probabilities = evaluate_onnx(staged, inputs, targets, labels)
         reference = torch_probabilities(predictor, inputs)
+        gate = accuracy_gate(staged, np.concatenate([val_inputs, inputs]), np.concatenate([val_targets, targets]))
         report: dict[str, Any] = {
             "test_images": len(targets),
             "torch_accuracy": float((reference.argmax(1) == targets).mean()),
             "float32": fp32,
+            "test_accuracy_ci95": proportion(int((fp32_probabilities.argmax(1) == targets).sum()), len(targets)),
+            "gate": {**gate, "min_accuracy": settings.min_accuracy},
             "max_abs_probability_diff_vs_torch": float(np.abs(reference - fp32_probabilities).max()),
         }
-        if fp32["accuracy"] < settings.min_accuracy:
+        low = gate["ci95"][0]
+        if low < settings.min_accuracy:
             raise SystemExit(
-                f"export refused: ONNX test accuracy {fp32['accuracy']:.4f} is below export.min_accuracy "
-                f"{settings.min_accuracy:.4f} ({len(targets)} test images)"
+                f"export refused: the ONNX accuracy on val+test is {gate['rate']:.4f} ({gate['count']} of "
+                f"{gate['n']}), 95% interval {low:.4f}-{gate['ci95'][1]:.4f}: its lower bound is below "
+                f"export.min_accuracy {settings.min_accuracy:.4f}"
             )
+        pet = None
+        if metadata["pet"] is not None:
+            if params.pet is None:
+                raise SystemExit(
+                    "the model has a pet head but params.yaml has no `pet` section to choose its threshold"
+                )
+            pet_metadata, pet_report, pet_sets = not_a_pet.calibrate(
+                staged, data_dir, Path(params.pet.not_pets_dir), params.pet.keep_target, params.pet.synthetic_per_kind
+            )
+            metadata["pet"].update(pet_metadata)
+            write_metadata(staged, metadata)
+            pet = (pet_report, pet_sets)
+            report["pet_threshold"] = pet_metadata["threshold"]
         args.out.parent.mkdir(parents=True, exist_ok=True)
         for suffix in (".onnx", ".json"):
             shutil.move(staged.with_suffix(suffix), args.out.with_suffix(suffix))
@@ -134,7 +165,11 @@ def main(argv: list[str] | None = None) -> None:
     metrics = {"onnx_test_accuracy": fp32["accuracy"], "onnx_latency_p50_ms": fp32["latency_p50_ms"]}
 
     write_json(args.report, report)
-    log_to_run(checkpoint.get("run_id"), written, metrics)
+    log_to_run(
+        checkpoint.get("run_id"), written, {**metrics, "onnx_val_test_accuracy_ci95_low": report["gate"]["ci95"][0]}
+    )
+    if pet is not None:
+        not_a_pet.publish(*pet, args.report.with_name("not-a-pet.json"), checkpoint.get("run_id"))
     print(json.dumps({"written": [str(p) for p in written], **metrics}, indent=2))
 
 

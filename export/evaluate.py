@@ -42,11 +42,17 @@ def load_split(data_dir: Path, split: str, spec: PreprocessSpec) -> tuple[np.nda
     return inputs, np.asarray(dataset.targets)
 
 
+def output_name(session: ort.InferenceSession) -> str:
+    """The probabilities output, by the name the model's metadata gives (a model may have more outputs)."""
+    metadata = json.loads(session.get_modelmeta().custom_metadata_map.get(METADATA_KEY, "{}"))
+    return str(metadata.get("output_name", session.get_outputs()[0].name))
+
+
 def predict(session: ort.InferenceSession, inputs: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """Probabilities for a stack of inputs, batch by batch."""
-    name = session.get_inputs()[0].name
+    name, output = session.get_inputs()[0].name, [output_name(session)]
     return np.concatenate(
-        [session.run(None, {name: inputs[i : i + batch_size]})[0] for i in range(0, len(inputs), batch_size)]
+        [session.run(output, {name: inputs[i : i + batch_size]})[0] for i in range(0, len(inputs), batch_size)]
     )
 
 
@@ -80,7 +86,8 @@ def torch_probabilities(predictor: torch.nn.Module, inputs: np.ndarray, batch_si
     """PyTorch eval-mode probabilities of a training.model.Predictor for the same inputs."""
     predictor.eval()
     chunks = [torch.from_numpy(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
-    return torch.cat([predictor(chunk) for chunk in chunks]).numpy()
+    outputs = [predictor(chunk) for chunk in chunks]
+    return torch.cat([out[0] if isinstance(out, tuple) else out for out in outputs]).numpy()
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -127,6 +127,8 @@ def classify(model: Model, metrics: Metrics, images: list[bytes]) -> list[Predic
     for prediction in predictions:
         metrics.predictions.labels(prediction.label).inc()
         metrics.confidence.observe(prediction.confidence)
+        if prediction.is_pet is False:
+            metrics.not_a_pet.inc()
     return results
 
 
@@ -143,6 +145,8 @@ def prediction_body(prediction: Prediction, model: Model, started: float) -> dic
     return {
         "label": prediction.label,
         "probabilities": prediction.probabilities,
+        "is_pet": prediction.is_pet,
+        "pet_score": prediction.pet_score,
         "model_version": model.version,
         "latency_ms": round((time.perf_counter() - started) * 1000, 3),
     }
@@ -304,6 +308,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
             max_decode_bytes=settings.max_decode_bytes,
             solo_threads=settings.ort_solo_threads,
             decoders=settings.decode_concurrency,
+            pet_threshold=settings.pet_threshold,
         )
         app.state.model_error = None
     except ModelError as error:

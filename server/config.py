@@ -108,6 +108,17 @@ def _choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
+def _fraction(name: str) -> float | None:
+    raw = os.environ.get(name, "")
+    try:
+        value = float(raw) if raw else None
+    except ValueError:
+        value = -1.0
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise ValueError(f"Invalid {name}={raw!r}: expected a number from 0 to 1")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     model_path: Path
@@ -133,6 +144,7 @@ class Settings:
     drift_window: int = 500
     prediction_log: Path | None = None
     prediction_log_sample_every: int = 0
+    pet_threshold: float | None = None  # None: the threshold recorded in the model's metadata
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -174,6 +186,7 @@ class Settings:
             drift_window=_int("DRIFT_WINDOW", 500, minimum=1),
             prediction_log=Path(os.environ["PREDICTION_LOG"]) if os.environ.get("PREDICTION_LOG") else None,
             prediction_log_sample_every=_int("PREDICTION_LOG_SAMPLE_EVERY", 0),
+            pet_threshold=_fraction("PET_THRESHOLD"),
         )
 
     def oversubscription(self, cpus: int | None = None) -> str | None:

@@ -43,6 +43,9 @@ class Metrics:
             buckets=CONFIDENCE_BUCKETS,
             registry=r,
         )
+        self.not_a_pet = Counter(
+            "catsdogs_not_a_pet", "Answers whose photo is neither a cat nor a dog (is_pet false)", registry=r
+        )
         self.in_flight = Gauge("catsdogs_http_requests_in_flight", "Requests being handled", registry=r)
         self.rejected = Counter(
             "catsdogs_requests_rejected", "Requests refused with 503 by backpressure, by reason", ["reason"], registry=r

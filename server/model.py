@@ -33,6 +33,9 @@ class ModelError(Exception):
 class Prediction:
     label: str
     probabilities: dict[str, float]
+    # not-a-pet: None for a model without the pet output; is_pet False means the label is not to be trusted
+    is_pet: bool | None = None
+    pet_score: float | None = None
 
     @property
     def confidence(self) -> float:
@@ -67,6 +70,7 @@ class Model:
         max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
         solo_threads: int = 0,
         decoders: int = 0,
+        pet_threshold: float | None = None,
     ) -> None:
         started = time.perf_counter()
         if not path.is_file():
@@ -99,12 +103,28 @@ class Model:
             raise ModelError(f"{path}: the service cannot honour its preprocessing spec: {error}") from None
         self.labels: list[str] = labels
         self.input_name = self.session.get_inputs()[0].name
+        self.output_names, self.pet_threshold = self.read_outputs(path, pet_threshold)
+        self.pet_threshold_source = "PET_THRESHOLD" if pet_threshold is not None else "metadata"
         self.path = path
         self.sha256 = hashlib.sha256(data).hexdigest()
         self.threads = threads
         self.solo_threads = solo_threads if self.solo_session else threads
         self.warm_up()
         self.load_seconds = time.perf_counter() - started
+
+    def read_outputs(self, path: Path, override: float | None) -> tuple[list[str], float | None]:
+        """The outputs to fetch, by the names the metadata gives, and the pet threshold (None: no pet output)."""
+        available = [output.name for output in self.session.get_outputs()]
+        probabilities = self.metadata.get("output_name", available[0])
+        pet = self.metadata.get("pet") or {}
+        if probabilities not in available or pet.get("output_name", available[0]) not in available:
+            raise ModelError(f"{path} has outputs {available}, not those its metadata names")
+        if not pet:
+            return [probabilities], None
+        threshold = pet.get("threshold") if override is None else override
+        if not isinstance(threshold, (int, float)):
+            raise ModelError(f"{path} has a pet output but no pet threshold: set PET_THRESHOLD")
+        return [probabilities, pet["output_name"]], float(threshold)
 
     @property
     def version(self) -> str:
@@ -120,24 +140,32 @@ class Model:
 
     def predict(self, batch: np.ndarray) -> list[Prediction]:
         """Probabilities for a stack of preprocessed images."""
-        probabilities = np.concatenate(
-            [self.run(batch[start : start + RUN_BATCH]) for start in range(0, len(batch), RUN_BATCH)]
+        runs = [self.run(batch[start : start + RUN_BATCH]) for start in range(0, len(batch), RUN_BATCH)]
+        probabilities = np.concatenate([outputs[0] for outputs in runs])
+        pet_scores = (
+            np.concatenate([outputs[1] for outputs in runs])
+            if self.pet_threshold is not None
+            else [None] * len(probabilities)
         )
         return [
             Prediction(
-                self.labels[int(row.argmax())], {label: float(p) for label, p in zip(self.labels, row, strict=True)}
+                self.labels[int(row.argmax())],
+                {label: float(p) for label, p in zip(self.labels, row, strict=True)},
+                None if score is None else bool(score >= self.pet_threshold),
+                None if score is None else min(1.0, max(0.0, float(score))),
             )
-            for row in probabilities
+            for row, score in zip(probabilities, pet_scores, strict=True)
         ]
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """session.run on the solo session when no other inference is running, else on the shared one."""
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        """The model's outputs (output_names) from session.run on the solo session when no other inference is
+        running, else on the shared one."""
         with self.running_lock:
             solo = self.running == 0 and self.active <= 1  # no other request decoding or running
             self.running += 1
         session = self.solo_session if solo and self.solo_session else self.session
         try:
-            return session.run(None, {self.input_name: batch})[0]
+            return session.run(self.output_names, {self.input_name: batch})
         finally:
             with self.running_lock:
                 self.running -= 1
@@ -179,8 +207,17 @@ class Model:
 
     def describe(self) -> dict[str, Any]:
         """What /model reports: labels, input, preprocessing, version, lineage and the file's sha256."""
+        pet = self.metadata.get("pet")
+        if pet:
+            pet = {
+                **pet,
+                "threshold": self.pet_threshold,
+                "threshold_source": self.pet_threshold_source,
+                "chosen_threshold": pet.get("threshold"),
+            }
         return {
             **self.metadata,
+            "pet": pet,
             "model_version": self.version,
             "file": self.path.name,
             "sha256": self.sha256,

@@ -233,6 +233,11 @@ def schemas() -> dict[str, Schema]:
         "type": "object",
         "required": ["label", "probabilities", "model_version", "latency_ms"],
         "properties": {"label": {"type": "string"}, "probabilities": probabilities,
+                       "is_pet": {"type": ["boolean", "null"],
+                                  "description": "false: neither a cat nor a dog, do not trust label; null: the "
+                                                 "model has no pet output"},
+                       "pet_score": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+                       "request_id": {"type": "string"},
                        "model_version": {"type": "string"}, "latency_ms": {"type": "number", "minimum": 0}},
     }  # fmt: skip
     detail = {

@@ -1,7 +1,9 @@
 """A real, deterministic model for tests and CI without training: the ImageNet backbone with a fixed 2-class head.
 
 The head averages ImageNet's own classifier rows for the cat classes (281-285) and the dog breeds (151-268),
-so the model really tells cats from dogs. `python -m tests.seeded_model OUT_DIR [WEIGHTS]` writes
+so the model really tells cats from dogs. It carries the not-a-pet head as `make export` does (ImageNet's whole
+classifier, training/pet.py) with a fixed threshold near the one the real pipeline chose (CI never trains or
+calibrates). `python -m tests.seeded_model OUT_DIR [WEIGHTS]` writes
 OUT_DIR/model.onnx (+ model.json) through the same export code as `make export`.
 """
 
@@ -12,6 +14,8 @@ from pathlib import Path
 
 IMAGENET_CATS = range(281, 286)
 IMAGENET_DOGS = range(151, 269)
+# the pipeline's choice on the development data (reports/not-a-pet.json), fixed here because CI never calibrates
+SEEDED_PET_THRESHOLD = 0.05
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "mobilenet_v2_imagenet.pt"
 # Reference distributions for drift monitoring: photos the tests do not send (they use the low numbers).
 REFERENCE_PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cats-vs-dogs-2k"
@@ -23,7 +27,7 @@ def seeded_checkpoint(weights: Path) -> dict:
     import torch
     import yaml
 
-    from training.model import build_model, load_state_dict
+    from training.model import build_model, imagenet_head_state, load_state_dict
     from training.presets import PreprocessSpec
 
     imagenet = load_state_dict(weights)
@@ -41,6 +45,7 @@ def seeded_checkpoint(weights: Path) -> dict:
         "data_version": "none",
         "git_commit": "test",
         "hflip_average": bool(params["train"].get("hflip_average", False)),
+        "pet_head": imagenet_head_state(str(weights)),
     }
 
 
@@ -57,8 +62,11 @@ def export_seeded_model(out_dir: Path, weights: Path = DEFAULT_WEIGHTS) -> Path:
     predictor, checkpoint = load_predictor(checkpoint_path)
     path = out_dir / "model.onnx"
     export_onnx(predictor, checkpoint["preprocess"]["input_size"], path, opset=18)
-    reference = seeded_reference(path, checkpoint["preprocess"])
-    write_metadata(path, {**model_metadata(checkpoint, "float32"), "reference": reference})
+    metadata = {**model_metadata(checkpoint, "float32"), "reference": seeded_reference(path, checkpoint["preprocess"])}
+    metadata["pet"].update(
+        threshold=SEEDED_PET_THRESHOLD, chosen_on={"rule": "fixed for the seeded test model (tests/seeded_model.py)"}
+    )
+    write_metadata(path, metadata)
     return path
 
 

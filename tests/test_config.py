@@ -33,6 +33,7 @@ BAD_VALUES = {
     "LOG_FORMAT": ["yaml"],
     "GRACEFUL_TIMEOUT": ["-1", "soon"],
     "FEEDBACK_STORE_SIZE": ["0", "many"],
+    "PET_THRESHOLD": ["1.5", "-0.1", "high"],
     "DRIFT_WINDOW": ["0", "x"],
     "PREDICTION_LOG_SAMPLE_EVERY": ["-1", "often"],
 }

@@ -78,13 +78,18 @@ def test_onnxruntime_matches_pytorch_probabilities(exported, batch_size):
     inputs = torch_inputs(spec, PHOTOS)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
+    pet_scores = []
     for start in range(0, len(inputs), batch_size):
         batch = inputs[start : start + batch_size]
         with torch.inference_mode():
-            expected = model(batch).numpy()
-        actual = session.run(None, {name: batch.numpy()})[0]
+            expected, expected_pet = (output.numpy() for output in model(batch))
+        actual, actual_pet = session.run(["probabilities", "pet_score"], {name: batch.numpy()})
         np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-5)
         assert (actual.argmax(1) == expected.argmax(1)).all()
+        assert actual_pet.shape == (len(batch),)
+        np.testing.assert_allclose(actual_pet, expected_pet, rtol=0, atol=1e-5)
+        pet_scores.extend(actual_pet)
+    assert min(pet_scores) > 0.05  # real cats and dogs: the pet head sees pets
 
 
 def test_exported_model_averages_each_photo_with_its_mirror_image(exported):
@@ -93,12 +98,13 @@ def test_exported_model_averages_each_photo_with_its_mirror_image(exported):
     inputs = torch_inputs(spec, PHOTOS[:3] + PHOTOS[-3:])
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    single_view = Predictor(predictor.model).eval()
+    single_view = Predictor(predictor.model, pet_head=predictor.pet_head).eval()
     with torch.inference_mode():
-        plain, mirrored = single_view(inputs).numpy(), single_view(inputs.flip(3)).numpy()
-    assert np.abs(plain - mirrored).max() > 1e-3  # the two views really differ, so the average is visible
-    served = session.run(None, {name: inputs.numpy()})[0]
+        (plain, plain_pet), (mirrored, mirrored_pet) = single_view(inputs), single_view(inputs.flip(3))
+    assert np.abs(plain - mirrored).numpy().max() > 1e-3  # the two views really differ, so the average is visible
+    served, served_pet = session.run(["probabilities", "pet_score"], {name: inputs.numpy()})
     np.testing.assert_allclose(served, (plain + mirrored) / 2, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(served_pet, (plain_pet + mirrored_pet) / 2, rtol=0, atol=1e-5)
     np.testing.assert_allclose(session.run(None, {name: inputs.flip(3).numpy()})[0], served, rtol=0, atol=1e-5)
 
 
@@ -125,9 +131,11 @@ def test_server_code_path_matches_pytorch_end_to_end(exported):
     served = Model(path, threads=1, max_pixels=50_000_000)
     files = PHOTOS[::4] + [DATASET / a for a in AWKWARD]
     with torch.inference_mode():
-        expected = model(torch_inputs(spec, files)).numpy()
-    for file, reference in zip(files, expected, strict=True):
+        expected, expected_pet = (output.numpy() for output in model(torch_inputs(spec, files)))
+    for file, reference, pet in zip(files, expected, expected_pet, strict=True):
         prediction = served.classify(file.read_bytes())
         actual = np.array([prediction.probabilities[label] for label in spec.labels])
         np.testing.assert_allclose(actual, reference, rtol=0, atol=1e-4, err_msg=file.name)
         assert prediction.label == spec.labels[int(reference.argmax())]
+        assert prediction.pet_score == pytest.approx(float(pet), abs=1e-4)
+        assert prediction.is_pet is (float(pet) >= served.pet_threshold)

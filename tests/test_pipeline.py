@@ -29,7 +29,7 @@ def dvc(workspace: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_dvc_repro_runs_every_stage_then_only_what_a_param_change_touches(tmp_path):
     workspace = tmp_path / "project"
     workspace.mkdir()
-    for name in ("imaging", "training", "export"):
+    for name in ("imaging", "training", "export", "server"):  # export scores the not-a-pet sets through server.model
         shutil.copytree(ROOT / name, workspace / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", workspace)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -37,6 +37,7 @@ def test_dvc_repro_runs_every_stage_then_only_what_a_param_change_touches(tmp_pa
     params["train"]["baseline"].update(epochs=1)
     params["train"]["final"].update(epochs=1, unfreeze_blocks=1)
     params["export"].update(min_accuracy=0.5)
+    params["pet"].update(not_pets_dir=str((ROOT / params["pet"]["not_pets_dir"]).resolve()), synthetic_per_kind=2)
     (workspace / "params.yaml").write_text(yaml.safe_dump(params))
     subprocess.run(["git", "init", "-q"], cwd=workspace, check=True)
     dvc(workspace, "init", "-q")

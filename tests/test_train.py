@@ -84,9 +84,13 @@ def test_short_real_training_run_logs_both_runs_and_writes_checkpoints(make_raw,
                 "--out-dir", str(out), "--reports-dir", str(reports), "--stage", "final"])  # fmt: skip
     second = json.loads((reports / "final.json").read_text())
     again = client.get_model_version_by_alias(params.mlflow.registered_model, params.mlflow.champion_alias)
-    first_accuracy = runs["final"].data.metrics["test_accuracy"]
-    assert second["champion"] == (second["accuracy"] > first_accuracy)
+    decision = second["champion_decision"]
+    comparison = decision["comparison"]  # same data version: compared photo by photo on val+test
+    assert comparison["n"] == decision["photos"] == second["val_test_accuracy"]["n"]
+    better = comparison["only_candidate_right"] > comparison["only_reference_right"]
+    assert second["champion"] == (better and comparison["mcnemar_p"] < 0.05)
     assert (again.run_id == second["run_id"]) == second["champion"]
+    assert "pet_head" in torch.load(out / "final.pt", weights_only=False)
 
 
 def test_missing_or_unreadable_weights_are_errors_not_random_init(tmp_path):

@@ -78,12 +78,20 @@ class ExportParams:
 
 
 @dataclass(frozen=True)
+class PetParams:
+    not_pets_dir: str
+    keep_target: float
+    synthetic_per_kind: int
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams
     preprocess: dict[str, Any]
     train: TrainParams
     mlflow: MlflowParams
     export: ExportParams
+    pet: PetParams | None = None
 
 
 def _stage(raw: dict[str, Any]) -> StageParams:
@@ -102,4 +110,5 @@ def load_params(path: Path = DEFAULT_PARAMS) -> Params:
         train=TrainParams(**{**train, "baseline": _stage(train["baseline"]), "final": _stage(train["final"])}),
         mlflow=MlflowParams(**raw["mlflow"]),
         export=ExportParams(**raw["export"]),
+        pet=PetParams(**raw["pet"]) if raw.get("pet") else None,
     )

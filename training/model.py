@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 
+from training.pet import PetHead
+
 IMAGENET = "imagenet"
 
 
@@ -39,6 +41,16 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise TypeError(f"pretrained weights {path} hold a {type(state).__name__}, not a state_dict")
     return state
+
+
+def imagenet_head_state(pretrained: str) -> dict[str, torch.Tensor]:
+    """ImageNet's 1000-class classifier (weight, bias) from the same pretrained weights as the backbone."""
+    state = (
+        MobileNet_V2_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+        if pretrained == IMAGENET
+        else load_state_dict(Path(pretrained))
+    )
+    return {"weight": state["classifier.1.weight"].clone(), "bias": state["classifier.1.bias"].clone()}
 
 
 def freeze_backbone(model: nn.Module, unfreeze_blocks: int) -> None:
@@ -77,25 +89,38 @@ class Predictor(nn.Module):
 
     With hflip_average, the probabilities are the mean over the photo and its mirror image (horizontal-flip
     test-time averaging, inside the exported graph, so every runtime does the same). It costs two forward
-    passes per photo.
+    passes per photo. With a pet_head (training.pet.PetHead) it also returns each photo's pet score, from the
+    same pooled features and averaged over the same views: (probabilities, pet_score).
     """
 
-    def __init__(self, model: nn.Module, hflip_average: bool = False) -> None:
+    def __init__(self, model: nn.Module, hflip_average: bool = False, pet_head: nn.Module | None = None) -> None:
         super().__init__()
         self.model = model
         self.hflip_average = hflip_average
+        self.pet_head = pet_head
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        views = torch.cat([images, images.flip(3)]) if self.hflip_average else images
+        features = embed(self.model, views)
+        probabilities = self.average(torch.softmax(self.model.classifier(features), dim=1), images.shape[0])
+        if self.pet_head is None:
+            return probabilities
+        return probabilities, self.average(self.pet_head(features), images.shape[0])
+
+    def average(self, values: torch.Tensor, batch: int) -> torch.Tensor:
+        """The mean over the views of each photo (a no-op for a single view)."""
         if not self.hflip_average:
-            return torch.softmax(self.model(images), dim=1)
-        probabilities = torch.softmax(self.model(torch.cat([images, images.flip(3)])), dim=1)
-        return probabilities.view(2, images.shape[0], -1).mean(0)
+            return values
+        return values.view(2, batch, *values.shape[1:]).mean(0)
 
 
 def load_predictor(path: Path) -> tuple[Predictor, dict[str, Any]]:
-    """A trained checkpoint as the Predictor it is exported as, and the checkpoint."""
+    """A trained checkpoint as the Predictor it is exported as (with its pet head when it has one), and the
+    checkpoint."""
     model, checkpoint = load_checkpoint(path)
-    return Predictor(model, bool(checkpoint.get("hflip_average", False))).eval(), checkpoint
+    pet_head = PetHead(checkpoint["pet_head"]) if checkpoint.get("pet_head") else None
+    predictor = Predictor(model, bool(checkpoint.get("hflip_average", False)), pet_head)
+    return predictor.eval(), checkpoint
 
 
 def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:

@@ -24,8 +24,17 @@ from imaging import EXTENSIONS
 from training import tracking
 from training.config import DEFAULT_PARAMS, Params, StageParams, load_params
 from training.metrics import classification_report, plot_confusion_matrix
-from training.model import IMAGENET, Predictor, build_model, embed, freeze_backbone, set_train_mode
+from training.model import (
+    IMAGENET,
+    Predictor,
+    build_model,
+    embed,
+    freeze_backbone,
+    imagenet_head_state,
+    set_train_mode,
+)
 from training.presets import ClassificationPresetEval, ClassificationPresetTrain, ImageLoader, PreprocessSpec
+from training.stats import proportion
 from training.utils import git_commit, pick_device, seed_everything, sha256_file, write_json
 
 STAGES = ("baseline", "final")
@@ -232,6 +241,17 @@ def train_stage(name: str, params: Params, data_dir: Path, pretrained: str, out_
         report = classification_report(targets, probabilities.argmax(1), labels)
         report["hflip_average"] = settings.hflip_average
         report["single_view_accuracy"] = float((single_view.argmax(1) == targets).mean())
+        # val + test: the per-photo results the champion is decided on (paired, same data version), and the
+        # accuracy with its Wilson 95% interval (val picked the best epoch, so it is a little optimistic)
+        val_set = loader("val", evaluation)
+        val_probabilities, val_targets = predict(Predictor(model, settings.hflip_average), val_set, device)
+        files = [Path(path).relative_to(data_dir).as_posix() for path, _ in val_set.dataset.samples]
+        files += [Path(path).relative_to(data_dir).as_posix() for path, _ in test.dataset.samples]
+        hits = np.concatenate([val_probabilities.argmax(1) == val_targets, probabilities.argmax(1) == targets])
+        correct = {file: bool(hit) for file, hit in zip(files, hits, strict=True)}
+        mlflow.log_dict({"data_version": lineage["data_version"], "correct": correct}, tracking.DECISION_SET)
+        report["val_test_accuracy"] = proportion(int(hits.sum()), len(hits))
+        report["test_accuracy_ci95"] = proportion(int((probabilities.argmax(1) == targets).sum()), len(targets))["ci95"]
         report["train_seconds"] = time.perf_counter() - started
         mlflow.log_metrics({f"test_{k}": v for k, v in report.items() if isinstance(v, float) and k != "train_seconds"})
         mlflow.log_metric("train_seconds", report["train_seconds"])
@@ -251,16 +271,19 @@ def train_stage(name: str, params: Params, data_dir: Path, pretrained: str, out_
         version = f"{name}-{run.info.run_id[:12]}"
         if registered:
             version = f"{registered}-v{info.registered_model_version}"
-            promoted = tracking.promote_if_better(
-                registered, str(info.registered_model_version), report["accuracy"], params.mlflow.champion_alias
-            )
+            decision = tracking.promote_if_better(
+                registered, str(info.registered_model_version), correct, lineage["data_version"],
+                params.mlflow.champion_alias,
+            )  # fmt: skip
             report["registered_version"] = info.registered_model_version
-            report["champion"] = promoted
-            mlflow.set_tag("champion", str(promoted))
+            report["champion"] = decision["promoted"]
+            report["champion_decision"] = decision
+            mlflow.set_tag("champion", str(decision["promoted"]))
         checkpoint = {
             "arch": "mobilenet_v2", "state_dict": model.state_dict(), "preprocess": spec.to_dict(),
             "model_version": version, "run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
             "stage": name, "test_accuracy": report["accuracy"], "hflip_average": settings.hflip_average, **lineage,
+            "pet_head": imagenet_head_state(pretrained),  # the not-a-pet head, see training/pet.py
         }  # fmt: skip
         out_dir.mkdir(parents=True, exist_ok=True)
         torch.save(checkpoint, out_dir / f"{name}.pt")
