@@ -71,6 +71,7 @@ SETTINGS_HELP: tuple[SettingHelp, ...] = (
     SettingHelp(
         "FEEDBACK_STORE_SIZE", "10000", "recent predictions kept in memory for POST /feedback (oldest evicted)"
     ),
+    SettingHelp("PET_THRESHOLD", "the model's", "pet_score at or above which is_pet is true (0-1; docs/not-a-pet.md)"),
     SettingHelp("FEEDBACK_DB", "unset", "SQLite file for the feedback store instead of memory (survives restarts)"),
     SettingHelp(
         "DRIFT_WINDOW", "500", "predictions per drift window (catsdogs_drift_psi against the model's reference)"
