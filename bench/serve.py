@@ -284,6 +284,24 @@ def worst_mix(port: int, pid: int, name: str, request: bytes, clients: int, seco
             "peak_rss_mb": peak_rss_mb(pid)}  # fmt: skip
 
 
+def largest_accepted_side(model: Path, settings: Settings) -> int:
+    """The side of the largest square RGBA PNG the decode budget (MAX_DECODE_BYTES) accepts: the costliest image."""
+    import onnxruntime as ort
+
+    from imaging import Decoder
+    from imaging.budget import decode_cost
+
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    spec = json.loads(session.get_modelmeta().custom_metadata_map["catsdogs"])["preprocess"]
+    decoder = Decoder.from_spec(spec, max_pixels=settings.max_image_pixels, max_bytes=settings.max_decode_bytes)
+    low, high = 1, int(settings.max_image_pixels**0.5)
+    while low < high:
+        side = (low + high + 1) // 2
+        cost = decode_cost("RGBA", (side, side), alpha=True, factor=decoder.reduce_factor((side, side)))
+        low, high = (side, high) if cost <= settings.max_decode_bytes else (low, side - 1)
+    return low
+
+
 def worst_requests(port: int, image: bytes, settings: Settings, pixels: int) -> dict[str, bytes]:
     """The costliest requests the defaults accept: the largest body, the fullest batch, the most pixels."""
     padded = image + b"\0" * (settings.max_upload_bytes - len(image) - 1024)  # bytes after JPEG's end are ignored
@@ -344,7 +362,7 @@ def measure_service(root: Path, model: Path, image: bytes, args: argparse.Namesp
             report["flood"] = flood(port, request)
             report["ready_after_flood"] = one_shot(port, b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 200
             capacity = settings.inference_concurrency + settings.max_queue
-            pixels = args.worst_pixels or settings.max_image_pixels
+            pixels = args.worst_pixels or largest_accepted_side(model, settings) ** 2
             report["worst_mix"] = [
                 worst_mix(port, process.pid, name, body, capacity, args.seconds)
                 for name, body in worst_requests(port, image, settings, pixels).items()

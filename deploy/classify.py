@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
@@ -31,6 +31,9 @@ LAST_COLUMNS = ["error_code", "error"]
 
 Row = dict[str, Any]
 Classifier = Callable[[list[tuple[Path, bytes]]], list[Row]]
+
+if TYPE_CHECKING:
+    from server.config import Settings
 
 
 def find_images(root: Path) -> list[Path]:
@@ -51,12 +54,20 @@ def error_row(code: str, message: str) -> Row:
 # --- two ways to classify: in process, or over HTTP -----------------------------------------------------------------
 
 
-def in_process(model_path: Path, threads: int, max_pixels: int) -> tuple[Classifier, str]:
-    """Batches through server.model.Model, exactly as the service runs them."""
+def in_process(model_path: Path, threads: int, settings: Settings) -> tuple[Classifier, str]:
+    """Batches through server.model.Model, exactly as the service runs them (its limits and pet threshold too)."""
+    from imaging import limit_pillow
     from server.model import Model, Prediction
     from server.preprocess import ImageError
 
-    model = Model(model_path, threads=threads, max_pixels=max_pixels)
+    limit_pillow(settings.max_image_pixels)
+    model = Model(
+        model_path,
+        threads=threads,
+        max_pixels=settings.max_image_pixels,
+        max_decode_bytes=settings.max_decode_bytes,
+        pet_threshold=settings.pet_threshold,
+    )
 
     def to_row(result: Prediction | ImageError) -> Row:
         if isinstance(result, ImageError):
@@ -262,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             settings = Settings.from_env()
             model_path = args.model or settings.model_path
-            classify, source = in_process(model_path, args.threads or available_cpus(), settings.max_image_pixels)
+            classify, source = in_process(model_path, args.threads or available_cpus(), settings)
         except (ValueError, ModelError) as error:
             sys.exit(f"deploy.classify: {error}")
     output = Output(args.output)

@@ -130,7 +130,11 @@ def calibrate(
     Returns the metadata block for the model, the report, and the held-out scores (for the plot).
     """
     model = Model(model_path, threads=0, max_pixels=50_000_000, pet_threshold=0.5)  # the threshold is chosen below
-    not_pets = not_pet_files(not_pets_dir)
+    if not_pets_dir.is_dir():
+        not_pets = not_pet_files(not_pets_dir)
+    else:  # the rule reads only the pets; the ImageNet non-pets are reported when present
+        print(f"warning: no not-pet images at {not_pets_dir} (pet.not_pets_dir): their rates are not reported")
+        not_pets = {"dev": [], "held_out": []}
     generated = synthetic.generate(synthetic_per_kind)
     scores = {
         "dev_pets": pet_scores(model, read_all(pet_files(data_dir, ("train", "val")))),
@@ -146,6 +150,7 @@ def calibrate(
         "held out: test pets vs ImageNet not-pets (2 mod 4)": (scores["test_pets"], scores["held_out_not_pets"]),
         "held out: test pets vs generated non-ImageNet": (scores["test_pets"], scores["generated"]),
     }
+    sets = {name: (pets, others) for name, (pets, others) in sets.items() if len(others)}
     chosen_on = {
         "pets": f"{data_dir}/train + {data_dir}/val ({len(scores['dev_pets'])} photos)",
         "not_pets": f"{not_pets_dir}, ImageNet class index 0 mod 4 ({len(scores['dev_not_pets'])} images)",

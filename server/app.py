@@ -229,6 +229,7 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 async def overloaded(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, Overloaded)
+    request.scope["state"].setdefault("log", {})["error_code"] = exc.code
     return error_response(503, exc.code, exc.message, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 

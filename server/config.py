@@ -58,7 +58,7 @@ SETTINGS_HELP: tuple[SettingHelp, ...] = (
         "ORT_SOLO_THREADS", "CPUs / WORKERS", "onnxruntime threads for an inference that runs alone (idle machine)"
     ),
     SettingHelp("MAX_QUEUE", "4 x INFERENCE_CONCURRENCY", "requests that may wait for an inference slot; past it 503"),
-    SettingHelp("MAX_QUEUE_BYTES", str(64 * MIB), "bytes of bodies all admitted requests may hold; past it 503"),
+    SettingHelp("MAX_QUEUE_BYTES", str(48 * MIB), "bytes of bodies all admitted requests may hold; past it 503"),
     SettingHelp("QUEUE_TIMEOUT", "10", "seconds a request may wait for an inference slot before a 503"),
     SettingHelp("DECODE_CONCURRENCY", "CPUs / WORKERS", "images decoded at once (bounds decode memory)"),
     SettingHelp("MAX_UPLOAD_BYTES", str(10 * MIB), "request body limit in bytes (a whole /predict/batch body)"),
@@ -171,7 +171,7 @@ class Settings:
             inference_concurrency=concurrency,
             # requests waiting for an inference slot (each may hold a body): see docs/capacity.md, "Memory budget"
             max_queue=_int("MAX_QUEUE", 4 * concurrency),
-            max_queue_bytes=_int("MAX_QUEUE_BYTES", 64 * MIB, minimum=1),
+            max_queue_bytes=_int("MAX_QUEUE_BYTES", 48 * MIB, minimum=1),
             queue_timeout=_int("QUEUE_TIMEOUT", 10, minimum=1),
             # images decoded at once: decoding is CPU-bound and its memory peak is per image
             decode_concurrency=_int("DECODE_CONCURRENCY", 0) or cpus_per_worker,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -117,9 +118,13 @@ class Model:
         available = [output.name for output in self.session.get_outputs()]
         probabilities = self.metadata.get("output_name", available[0])
         pet = self.metadata.get("pet") or {}
-        if probabilities not in available or pet.get("output_name", available[0]) not in available:
+        if probabilities not in available or (pet and pet.get("output_name") not in available):
             raise ModelError(f"{path} has outputs {available}, not those its metadata names")
         if not pet:
+            if override is not None:
+                logging.getLogger("catsdogs").warning(
+                    "PET_THRESHOLD is set but the model has no pet output: is_pet and pet_score stay null"
+                )
             return [probabilities], None
         threshold = pet.get("threshold") if override is None else override
         if not isinstance(threshold, (int, float)):

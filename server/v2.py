@@ -26,6 +26,7 @@ from starlette.routing import Route
 from server.admission import RETRY_AFTER_S, Overloaded, admit
 from server.app import ClientError, limited_stream, require_model, run_classify
 from server.model import Model, Prediction
+from server.observe import observe
 from server.preprocess import ImageError
 
 MODEL_NAME = "catsdogs"
@@ -50,6 +51,7 @@ OUTPUTS = (
     Output("pet_score", "FP32", lambda m: [], lambda p, m: getattr(p, "pet_score", None)),
     Output("is_pet", "BOOL", lambda m: [], lambda p, m: getattr(p, "is_pet", None)),
 )
+PET_OUTPUTS = frozenset({"pet_score", "is_pet"})
 NUMPY_TYPES = {"FP32": np.dtype("<f4"), "BOOL": np.dtype(np.bool_)}
 
 
@@ -61,8 +63,10 @@ def v2_errors(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[R
         try:
             return await endpoint(request)
         except ClientError as error:
+            request.scope["state"].setdefault("log", {})["error_code"] = error.code
             return JSONResponse({"error": error.message}, status_code=error.status)
         except Overloaded as error:
+            request.scope["state"].setdefault("log", {})["error_code"] = error.code
             return JSONResponse({"error": error.message}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
 
     return handle
@@ -85,16 +89,8 @@ def served_model(request: Request) -> Model:
 
 
 def model_outputs(request: Request, model: Model) -> list[Output]:
-    """The outputs this model gives, found once per model by asking it about one blank image."""
-    state = request.app.state
-    cache: dict[str, list[Output]] | None = getattr(state, "v2_outputs", None)
-    if cache is None:
-        cache = state.v2_outputs = {}
-    if model.sha256 not in cache:
-        size = model.preprocess.input_size
-        [probe] = model.predict(np.zeros((1, 3, size, size), dtype=np.float32))
-        cache[model.sha256] = [output for output in OUTPUTS if output.value(probe, model) is not None]
-    return cache[model.sha256]
+    """The outputs this model gives: the pet outputs only when the model has a pet head."""
+    return list(OUTPUTS) if model.pet_threshold is not None else [o for o in OUTPUTS if o.name not in PET_OUTPUTS]
 
 
 # --- request ------------------------------------------------------------------------------------------------------
@@ -224,10 +220,11 @@ def output_tensor(output: Output, model: Model, predictions: list[Prediction], b
 
 
 def infer_response(header: dict[str, Any], model: Model, outputs: list[tuple[Output, bool]],
-                   predictions: list[Prediction]) -> Response:  # fmt: skip
+                   predictions: list[Prediction], request_ids: list[str]) -> Response:  # fmt: skip
     body: dict[str, Any] = {"model_name": MODEL_NAME, "model_version": model.version}
     if "id" in header:
         body["id"] = header["id"]
+    body["parameters"] = {"request_ids": request_ids}  # for POST /feedback, one per image
     tensors, chunks = [], []
     for output, binary in outputs:
         tensor, data = output_tensor(output, model, predictions, binary)
@@ -299,13 +296,20 @@ async def infer(request: Request) -> Response:
     header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
     images = image_input(header, binary, settings.max_batch_files)
     outputs = requested_outputs(header, model_outputs(request, model))
+    header.pop("inputs", None)  # the base64 strings: only the decoded images are needed from here on
+    del body, binary
     results = await run_classify(request, images)
     request.scope["state"]["log"] = {"protocol": "v2", "images": len(images)}
     for index, result in enumerate(results):
         if isinstance(result, ImageError):
             raise ClientError(result.status, result.code, f"{INPUT_NAME}[{index}]: {result.message}")
+    # recorded like /predict (one image) and /predict/batch (several): feedback, drift and the prediction log
+    items: list[dict[str, Any]] | None = [{} for _ in images] if len(images) > 1 else None
+    observe(request, [(f"{INPUT_NAME}[{i}]", data) for i, data in enumerate(images)], results, items)
+    request_id = request.scope["state"]["request_id"]
+    request_ids = [item["request_id"] for item in items] if items is not None else [request_id]
     predictions = [result for result in results if isinstance(result, Prediction)]
-    return infer_response(header, model, outputs, predictions)
+    return infer_response(header, model, outputs, predictions, request_ids)
 
 
 MODEL = "/v2/models/{model_name}"

@@ -4,6 +4,7 @@ the threshold choice, and a model without the pet output still serving."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from starlette.testclient import TestClient
 
 from export import synthetic
-from export.not_a_pet import choose_threshold, not_pet_files
+from export.not_a_pet import calibrate, choose_threshold, not_pet_files
 from server.app import create_app
 from server.config import Settings
 from tests.conftest import WEIGHTS, photos
@@ -144,3 +145,16 @@ def test_intervals_state_the_noise_of_small_samples():
     assert same["difference"] == 0 and 0 < same["max_loss_upper95"] < 0.01  # zero flips still bound the loss
     one_better = paired(np.r_[np.ones(370), np.zeros(6)], np.r_[np.ones(372), np.zeros(4)])
     assert one_better["only_candidate_right"] == 2 and one_better["mcnemar_p"] > 0.05  # two photos: noise
+
+
+def test_the_threshold_is_chosen_without_the_not_pet_folder(onnx_model, tmp_path):
+    data = tmp_path / "processed"
+    for split, start in (("train", 1), ("val", 4), ("test", 7)):
+        for label in ("cat", "dog"):
+            (data / split / label).mkdir(parents=True)
+            for photo in photos(label, 3, start=start):
+                shutil.copyfile(photo, data / split / label / photo.name)
+    metadata, report, sets = calibrate(onnx_model, data, tmp_path / "absent", keep_target=0.99, synthetic_per_kind=1)
+    assert 0 < metadata["threshold"] <= 1
+    assert list(sets) == ["held out: test pets vs generated non-ImageNet"]
+    assert set(report["at_threshold"]) == set(sets)

@@ -114,8 +114,10 @@ def test_json_base64_input_and_requested_outputs(service):
         "model_name": "catsdogs",
         "model_version": response.json()["model_version"],
         "id": "json-1",
+        "parameters": {"request_ids": response.json()["parameters"]["request_ids"]},
         "outputs": [{"name": "label", "datatype": "BYTES", "shape": [2], "data": ["cat", "dog"]}],
     }
+    assert len(response.json()["parameters"]["request_ids"]) == 2
 
 
 def test_requested_outputs_subset_with_binary_per_output(client, service):
@@ -245,3 +247,18 @@ def test_pet_outputs_appear_when_the_prediction_has_them(onnx_model):
     assert np.frombuffer(data, "<f4").tolist() == [0.75, 0.125]
     flag, _ = output_tensor(by_name["is_pet"], model, predictions, binary=False)
     assert flag == {"name": "is_pet", "datatype": "BOOL", "shape": [2], "data": [True, False]}
+
+
+def test_v2_predictions_take_feedback_and_feed_drift_like_predict(client, service):
+    images = [photo_bytes(name) for name in PHOTOS[:2]]
+    before = httpx.get(f"{service.url}/metrics", timeout=10).text
+    result = client.infer("catsdogs", [image_input(images)], headers={"X-Request-ID": "v2-feedback"})
+    ids = result.get_response()["parameters"]["request_ids"]
+    assert ids == ["v2-feedback/0", "v2-feedback/1"]
+    labels = [x.decode() for x in result.as_numpy("label")]
+    answer = httpx.post(f"{service.url}/feedback", json={"request_id": ids[1], "label": labels[1]}, timeout=10)
+    assert answer.status_code == 200 and answer.json()["correct"] is True
+    single = client.infer("catsdogs", [image_input(images[:1])], headers={"X-Request-ID": "v2-one"})
+    assert single.get_response()["parameters"]["request_ids"] == ["v2-one"]
+    after = httpx.get(f"{service.url}/metrics", timeout=10).text
+    assert after != before and 'catsdogs_feedback_total{correct="true"' in after

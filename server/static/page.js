@@ -85,7 +85,7 @@ function bar(label, probability) {
 }
 
 function verdict(result) {
-  if (!("is_pet" in result)) return null;
+  if (typeof result.is_pet !== "boolean") return null; // null: the model has no pet output
   const score = typeof result.pet_score === "number" ? ` (pet score ${result.pet_score.toFixed(2)})` : "";
   return result.is_pet
     ? element("p", "verdict pet", `Looks like a pet${score}`)
