@@ -13,7 +13,8 @@ export PRETRAINED
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: help setup setup-serve data prepare train cv export pipeline serve classify test test-fast lint format \
-	mlflow-ui bench bench-model bench-hostile image image-train smoke-image smoke-compose eval-deployed screenshots drift-demo clean
+	mlflow-ui bench bench-model bench-hostile image image-train smoke-image smoke-compose eval-deployed screenshots drift-demo clean \
+	bench-capacity lint-k8s
 
 help: ## List the targets with one line each (this is the default goal)
 	@echo "Usage: make TARGET [VARIABLE=value ...]"
@@ -90,7 +91,6 @@ HOSTILE_BASE ?= cb8dd46
 bench-hostile: setup ## Cost (outcome, CPU, peak RSS) of each class of hostile image, now and at HOSTILE_BASE
 	python -m bench.hostile --base $(HOSTILE_BASE) --out reports/bench-hostile.json
 
-.PHONY: bench-capacity
 bench-capacity: setup ## Requests/s per CPU through the service (/predict and V2 infer), for the capacity plan
 	@test -n "$(BENCH_IMAGE)" || { echo "set BENCH_IMAGE=path/to/photo.jpg (or run make prepare)" >&2; exit 2; }
 	python -m bench.capacity --image "$(BENCH_IMAGE)"
@@ -124,7 +124,6 @@ lint: setup ## ruff, hadolint, compose and workflow schemas, actionlint
 
 # CRDs (ServiceMonitor, InferenceService) have no schema in kubernetes-validate: it warns and skips them.
 KUSTOMIZATIONS := deploy/k8s/base $(wildcard deploy/k8s/overlays/*) deploy/kserve
-.PHONY: lint-k8s
 lint-k8s: setup ## Render every kustomization (kubectl kustomize) and validate all resources (kubernetes-validate --strict)
 	@mkdir -p build/k8s
 	@set -e; for k in $(KUSTOMIZATIONS); do \

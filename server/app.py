@@ -122,8 +122,8 @@ def classify(model: Model, metrics: Metrics, images: list[bytes]) -> list[Predic
     """Model.classify_all plus the inference metrics. Runs in a worker thread."""
     results, seconds = model.classify_all(images)
     predictions = [r for r in results if isinstance(r, Prediction)]
-    if predictions:
-        metrics.inference_latency.observe(seconds)
+    for run in seconds:  # one observation per session.run, so a batch does not look like one slow inference
+        metrics.inference_latency.observe(run)
     for prediction in predictions:
         metrics.predictions.labels(prediction.label).inc()
         metrics.confidence.observe(prediction.confidence)

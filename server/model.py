@@ -175,12 +175,12 @@ class Model:
             with self.running_lock:
                 self.running -= 1
 
-    def classify_all(self, images: list[bytes]) -> tuple[list[Prediction | ImageError], float]:
-        """Each image's prediction, or its ImageError. Returns the results and the seconds session.run took.
+    def classify_all(self, images: list[bytes]) -> tuple[list[Prediction | ImageError], list[float]]:
+        """Each image's prediction, or its ImageError, and the seconds each session.run took (one per image run).
         Each image is decoded and run in turn (RUN_BATCH), so a batch holds one decoded image at a time."""
         errors: dict[int, ImageError] = {}
         predictions: dict[int, Prediction] = {}
-        seconds = 0.0
+        seconds: list[float] = []
         with self.running_lock:
             self.active += 1
         try:
@@ -193,7 +193,7 @@ class Model:
                     continue
                 started = time.perf_counter()
                 [predictions[index]] = self.predict(array[np.newaxis])
-                seconds += time.perf_counter() - started
+                seconds.append(time.perf_counter() - started)
         finally:
             with self.running_lock:
                 self.active -= 1

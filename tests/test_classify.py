@@ -19,7 +19,7 @@ from deploy.client import free_port
 from tests.conftest import DATASET, ROOT, photos
 from tests.service import Service
 
-SERVE_STACK = {"onnxruntime", "numpy", "PIL", "tqdm", "deploy", "server"}
+SERVE_STACK = {"onnxruntime", "numpy", "PIL", "tqdm", "deploy", "server", "imaging"}
 BROKEN = {"cat.90001.jpg": "empty_image", "cat.90003.jpg": "invalid_image", "dog.90002.jpg": "corrupt_image"}
 
 

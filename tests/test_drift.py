@@ -102,7 +102,7 @@ def test_drift_gauges_move_when_the_input_changes(onnx_model):
     cats = [DATASET / "cats" / f"cat.{i}.jpg" for i in range(101, 121)]
     dogs = [DATASET / "dogs" / f"dog.{i}.jpg" for i in range(101, 161)]
     with TestClient(create_app(settings)) as client:
-        assert gauges(client, COUNT_LINE) == {"confidence": 0.0, "label": 0.0}
+        assert gauges(client, COUNT_LINE) == {"confidence": 0.0, "label": 0.0, "pet_score": 0.0}
         for cat, dog in zip(cats, dogs, strict=False):
             send(client, cat)
             send(client, dog)
@@ -113,12 +113,14 @@ def test_drift_gauges_move_when_the_input_changes(onnx_model):
         for photo in NOT_PETS[:40]:
             send(client, photo)
         not_pets = gauges(client)
-        assert gauges(client, COUNT_LINE) == {"confidence": 40.0, "label": 40.0}
+        assert gauges(client, COUNT_LINE) == {"confidence": 40.0, "label": 40.0, "pet_score": 40.0}
     # measured: like the reference 0.52 / 0.02, dogs only 1.35 / 1.22, not pets 3.24 / 0.00 (confidence / label);
     # 40 photos is a small window, so "like the reference" is well above 0 (see docs/page-and-feedback.md)
     assert like_reference["label"] < 0.1 and like_reference["confidence"] < 1.0, like_reference
     assert dogs_only["label"] > 1.0, dogs_only
     assert not_pets["confidence"] > 2.5 and not_pets["confidence"] > 4 * like_reference["confidence"], not_pets
+    # measured pet score PSI: like the reference 0.29, dogs only 0.51, not pets 7.18
+    assert not_pets["pet_score"] > 2.5 and not_pets["pet_score"] > 4 * like_reference["pet_score"], not_pets
 
 
 def test_a_model_without_reference_serves_without_drift_gauges(onnx_model, tmp_path):

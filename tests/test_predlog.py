@@ -42,8 +42,8 @@ def test_the_log_joins_predictions_and_feedback_and_holds_no_image(onnx_model, t
     assert raw["label"] == "dog" and raw["model_version"] == "seeded-imagenet-head"
     assert raw["bytes"] == len(sent[1]) and raw["content_type"] == "image/png"
     assert predictions["b-1/2"]["content_type"] == "image/jpeg" and predictions["b-1/2"]["bytes"] == len(sent[3])
-    assert set(raw) == {"event", "time", "request_id", "model_version", "label", "probabilities", "bytes",
-                        "content_type"}  # fmt: skip
+    assert set(raw) == {"event", "time", "request_id", "model_version", "label", "probabilities", "is_pet",
+                        "pet_score", "bytes", "content_type"}  # fmt: skip
     joined = [(predictions[i]["label"], f["label"]) for i, f in feedback.items()]  # what offline tooling does
     assert joined == [("cat", "cat"), ("cat", "dog")]
     assert log.stat().st_size < 2000  # a few hundred bytes a line: no image in it
