@@ -12,6 +12,7 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from export import not_a_pet
 from export.convert import log_to_run, write_metadata
 from export.evaluate import evaluate_onnx, load_split, make_session, predict, read_metadata
 from training.config import DEFAULT_PARAMS, load_params
@@ -126,6 +127,13 @@ def main(argv: list[str] | None = None) -> None:
             f"{gate['accuracy_fp32']:.4f}; it may lose up to {gate['paired']['max_loss_upper95']:.4f} (95% bound) > "
             f"export.int8_max_accuracy_drop {gate['max_accuracy_drop']:.4f}; {gate['label_flips']} label flips"
         )
+    if metadata.get("pet") and params.pet is not None:  # int8 moves the pet score: re-choose its threshold
+        pet, pet_report, _ = not_a_pet.calibrate(int8_path, data_dir, Path(params.pet.not_pets_dir),
+                                                 params.pet.keep_target, params.pet.synthetic_per_kind)  # fmt: skip
+        write_metadata(int8_path, {**metadata, "precision": "int8", "pet": {**metadata["pet"], **pet}})
+        report["pet"] = {"threshold_float32": metadata["pet"].get("threshold"), "threshold_int8": pet["threshold"],
+                         "at_threshold": pet_report["at_threshold"]}  # fmt: skip
+        write_json(args.report, report)
     log_to_run(metadata.get("run_id"), [int8_path], {"onnx_int8_test_accuracy": int8["accuracy"],
                                                      "onnx_int8_label_flips": gate["label_flips"]})  # fmt: skip
     print(

@@ -110,6 +110,9 @@ def test_int8_model_is_kept_only_within_the_accuracy_drop(workspace, monkeypatch
     gate = report["gate"]
     assert gate["accepted"] and gate["label_flips"] == len(gate["flipped_indices"])
     assert abs(gate["accuracy_fp32"] - gate["accuracy_int8"]) <= 0.1
+    pet = read_metadata(int8)["pet"]  # the threshold is re-chosen on the int8 model's own pet scores
+    assert pet["threshold"] == report["pet"]["threshold_int8"] and 0 < pet["threshold"] <= 1
+    assert report["pet"]["threshold_float32"] == read_metadata(fp32)["pet"]["threshold"]
     run_convert(workspace, write_params(workspace, min_accuracy=0.5), fp32)  # a new float32 model...
     assert not int8.exists() and not int8.with_suffix(".json").exists()  # ...drops the int8 made from the old one
     quantize.main(["--model", str(fp32), "--params", str(accepting), "--data", str(workspace / "processed"),
