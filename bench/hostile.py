@@ -17,19 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.images import animated, flat_image, flat_png, phone_photo, rle_bmp
+from tests.images import SPEC, animated, flat_image, flat_png, phone_photo, rle_bmp
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC = {
-    "labels": ["cat", "dog"],
-    "input_size": 224,
-    "resize_size": 256,
-    "interpolation": "bilinear",
-    "mean": [0.485, 0.456, 0.406],
-    "std": [0.229, 0.224, 0.225],
-    "jpeg_draft": True,
-    "reducing_gap": 2.0,
-}
 BATCH = 32
 ADDRESS_SPACE_LIMIT = 8 * 1024**3  # a case that needs more dies with MemoryError instead of taking the machine
 

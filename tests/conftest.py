@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -71,3 +71,14 @@ def onnx_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.seeded_model import export_seeded_model
 
     return export_seeded_model(tmp_path_factory.mktemp("seeded"), WEIGHTS)
+
+
+@pytest.fixture(scope="module")
+def service(onnx_model: Path) -> Iterator:
+    """`python -m server` on a free port with the real model, ready, shared by one test module."""
+    from tests.service import Service
+
+    running = Service(onnx_model)
+    running.wait_ready()
+    yield running
+    running.stop()

@@ -103,3 +103,16 @@ def phone_photo(name: str = "cats/cat.90008.jpg", size: tuple[int, int] = (4032,
     """A real photo upscaled to a phone camera's 12 MP and saved as a quality-90 JPEG."""
     with Image.open(DATASET / name) as image:
         return encode(image.convert("RGB").resize(size, Image.Resampling.BICUBIC), "JPEG", quality=90, **options)
+
+
+# A preprocessing spec as a trained model carries it (params.yaml's `preprocess`), for tests and benchmarks.
+SPEC = {
+    "labels": ["cat", "dog"],
+    "input_size": 224,
+    "resize_size": 256,
+    "interpolation": "bilinear",
+    "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225],
+    "jpeg_draft": True,
+    "reducing_gap": 2.0,
+}

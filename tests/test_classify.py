@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,18 +16,9 @@ import pytest
 from deploy import classify
 from deploy.client import free_port
 from tests.conftest import DATASET, ROOT, photos
-from tests.service import Service
 
 SERVE_STACK = {"onnxruntime", "numpy", "PIL", "tqdm", "deploy", "server", "imaging"}
 BROKEN = {"cat.90001.jpg": "empty_image", "cat.90003.jpg": "invalid_image", "dog.90002.jpg": "corrupt_image"}
-
-
-@pytest.fixture(scope="module")
-def service(onnx_model: Path) -> Iterator[Service]:
-    running = Service(onnx_model)
-    running.wait_ready()
-    yield running
-    running.stop()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import hashlib
 import json
 import shutil
 import time
-from pathlib import Path
 
 import pytest
 
@@ -15,14 +14,6 @@ from deploy.client import free_port
 from deploy.smoke import smoke
 from tests.conftest import DATASET, photos
 from tests.service import Service
-
-
-@pytest.fixture(scope="module")
-def service(onnx_model: Path):
-    running = Service(onnx_model)
-    running.wait_ready()
-    yield running
-    running.stop()
 
 
 def test_smoke_passes_on_a_healthy_service(service):

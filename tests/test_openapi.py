@@ -7,22 +7,12 @@ import sys
 from pathlib import Path
 
 import httpx2 as httpx
-import pytest
 from starlette.routing import Route
 
 from server.app import create_app
 from tests.conftest import ROOT
-from tests.service import Service
 
 SCHEMATHESIS = Path(sys.executable).parent / "st"
-
-
-@pytest.fixture(scope="module")
-def service(onnx_model: Path):
-    running = Service(onnx_model)
-    running.wait_ready()
-    yield running
-    running.stop()
 
 
 def test_every_route_is_documented(service):

@@ -11,18 +11,7 @@ from PIL import Image
 
 from server.preprocess import ImageError, Preprocessor
 from tests.conftest import CMYK, GRAYSCALE, LARGE, RGBA_PNG
-from tests.images import exif_rotated_twins, flat_png, photo_bytes, png_header_only, transparent_png
-
-SPEC = {
-    "labels": ["cat", "dog"],
-    "input_size": 224,
-    "resize_size": 256,
-    "interpolation": "bilinear",
-    "mean": [0.485, 0.456, 0.406],
-    "std": [0.229, 0.224, 0.225],
-    "jpeg_draft": True,
-    "reducing_gap": 2.0,
-}
+from tests.images import SPEC, exif_rotated_twins, flat_png, photo_bytes, png_header_only, transparent_png
 
 
 @pytest.fixture(scope="module")

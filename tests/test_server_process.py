@@ -6,22 +6,11 @@ import json
 import signal
 import socket
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx2 as httpx
-import pytest
 
 from tests.images import photo_bytes
 from tests.service import Service
-
-
-@pytest.fixture(scope="module")
-def service(onnx_model: Path) -> Iterator[Service]:
-    running = Service(onnx_model)
-    running.wait_ready()
-    yield running
-    running.stop()
 
 
 def test_real_uvicorn_serves_predictions_with_request_ids(service):
