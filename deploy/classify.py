@@ -74,18 +74,8 @@ def in_process(model_path: Path, threads: int, settings: Settings) -> tuple[Clas
             return error_row(result.code, result.message)
         return {**asdict(result), "model_version": model.version}
 
-    def one(data: bytes) -> Row:
-        try:
-            [result], _ = model.classify_all([data])
-        except Exception as error:  # a decoder failure the service would answer with 500: recorded, never fatal
-            return error_row("decode_failed", f"{type(error).__name__}: {error}")
-        return to_row(result)
-
     def classify(batch: list[tuple[Path, bytes]]) -> list[Row]:
-        try:
-            results, _ = model.classify_all([data for _, data in batch])
-        except Exception:  # one bad file must not cost the batch: ask again one by one
-            return [one(data) for _, data in batch]
+        results, _ = model.classify_all([data for _, data in batch])  # a bad file is its own ImageError row
         return [to_row(result) for result in results]
 
     return classify, f"{model_path} (in process, model {model.version})"

@@ -148,9 +148,7 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit(
                     "the model has a pet head but params.yaml has no `pet` section to choose its threshold"
                 )
-            pet_metadata, pet_report, pet_sets = not_a_pet.calibrate(
-                staged, data_dir, Path(params.pet.not_pets_dir), params.pet.keep_target, params.pet.synthetic_per_kind
-            )
+            pet_metadata, pet_report, pet_sets = not_a_pet.calibrate(staged, data_dir, params.pet)
             metadata["pet"].update(pet_metadata)
             write_metadata(staged, metadata)
             pet = (pet_report, pet_sets)

@@ -22,8 +22,10 @@ import matplotlib
 import numpy as np
 
 from export import synthetic
+from imaging import DEFAULT_MAX_PIXELS
 from server.model import Model
-from training.config import DEFAULT_PARAMS, load_params
+from server.preprocess import ImageError
+from training.config import DEFAULT_PARAMS, PetParams, load_params
 from training.stats import proportion
 from training.utils import write_json
 
@@ -61,7 +63,7 @@ def pet_scores(model: Model, images: Sequence[bytes], batch_size: int = 32) -> n
     scores: list[float] = []
     for start in range(0, len(images), batch_size):
         results, _ = model.classify_all(list(images[start : start + batch_size]))
-        scores.extend(float(getattr(r, "pet_score", float("nan"))) for r in results)
+        scores.extend(float("nan") if isinstance(r, ImageError) else float(r.pet_score) for r in results)
     values = np.asarray(scores)
     if np.isnan(values).any():
         raise ValueError(f"{int(np.isnan(values).sum())} images could not be scored (undecodable)")
@@ -123,19 +125,20 @@ def read_all(files: Sequence[Path]) -> list[bytes]:
 
 
 def calibrate(
-    model_path: Path, data_dir: Path, not_pets_dir: Path, keep_target: float, synthetic_per_kind: int
+    model_path: Path, data_dir: Path, settings: PetParams
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Score every set, choose the threshold on development data, and evaluate it on the held-out sets.
 
     Returns the metadata block for the model, the report, and the held-out scores (for the plot).
     """
-    model = Model(model_path, threads=0, max_pixels=50_000_000, pet_threshold=0.5)  # the threshold is chosen below
+    not_pets_dir, keep_target = Path(settings.not_pets_dir), settings.keep_target
+    model = Model(model_path, threads=0, max_pixels=DEFAULT_MAX_PIXELS, pet_threshold=0.5)  # chosen below
     if not_pets_dir.is_dir():
         not_pets = not_pet_files(not_pets_dir)
     else:  # the rule reads only the pets; the ImageNet non-pets are reported when present
         print(f"warning: no not-pet images at {not_pets_dir} (pet.not_pets_dir): their rates are not reported")
         not_pets = {"dev": [], "held_out": []}
-    generated = synthetic.generate(synthetic_per_kind)
+    generated = synthetic.generate(settings.synthetic_per_kind)
     scores = {
         "dev_pets": pet_scores(model, read_all(pet_files(data_dir, ("train", "val")))),
         "dev_not_pets": pet_scores(model, read_all(not_pets["dev"])),
@@ -212,14 +215,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
     params = load_params(args.params)
-    settings = params.pet
-    _, report, sets = calibrate(
-        args.model,
-        args.data or Path(params.data.processed_dir),
-        Path(settings.not_pets_dir),
-        settings.keep_target,
-        settings.synthetic_per_kind,
-    )
+    _, report, sets = calibrate(args.model, args.data or Path(params.data.processed_dir), params.pet)
     publish(report, sets, args.out, None)
     print(json.dumps({"threshold": report["threshold"], **report["at_threshold"]}, indent=2))
 

@@ -128,8 +128,7 @@ def main(argv: list[str] | None = None) -> None:
             f"export.int8_max_accuracy_drop {gate['max_accuracy_drop']:.4f}; {gate['label_flips']} label flips"
         )
     if metadata.get("pet") and params.pet is not None:  # int8 moves the pet score: re-choose its threshold
-        pet, pet_report, _ = not_a_pet.calibrate(int8_path, data_dir, Path(params.pet.not_pets_dir),
-                                                 params.pet.keep_target, params.pet.synthetic_per_kind)  # fmt: skip
+        pet, pet_report, _ = not_a_pet.calibrate(int8_path, data_dir, params.pet)
         write_metadata(int8_path, {**metadata, "precision": "int8", "pet": {**metadata["pet"], **pet}})
         report["pet"] = {"threshold_float32": metadata["pet"].get("threshold"), "threshold_int8": pet["threshold"],
                          "at_threshold": pet_report["at_threshold"]}  # fmt: skip

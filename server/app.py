@@ -299,7 +299,6 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.metrics,
         max_bytes=settings.max_queue_bytes,
     )
-    app.state.limiter = app.state.admission.limiter
     limit_pillow(settings.max_image_pixels)
     try:
         model: Model | None = Model(

@@ -18,7 +18,7 @@ import numpy as np
 SIGNALS: dict[str, Callable[[Any], float | str | None]] = {
     "confidence": lambda prediction: prediction.confidence,
     "label": lambda prediction: prediction.label,
-    "pet_score": lambda prediction: getattr(prediction, "pet_score", None),  # the not-a-pet output, when present
+    "pet_score": lambda prediction: prediction.pet_score,  # None for a model without the not-a-pet output
 }
 
 

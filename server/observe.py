@@ -19,7 +19,7 @@ from server.predlog import PredictionLog
 if TYPE_CHECKING:
     from server.config import Settings
     from server.metrics import Metrics
-    from server.model import Model
+    from server.model import Model, Prediction
 
 
 class Observer:
@@ -37,11 +37,11 @@ class Observer:
         self,
         request_id: str,
         model_version: str,
-        prediction: Any,
+        prediction: Prediction,
         data: bytes,
         content_type: str,
     ) -> None:
-        pet_score = getattr(prediction, "pet_score", None)
+        pet_score = prediction.pet_score
         record = PredictionRecord(request_id, time.time(), model_version, prediction.label,
                                   prediction.probabilities, pet_score)  # fmt: skip
         self.store.add(record)
@@ -50,7 +50,7 @@ class Observer:
             fields = {"request_id": request_id, "model_version": model_version, "label": prediction.label,
                       "probabilities": prediction.probabilities}  # fmt: skip
             if pet_score is not None:
-                fields.update(pet_score=pet_score, is_pet=getattr(prediction, "is_pet", None))
+                fields.update(pet_score=pet_score, is_pet=prediction.is_pet)
             self.log.prediction(fields, data, content_type)
 
     def log_feedback(self, record: PredictionRecord, label: str, correct: bool) -> None:

@@ -48,8 +48,8 @@ class Output:
 OUTPUTS = (
     Output("probabilities", "FP32", lambda m: [len(m.labels)], lambda p, m: [p.probabilities[x] for x in m.labels]),
     Output("label", "BYTES", lambda m: [], lambda p, m: p.label),
-    Output("pet_score", "FP32", lambda m: [], lambda p, m: getattr(p, "pet_score", None)),
-    Output("is_pet", "BOOL", lambda m: [], lambda p, m: getattr(p, "is_pet", None)),
+    Output("pet_score", "FP32", lambda m: [], lambda p, m: p.pet_score),
+    Output("is_pet", "BOOL", lambda m: [], lambda p, m: p.is_pet),
 )
 PET_OUTPUTS = frozenset({"pet_score", "is_pet"})
 NUMPY_TYPES = {"FP32": np.dtype("<f4"), "BOOL": np.dtype(np.bool_)}
@@ -88,7 +88,7 @@ def served_model(request: Request) -> Model:
     return model
 
 
-def model_outputs(request: Request, model: Model) -> list[Output]:
+def model_outputs(model: Model) -> list[Output]:
     """The outputs this model gives: the pet outputs only when the model has a pet head."""
     return list(OUTPUTS) if model.pet_threshold is not None else [o for o in OUTPUTS if o.name not in PET_OUTPUTS]
 
@@ -270,7 +270,7 @@ async def model_ready(request: Request) -> Response:
 async def model_metadata(request: Request) -> Response:
     model = served_model(request)
     outputs = []
-    for output in model_outputs(request, model):
+    for output in model_outputs(model):
         tensor: dict[str, Any] = {"name": output.name, "datatype": output.datatype,
                                   "shape": [-1, *output.item_shape(model)]}  # fmt: skip
         if output.name == "probabilities":
@@ -295,7 +295,7 @@ async def infer(request: Request) -> Response:
     body = b"".join([chunk async for chunk in limited_stream(request, settings.max_upload_bytes)])
     header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
     images = image_input(header, binary, settings.max_batch_files)
-    outputs = requested_outputs(header, model_outputs(request, model))
+    outputs = requested_outputs(header, model_outputs(model))
     header.pop("inputs", None)  # the base64 strings: only the decoded images are needed from here on
     del body, binary
     results = await run_classify(request, images)

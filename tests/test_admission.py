@@ -65,7 +65,7 @@ def test_bodies_held_by_admitted_requests_are_bounded_in_bytes(onnx_model):
 
 
 def test_a_request_that_waits_too_long_for_a_slot_gets_503(small):
-    limiter = small.app.state.limiter
+    limiter = small.app.state.admission.limiter
     small.portal.call(limiter.acquire_on_behalf_of_nowait, "held")  # the only inference slot is busy
     release = threading.Timer(6.0, lambda: small.portal.call(limiter.release_on_behalf_of, "held"))
     release.start()

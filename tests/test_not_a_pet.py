@@ -18,6 +18,7 @@ from server.app import create_app
 from server.config import Settings
 from tests.conftest import WEIGHTS, photos
 from tests.seeded_model import SEEDED_PET_THRESHOLD
+from training.config import PetParams
 from training.stats import paired, proportion
 
 NOT_PETS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "not-pets-dev"
@@ -154,7 +155,8 @@ def test_the_threshold_is_chosen_without_the_not_pet_folder(onnx_model, tmp_path
             (data / split / label).mkdir(parents=True)
             for photo in photos(label, 3, start=start):
                 shutil.copyfile(photo, data / split / label / photo.name)
-    metadata, report, sets = calibrate(onnx_model, data, tmp_path / "absent", keep_target=0.99, synthetic_per_kind=1)
+    settings = PetParams(not_pets_dir=str(tmp_path / "absent"), keep_target=0.99, synthetic_per_kind=1)
+    metadata, report, sets = calibrate(onnx_model, data, settings)
     assert 0 < metadata["threshold"] <= 1
     assert list(sets) == ["held out: test pets vs generated non-ImageNet"]
     assert set(report["at_threshold"]) == set(sets)
