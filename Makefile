@@ -12,7 +12,7 @@ QUANTIZE ?=
 export PRETRAINED
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: help setup setup-serve data prepare train cv export pipeline serve classify test test-fast lint format \
+.PHONY: help setup setup-serve data prepare train cv pet-methods export pipeline serve classify test test-fast lint format \
 	mlflow-ui bench bench-model bench-hostile image image-train smoke-image smoke-compose eval-deployed screenshots drift-demo clean \
 	bench-capacity lint-k8s
 
@@ -56,6 +56,9 @@ train: data ## Train the baseline and the final model (dvc repro train_final)
 # Model selection without the test split: k-fold cross-validation of params.yaml's recipe on train+val
 # (CV_ARGS e.g. --epochs 6 --set final.lr=3e-4). Minutes per fold on a CPU.
 CV_ARGS ?= --epochs 4
+pet-methods: prepare ## Not-a-pet candidates compared by cross-validation on development data into reports/pet-methods.json
+	python -m training.pet_methods --out reports/pet-methods.json
+
 cv: prepare ## 5-fold cross-validation of the training recipe into reports/cv.json (CV_ARGS)
 	python -m training.cv --out reports/cv.json $(CV_ARGS)
 
