@@ -26,6 +26,7 @@ from imaging import DEFAULT_MAX_PIXELS
 from server.model import Model
 from server.preprocess import ImageError
 from training.config import DEFAULT_PARAMS, PetParams, load_params
+from training.pet import is_wild_relative, not_pet_files, pet_files
 from training.stats import proportion
 from training.utils import write_json
 
@@ -36,26 +37,6 @@ METHOD = (
     "ImageNet 1000-class head of the same backbone as a second output: pet_score = its softmax mass on the "
     "domestic dogs (151-268) and cats (281-285), averaged over the same views as the label"
 )
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
-CLASS_INDEX = re.compile(r"imagenet_(\d+)_")
-
-
-def not_pet_files(root: Path) -> dict[str, list[Path]]:
-    """The not-pet images split by ImageNet class index: 0 mod 4 for development, the rest held out."""
-    if not root.is_dir():
-        raise FileNotFoundError(f"not-pet images not found at {root} (set pet.not_pets_dir in params.yaml)")
-    files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    split: dict[str, list[Path]] = {"dev": [], "held_out": []}
-    for file in files:
-        match = CLASS_INDEX.match(file.name)
-        index = int(match.group(1)) if match else sum(file.name.encode())
-        split["dev" if index % 4 == 0 else "held_out"].append(file)
-    return split
-
-
-def pet_files(data_dir: Path, splits: Sequence[str]) -> list[Path]:
-    """Every prepared cat and dog photo of the given splits."""
-    return sorted(p for s in splits for p in (data_dir / s).glob("*/*") if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def pet_scores(model: Model, images: Sequence[bytes], batch_size: int = 32) -> np.ndarray:
@@ -134,10 +115,10 @@ def calibrate(
     not_pets_dir, keep_target = Path(settings.not_pets_dir), settings.keep_target
     model = Model(model_path, threads=0, max_pixels=DEFAULT_MAX_PIXELS, pet_threshold=0.5)  # chosen below
     if not_pets_dir.is_dir():
-        not_pets = not_pet_files(not_pets_dir)
+        not_pets = not_pet_files(not_pets_dir, settings.shows_pet)
     else:  # the rule reads only the pets; the ImageNet non-pets are reported when present
         print(f"warning: no not-pet images at {not_pets_dir} (pet.not_pets_dir): their rates are not reported")
-        not_pets = {"dev": [], "held_out": []}
+        not_pets = {"dev": [], "held_out": [], "shows_pet": []}
     generated = synthetic.generate(settings.synthetic_per_kind)
     scores = {
         "dev_pets": pet_scores(model, read_all(pet_files(data_dir, ("train", "val")))),
@@ -145,7 +126,9 @@ def calibrate(
         "test_pets": pet_scores(model, read_all(pet_files(data_dir, ("test",)))),
         "held_out_not_pets": pet_scores(model, read_all(not_pets["held_out"])),
         "generated": pet_scores(model, [data for _, _, data in generated]),
+        "shows_pet": pet_scores(model, read_all(not_pets["shows_pet"])),
     }
+    relatives = np.array([is_wild_relative(f) for f in not_pets["held_out"]], dtype=bool)
     threshold = choose_threshold(scores["dev_pets"], keep_target)
     kinds = np.array([kind for _, kind, _ in generated])
     sets = {
@@ -156,7 +139,8 @@ def calibrate(
     sets = {name: (pets, others) for name, (pets, others) in sets.items() if len(others)}
     chosen_on = {
         "pets": f"{data_dir}/train + {data_dir}/val ({len(scores['dev_pets'])} photos)",
-        "not_pets": f"{not_pets_dir}, ImageNet class index 0 mod 4 ({len(scores['dev_not_pets'])} images)",
+        "not_pets": f"{not_pets_dir}, ImageNet class index 0 mod 4 ({len(scores['dev_not_pets'])} images, "
+        "pet.shows_pet set apart)",
         "rule": f"highest threshold keeping >= {keep_target} of the development pets",
         "keep_target": keep_target,
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d"),
@@ -174,8 +158,23 @@ def calibrate(
             for kind in synthetic.KINDS
         },
         "curves": {name: curve(pets, others) for name, (pets, others) in sets.items()},
+        "shows_pet": {
+            "files": list(settings.shows_pet),
+            "called_pet": {
+                f.name: bool(s >= threshold) for f, s in zip(not_pets["shows_pet"], scores["shows_pet"], strict=True)
+            },
+        },
         "lowest_dev_pet_scores": [float(s) for s in np.sort(scores["dev_pets"])[:10]],
     }
+    if relatives.size:  # the nearest non-pets apart from the rest
+        report["held_out_imagenet_by_family"] = {
+            "wild dog and cat family (ImageNet 269-280, 286-293)": rates(
+                scores["test_pets"], scores["held_out_not_pets"][relatives], threshold
+            )["flagged_not_pets"],
+            "everything else": rates(scores["test_pets"], scores["held_out_not_pets"][~relatives], threshold)[
+                "flagged_not_pets"
+            ],
+        }
     return metadata, report, sets
 
 

@@ -18,7 +18,8 @@ from server.app import create_app
 from server.config import Settings
 from tests.conftest import WEIGHTS, photos
 from tests.seeded_model import SEEDED_PET_THRESHOLD
-from training.config import PetParams
+from training.config import PetParams, load_params
+from training.pet import is_wild_relative
 from training.stats import paired, proportion
 
 NOT_PETS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "not-pets-dev"
@@ -133,6 +134,23 @@ def test_not_pets_are_split_by_class_index_and_never_overlap():
     assert len(split["dev"]) + len(split["held_out"]) == 439
     assert all(int(f.name.split("_")[1]) % 4 == 0 for f in split["dev"])
     assert not {f.name for f in split["dev"]} & {f.name for f in split["held_out"]}
+
+
+def test_audited_pet_photos_are_set_apart_from_both_not_pet_sets():
+    shows_pet = load_params().pet.shows_pet
+    split = not_pet_files(NOT_PETS, shows_pet)
+    assert sorted(f.name for f in split["shows_pet"]) == sorted(shows_pet) and shows_pet
+    assert len(split["dev"]) + len(split["held_out"]) + len(split["shows_pet"]) == 439
+    assert not {f.name for f in split["dev"] + split["held_out"]} & set(shows_pet)
+
+
+def test_wild_relatives_are_the_wild_dog_and_cat_families():
+    names = {f.name for f in NOT_PETS.iterdir() if is_wild_relative(f)}
+    assert {"imagenet_270_white_wolf.jpg", "imagenet_278_kit_fox.jpg", "imagenet_292_tiger.jpg"} <= names
+    assert all(269 <= int(n.split("_")[1]) <= 293 for n in names)
+    edges = {268: False, 269: True, 280: True, 281: False, 285: False, 286: True, 293: True, 294: False}
+    assert {i: is_wild_relative(Path(f"imagenet_{i}_x.jpg")) for i in edges} == edges
+    assert not is_wild_relative(Path("wolf.jpg"))
 
 
 def test_generated_images_are_deterministic_and_cover_every_kind():

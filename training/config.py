@@ -82,6 +82,7 @@ class PetParams:
     not_pets_dir: str
     keep_target: float
     synthetic_per_kind: int
+    shows_pet: tuple[str, ...] = ()  # not-pet files that show a domestic cat or dog after all (audited by eye)
 
 
 @dataclass(frozen=True)
@@ -110,5 +111,7 @@ def load_params(path: Path = DEFAULT_PARAMS) -> Params:
         train=TrainParams(**{**train, "baseline": _stage(train["baseline"]), "final": _stage(train["final"])}),
         mlflow=MlflowParams(**raw["mlflow"]),
         export=ExportParams(**raw["export"]),
-        pet=PetParams(**raw["pet"]) if raw.get("pet") else None,
+        pet=PetParams(**{**raw["pet"], "shows_pet": tuple(raw["pet"].get("shows_pet") or ())})
+        if raw.get("pet")
+        else None,
     )
