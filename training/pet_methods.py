@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     spec = PreprocessSpec.from_dict(params.preprocess)
     data_dir = args.data or Path(params.data.processed_dir)
     pets = pet_files(data_dir, ("train", "val"))
-    others = not_pet_files(Path(params.pet.not_pets_dir))["dev"]
+    others = not_pet_files(Path(params.pet.not_pets_dir), params.pet.shows_pet)["dev"]
     if not pets or not others:
         raise SystemExit(f"need prepared pets in {data_dir} and not-pet images in {params.pet.not_pets_dir}")
     started = time.perf_counter()
