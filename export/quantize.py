@@ -22,6 +22,7 @@ from export import not_a_pet
 from export.convert import log_to_run, write_metadata
 from export.evaluate import evaluate_onnx, load_split, make_session, predict, read_metadata
 from export.served import tag_served
+from training import tracking
 from training.config import DEFAULT_PARAMS, load_params
 from training.presets import PreprocessSpec
 from training.stats import paired
@@ -52,6 +53,16 @@ def quantize_int8(fp32_path: Path, int8_path: Path, input_name: str, calibration
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
         )
+
+
+def quantized_metadata(metadata: dict[str, Any], fp32_path: Path) -> dict[str, Any]:
+    """The float32 model's metadata for its int8 copy, pinned to the float32 file by sha256 (server.model_file checks
+    the pin before serving the int8 model from a folder)."""
+    return {
+        **metadata,
+        "precision": "int8",
+        "quantized_from": {"file": fp32_path.name, "sha256": sha256_file(fp32_path)},
+    }
 
 
 def compare(targets: np.ndarray, fp32: np.ndarray, int8: np.ndarray, max_drop: float) -> dict[str, Any]:
@@ -120,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
     params = load_params(args.params)
     settings = params.export
+    tracking.configure(params.mlflow.experiment)
     metadata = read_metadata(args.model)
     spec = PreprocessSpec.from_dict(metadata["preprocess"])
     data_dir = args.data or Path(params.data.processed_dir)
@@ -129,11 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     calibration, (inputs, targets) = data["calibration"], data["test"]
 
     quantize_int8(args.model, int8_path, metadata["input_name"], calibration)
-    int8_metadata = {
-        **metadata,
-        "precision": "int8",
-        "quantized_from": {"file": args.model.name, "sha256": sha256_file(args.model)},  # server.model_file checks it
-    }
+    int8_metadata = quantized_metadata(metadata, args.model)
     write_metadata(int8_path, int8_metadata)
     fp32, _ = evaluate_onnx(args.model, inputs, targets, list(spec.labels))
     int8, _ = evaluate_onnx(int8_path, inputs, targets, list(spec.labels))

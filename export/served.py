@@ -15,6 +15,8 @@ import mlflow
 
 from export.evaluate import read_metadata
 from server.model_file import choose_model_file
+from training import tracking
+from training.config import DEFAULT_PARAMS, load_params
 
 SERVED_TAG = "served_model"
 
@@ -32,11 +34,13 @@ def tag_served(run_id: str | None, file_name: str) -> None:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=Path, default=Path("models"), help="the folder `make export` writes")
+    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
+    tracking.configure(load_params(args.params).mlflow.experiment)
     chosen = choose_model_file(args.models)
     if not chosen.path.is_file():
         raise SystemExit(f"export.served: no model to serve in {args.models} (run make export)")
