@@ -7,12 +7,15 @@ from pathlib import Path
 
 import httpx2 as httpx
 import pytest
+import yaml
 from starlette.testclient import TestClient
 
 from export.convert import write_metadata
 from export.evaluate import read_metadata
 from server.app import create_app
+from server.config import Settings
 from server.model import Model, ModelError
+from tests.conftest import ROOT
 from tests.images import photo_bytes
 from tests.service import Service
 from tests.test_app import CAT, DOG, settings_for
@@ -96,3 +99,22 @@ def test_an_empty_folder_is_health_only_with_the_reason(tmp_path):
     with TestClient(create_app(settings_for(tmp_path / "models"))) as client:
         assert client.get("/health").json() == {"status": "ok", "model_loaded": False}
         assert client.get("/ready").status_code == 503
+
+
+@pytest.mark.parametrize(("model_file", "served"), [("", "model.int8.onnx"), ("model.onnx", "model.onnx")])
+def test_compose_serves_the_folder_unless_model_file_names_one(onnx_model, int8_model, tmp_path, monkeypatch,
+                                                               model_file, served):  # fmt: skip
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["serve"]["environment"]
+    models = folder(tmp_path / "models", onnx_model, int8_model)
+    # compose's interpolation of ${MODEL_FILE:-}, with the mount point /models replaced by the folder
+    monkeypatch.setenv("MODEL_PATH", compose["MODEL_PATH"].replace("/models", str(models), 1).replace(
+        "${MODEL_FILE:-}", model_file))  # fmt: skip
+    model = Model(Settings.from_env().model_path, threads=1, max_pixels=50_000_000)
+    assert model.path == models / served
+
+
+def test_the_default_model_path_is_the_models_folder(monkeypatch):
+    monkeypatch.delenv("MODEL_PATH", raising=False)
+    assert Settings.from_env().model_path == Path("models")
+    monkeypatch.setenv("MODEL_PATH", "")
+    assert Settings.from_env().model_path == Path("models")
