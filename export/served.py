@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"export.served: no model to serve in {args.models} (run make export)")
     run_id = read_metadata(chosen.path).get("run_id")
     tag_served(run_id, chosen.path.name)
-    print(f"served: {chosen.path} ({chosen.reason}); run {run_id or 'none'} tagged {SERVED_TAG}={chosen.path.name}")
+    tagged = f"run {run_id} tagged {SERVED_TAG}={chosen.path.name}" if run_id else "the model names no MLflow run"
+    print(f"served: {chosen.path} ({chosen.reason}); {tagged}")
 
 
 if __name__ == "__main__":
