@@ -242,7 +242,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("input", type=Path, help="a folder of images (searched recursively)")
     parser.add_argument("output", type=Path, help="predictions .csv, or .jsonl for JSON lines; resumed if it exists")
     parser.add_argument("--url", help="classify with a running service at this URL instead of in process")
-    parser.add_argument("--model", type=Path, help="the ONNX model (default: MODEL_PATH, else models/model.onnx)")
+    parser.add_argument("--model", type=Path, help="the ONNX model or its folder (default: MODEL_PATH, else models)")
     parser.add_argument("--threads", type=int, help="onnxruntime threads in process (default: the CPUs)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per batch (default: 16)")
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight with --url (default: 4)")

@@ -1,12 +1,14 @@
 """Choose the model a deployment ships, explicitly: the MLflow `champion` (or a pinned registered version).
 
-Resolves the registered model version, downloads the ONNX file `make export` logged to its run (`onnx/model.onnx`),
-and writes what a deployment records and pins: a JSON release (registered model, version, run id, sha256) and,
-for the Kubernetes overlays, a `model.env` with MODEL_VERSION, MODEL_URL and MODEL_SHA256.
+Resolves the registered model version, downloads the ONNX file `make export` serves, as its run's `served_model`
+tag names it (`onnx/model.int8.onnx` when the int8 gate accepted it, else `onnx/model.onnx`; a run without the tag:
+`onnx/model.onnx`), saves it as model.onnx, and writes what a deployment records and pins: a JSON release
+(registered model, version, run id, artifact, precision, sha256) and, for the Kubernetes overlays, a `model.env`
+with MODEL_VERSION, MODEL_URL and MODEL_SHA256.
 
     python -m deploy.model_release --alias champion --out build/release
     python -m deploy.model_release --version 7 --out build/release --env-out deploy/k8s/overlays/production/model.env \
-        --url-template '{mlflow}/api/2.0/mlflow-artifacts/artifacts/{experiment_id}/{run_id}/artifacts/onnx/model.onnx'
+        --url-template '{mlflow}/api/2.0/mlflow-artifacts/artifacts/{experiment_id}/{run_id}/artifacts/{artifact}'
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-ARTIFACT = "onnx/model.onnx"
+SERVED_TAG = "served_model"  # set by export.quantize / export.served
+PRECISIONS = {"model.onnx": "float32", "model.int8.onnx": "int8"}  # the files `make export` logs under onnx/
 
 
 def registry_defaults() -> tuple[str, str]:
@@ -35,7 +38,8 @@ def registry_defaults() -> tuple[str, str]:
 def release(
     registered_model: str, out: Path, *, alias: str | None = None, version: str | None = None
 ) -> dict[str, Any]:
-    """Download the chosen version's ONNX file into out/model.onnx and describe it."""
+    """Download the chosen version's served ONNX file (its run's served_model tag) into out/model.onnx and describe
+    it."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -48,9 +52,14 @@ def release(
         else client.get_model_version(registered_model, version)
     )
     run = client.get_run(chosen.run_id)
+    served = run.data.tags.get(SERVED_TAG, "model.onnx")
+    if served not in PRECISIONS:
+        raise ValueError(f"Invalid {SERVED_TAG}={served!r} on run {chosen.run_id}. Only {', '.join(PRECISIONS)} "
+                         "are supported.")  # fmt: skip
+    artifact = f"onnx/{served}"
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(run_id=chosen.run_id, artifact_path=ARTIFACT, dst_path=tmp))
+        local = Path(mlflow.artifacts.download_artifacts(run_id=chosen.run_id, artifact_path=artifact, dst_path=tmp))
         shutil.copyfile(local, out / "model.onnx")
     return {
         "registered_model": registered_model,
@@ -59,7 +68,8 @@ def release(
         "model_version": f"{registered_model}-v{chosen.version}",
         "run_id": chosen.run_id,
         "experiment_id": run.info.experiment_id,
-        "artifact": ARTIFACT,
+        "artifact": artifact,
+        "precision": PRECISIONS[served],
         "sha256": hashlib.sha256((out / "model.onnx").read_bytes()).hexdigest(),
         "tracking_uri": mlflow.get_tracking_uri(),
     }
@@ -69,7 +79,8 @@ def model_env(record: dict[str, Any], url: str) -> str:
     """The kustomize configMapGenerator file the init container reads (server.fetch_model)."""
     return (
         f"# {record['registered_model']} version {record['version']}"
-        f"{' (alias ' + record['alias'] + ')' if record['alias'] else ''}, run {record['run_id']}\n"
+        f"{' (alias ' + record['alias'] + ')' if record['alias'] else ''}, run {record['run_id']}, "
+        f"{record['precision']} ({record['artifact']})\n"
         f"MODEL_VERSION={record['model_version']}\nMODEL_URL={url}\nMODEL_SHA256={record['sha256']}\n"
     )
 
@@ -83,13 +94,19 @@ def main(argv: list[str] | None = None) -> None:
     choice.add_argument("--version", help="a pinned registered version number instead of the alias")
     parser.add_argument("--out", type=Path, default=Path("build/release"), help="gets model.onnx and release.json")
     parser.add_argument("--url-template", help="MODEL_URL for model.env, with {mlflow} {experiment_id} {run_id} "
-                        "{version} {sha256} filled in")  # fmt: skip
+                        "{version} {sha256} {artifact} filled in")  # fmt: skip
     parser.add_argument("--env-out", type=Path, help="write the kustomize model.env here (needs --url-template)")
     args = parser.parse_args(argv)
     if args.env_out and not args.url_template:
         parser.error("--env-out needs --url-template")
     alias = None if args.version else (args.alias or champion)
-    record = release(args.registered_model, args.out, alias=alias, version=args.version)
+    try:
+        record = release(args.registered_model, args.out, alias=alias, version=args.version)
+    except ValueError as error:
+        raise SystemExit(f"deploy.model_release: {error}") from None
+    if args.url_template and "onnx/model.onnx" in args.url_template and record["artifact"] != "onnx/model.onnx":
+        raise SystemExit(f"deploy.model_release: the served file is {record['artifact']} but --url-template names "
+                         "onnx/model.onnx: write {artifact} in its place")  # fmt: skip
     if args.url_template:
         record["url"] = args.url_template.format(mlflow=os.environ.get("MLFLOW_TRACKING_URI", "").rstrip("/"), **record)
     (args.out / "release.json").write_text(json.dumps(record, indent=2) + "\n")

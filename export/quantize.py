@@ -1,9 +1,15 @@
-"""Static int8 quantization (QDQ, per-channel weights) calibrated on training images, with its accuracy gate."""
+"""Static int8 quantization (QDQ, per-channel weights) calibrated on training images, with its accuracy gate.
+
+Accepted, models/model.int8.onnx is written beside the float32 model, pinned to it by sha256 (`quantized_from`), and
+is what the service serves from the folder; refused, no int8 file is left and float32 is served (exit 0, one warning
+line; --strict exits 1 instead). Either way the report and the MLflow run's `served_model` tag say which is served.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,10 +21,12 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from export import not_a_pet
 from export.convert import log_to_run, write_metadata
 from export.evaluate import evaluate_onnx, load_split, make_session, predict, read_metadata
+from export.served import tag_served
+from training import tracking
 from training.config import DEFAULT_PARAMS, load_params
 from training.presets import PreprocessSpec
 from training.stats import paired
-from training.utils import write_json
+from training.utils import sha256_file, write_json
 
 
 class ArrayReader(CalibrationDataReader):
@@ -45,6 +53,16 @@ def quantize_int8(fp32_path: Path, int8_path: Path, input_name: str, calibration
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
         )
+
+
+def quantized_metadata(metadata: dict[str, Any], fp32_path: Path) -> dict[str, Any]:
+    """The float32 model's metadata for its int8 copy, pinned to the float32 file by sha256 (server.model_file checks
+    the pin before serving the int8 model from a folder)."""
+    return {
+        **metadata,
+        "precision": "int8",
+        "quantized_from": {"file": fp32_path.name, "sha256": sha256_file(fp32_path)},
+    }
 
 
 def compare(targets: np.ndarray, fp32: np.ndarray, int8: np.ndarray, max_drop: float) -> dict[str, Any]:
@@ -90,51 +108,75 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS)
     parser.add_argument("--data", type=Path, default=None, help="prepared ImageFolder root (default: params)")
     parser.add_argument("--report", type=Path, default=Path("reports/quantize.json"))
+    parser.add_argument("--strict", action="store_true", help="exit 1 when the gate refuses int8 (default: warn, "
+                        "serve float32, exit 0)")  # fmt: skip
     return parser
+
+
+def remove(int8_path: Path) -> None:
+    """The int8 model and its sidecar, so that none made from another float32 model is left to serve."""
+    for path in (int8_path, int8_path.with_suffix(".json")):
+        path.unlink(missing_ok=True)
+
+
+def refusal(gate: dict[str, Any]) -> str:
+    return (
+        f"int8 model refused: on {gate['photos']} photos its accuracy is {gate['accuracy_int8']:.4f} vs float32 "
+        f"{gate['accuracy_fp32']:.4f}; it may lose up to {gate['paired']['max_loss_upper95']:.4f} (95% bound) > "
+        f"export.int8_max_accuracy_drop {gate['max_accuracy_drop']:.4f}; {gate['label_flips']} label flips"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
     params = load_params(args.params)
     settings = params.export
+    tracking.configure(params.mlflow.experiment)
     metadata = read_metadata(args.model)
     spec = PreprocessSpec.from_dict(metadata["preprocess"])
     data_dir = args.data or Path(params.data.processed_dir)
+    int8_path = args.model.with_name(f"{args.model.stem}.int8.onnx")
+    remove(int8_path)  # a run that fails half-way leaves no int8 model behind
     data = evaluation_set(data_dir, spec, settings.calibration_images, params.train.seed)
     calibration, (inputs, targets) = data["calibration"], data["test"]
 
-    int8_path = args.model.with_name(f"{args.model.stem}.int8.onnx")
     quantize_int8(args.model, int8_path, metadata["input_name"], calibration)
-    write_metadata(int8_path, {**metadata, "precision": "int8"})
+    int8_metadata = quantized_metadata(metadata, args.model)
+    write_metadata(int8_path, int8_metadata)
     fp32, _ = evaluate_onnx(args.model, inputs, targets, list(spec.labels))
     int8, _ = evaluate_onnx(int8_path, inputs, targets, list(spec.labels))
     fp32_all = predict(make_session(args.model), data["inputs"])
     int8_all = predict(make_session(int8_path), data["inputs"])
     gate = compare(data["targets"], fp32_all, int8_all, settings.int8_max_accuracy_drop)
-    report = {
+    report: dict[str, Any] = {
         "float32": fp32,
         "int8": int8,
         "gate": gate,
         "gate_photos": "every prepared photo except the calibration images (rest of train, val, test)",
         "calibration_images": len(calibration),
     }
-    write_json(args.report, report)
     if not gate["accepted"]:
-        int8_path.unlink()
-        int8_path.with_suffix(".json").unlink()
-        raise SystemExit(
-            f"int8 model refused: on {gate['photos']} photos its accuracy is {gate['accuracy_int8']:.4f} vs float32 "
-            f"{gate['accuracy_fp32']:.4f}; it may lose up to {gate['paired']['max_loss_upper95']:.4f} (95% bound) > "
-            f"export.int8_max_accuracy_drop {gate['max_accuracy_drop']:.4f}; {gate['label_flips']} label flips"
-        )
+        remove(int8_path)
+        reason = refusal(gate)
+        write_json(args.report, {**report, "served": "float32", "reason": reason})
+        tag_served(metadata.get("run_id"), args.model.name)
+        if args.strict:
+            raise SystemExit(reason)
+        print(f"warning: {reason}; serving float32 {args.model}", file=sys.stderr)
+        return
     if metadata.get("pet") and params.pet is not None:  # int8 moves the pet score: re-choose its threshold
         pet, pet_report, _ = not_a_pet.calibrate(int8_path, data_dir, params.pet)
-        write_metadata(int8_path, {**metadata, "precision": "int8", "pet": {**metadata["pet"], **pet}})
+        write_metadata(int8_path, {**int8_metadata, "pet": {**metadata["pet"], **pet}})
         report["pet"] = {"threshold_float32": metadata["pet"].get("threshold"), "threshold_int8": pet["threshold"],
                          "at_threshold": pet_report["at_threshold"]}  # fmt: skip
-        write_json(args.report, report)
+    reason = (
+        f"int8 model accepted: on {gate['photos']} photos it may lose up to {gate['paired']['max_loss_upper95']:.4f} "
+        f"(95% bound) <= export.int8_max_accuracy_drop {gate['max_accuracy_drop']:.4f}"
+    )
+    write_json(args.report, {**report, "served": "int8", "reason": reason})
     log_to_run(metadata.get("run_id"), [int8_path], {"onnx_int8_test_accuracy": int8["accuracy"],
                                                      "onnx_int8_label_flips": gate["label_flips"]})  # fmt: skip
+    tag_served(metadata.get("run_id"), int8_path.name)
     print(
         json.dumps({"written": str(int8_path), **{k: v for k, v in gate.items() if k != "flipped_indices"}}, indent=2)
     )

@@ -320,10 +320,10 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.metrics.model_info.labels(model.version, model.precision, model.sha256).set(1)
         log.info(
             "startup",
-            extra={"model_version": model.version, "model_path": str(model.path),
-                   "load_seconds": round(model.load_seconds, 3), "ort_threads": settings.ort_threads,
-                   "ort_solo_threads": model.solo_threads, "inference_concurrency": settings.inference_concurrency,
-                   "max_queue": settings.max_queue},
+            extra={"model_version": model.version, "model_path": str(model.path), "precision": model.precision,
+                   "model_choice": model.choice, "load_seconds": round(model.load_seconds, 3),
+                   "ort_threads": settings.ort_threads, "ort_solo_threads": model.solo_threads,
+                   "inference_concurrency": settings.inference_concurrency, "max_queue": settings.max_queue},
         )  # fmt: skip
     app.state.observer = Observer(settings, app.state.metrics, model)
     yield

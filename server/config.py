@@ -48,7 +48,12 @@ class SettingHelp:
 
 # Every variable Settings.from_env reads, one line each (tests/test_config.py checks none is missing).
 SETTINGS_HELP: tuple[SettingHelp, ...] = (
-    SettingHelp("MODEL_PATH", "models/model.onnx", "the ONNX model file (float32 or int8); absent: health-only mode"),
+    SettingHelp(
+        "MODEL_PATH",
+        "models",
+        "an ONNX model file, or a folder: its model.int8.onnx when quantized from the model.onnx beside it, else "
+        "model.onnx; absent: health-only mode",
+    ),
     SettingHelp("HOST", "0.0.0.0", "address to listen on"),
     SettingHelp("PORT", "8000", "TCP port to listen on (1-65535)"),
     SettingHelp("WORKERS", "1", "uvicorn worker processes, each with its own onnxruntime session"),
@@ -161,7 +166,7 @@ class Settings:
         ort_threads = _int("ORT_THREADS", 0) or 1
         concurrency = _int("INFERENCE_CONCURRENCY", 0) or 2 * max(1, cpus_per_worker // ort_threads)
         return cls(
-            model_path=Path(os.environ.get("MODEL_PATH", "models/model.onnx")),
+            model_path=Path(os.environ.get("MODEL_PATH") or "models"),
             host=os.environ.get("HOST", "0.0.0.0"),
             port=_int("PORT", 8000, minimum=1, maximum=65535),
             workers=workers,

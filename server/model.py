@@ -16,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from imaging import DEFAULT_MAX_DECODE_BYTES
+from server.model_file import METADATA_KEY, choose_model_file
 from server.preprocess import ImageError, Preprocessor
 
 PROVIDERS = ["CPUExecutionProvider"]
@@ -23,7 +24,6 @@ PROVIDERS = ["CPUExecutionProvider"]
 # image for MobileNetV2 with flip averaging: 860 MB after one batch of 32), and batch 1 is also the fastest per
 # image on CPU (25 ms vs 37 ms at batch 4 on 2 cores), so a batch request runs image by image.
 RUN_BATCH = 1
-METADATA_KEY = "catsdogs"  # written by export.convert: one JSON document in the model's metadata_props
 
 
 class ModelError(Exception):
@@ -74,6 +74,10 @@ class Model:
         pet_threshold: float | None = None,
     ) -> None:
         started = time.perf_counter()
+        if not path.exists():
+            raise ModelError(f"model file not found: {path}")
+        chosen = choose_model_file(path)  # a folder: int8 when quantized from the float32 beside it, else float32
+        path, self.choice = chosen.path, chosen.reason
         if not path.is_file():
             raise ModelError(f"model file not found: {path}")
         data = path.read_bytes()
@@ -225,6 +229,7 @@ class Model:
             "pet": pet,
             "model_version": self.version,
             "file": self.path.name,
+            "file_choice": self.choice,
             "sha256": self.sha256,
             "precision": self.precision,
             "ort_threads": self.threads,

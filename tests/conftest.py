@@ -73,6 +73,25 @@ def onnx_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return export_seeded_model(tmp_path_factory.mktemp("seeded"), WEIGHTS)
 
 
+@pytest.fixture(scope="session")
+def int8_model(onnx_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real int8 copy of onnx_model, quantized and pinned to it by sha256 as `make export` does (calibrated on 16
+    real photos instead of 256 training images)."""
+    import numpy as np
+
+    from export.convert import write_metadata
+    from export.evaluate import read_metadata
+    from export.quantize import quantize_int8, quantized_metadata
+    from server.model import Model
+
+    model = Model(onnx_model, threads=2, max_pixels=50_000_000)
+    calibration = np.stack([model.preprocess(p.read_bytes()) for p in [*photos("cat", 8), *photos("dog", 8)]])
+    path = tmp_path_factory.mktemp("int8") / "model.int8.onnx"
+    quantize_int8(onnx_model, path, model.input_name, calibration)
+    write_metadata(path, quantized_metadata(read_metadata(onnx_model), onnx_model))
+    return path
+
+
 @pytest.fixture(scope="module")
 def service(onnx_model: Path) -> Iterator:
     """`python -m server` on a free port with the real model, ready, shared by one test module."""

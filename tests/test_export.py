@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
+import mlflow
 import onnx
 import pytest
 import torch
 import yaml
 
-from export import convert, quantize
+from export import convert, quantize, served
 from export.evaluate import read_metadata
+from server.model import Model
 from tests.conftest import WEIGHTS
 from tests.seeded_model import seeded_checkpoint
 from training.config import load_params
@@ -94,17 +97,36 @@ def test_export_refuses_a_model_below_the_accuracy_threshold(workspace, tmp_path
     assert not out.exists() and not out.with_suffix(".json").exists()
 
 
+def with_run(fp32: Path, tracking_uri: str) -> str:
+    """Give the exported model a run in params.yaml's experiment, as a trained checkpoint has; returns its id."""
+    client = mlflow.MlflowClient(tracking_uri)
+    name = load_params(ROOT / "params.yaml").mlflow.experiment
+    experiment = client.get_experiment_by_name(name)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(
+        name, artifact_location=(fp32.parent / "artifacts").as_uri())  # fmt: skip
+    run_id = client.create_run(experiment_id).info.run_id
+    convert.write_metadata(fp32, {**read_metadata(fp32), "run_id": run_id})
+    return run_id
+
+
+def served_tag(run_id: str, tracking_uri: str) -> str | None:
+    return mlflow.MlflowClient(tracking_uri).get_run(run_id).data.tags.get("served_model")
+
+
 @pytest.mark.slow
 def test_int8_model_is_kept_only_within_the_accuracy_drop(workspace, monkeypatch, tmp_path):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     fp32 = tmp_path / "model.onnx"
     run_convert(workspace, write_params(workspace, min_accuracy=0.5), fp32)
+    run_id = with_run(fp32, tracking_uri)
     int8 = tmp_path / "model.int8.onnx"
     accepting = write_params(workspace, calibration_images=16, int8_max_accuracy_drop=0.1)
     quantize.main(["--model", str(fp32), "--params", str(accepting), "--data", str(workspace / "processed"),
                    "--report", str(tmp_path / "q.json")])  # fmt: skip
     report = json.loads((tmp_path / "q.json").read_text())
     assert int8.is_file() and read_metadata(int8)["precision"] == "int8"
+    assert report["served"] == "int8" and "accepted" in report["reason"]
     quantized_ops = {node.op_type for node in onnx.load(str(int8)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= quantized_ops
     gate = report["gate"]
@@ -113,13 +135,43 @@ def test_int8_model_is_kept_only_within_the_accuracy_drop(workspace, monkeypatch
     pet = read_metadata(int8)["pet"]  # the threshold is re-chosen on the int8 model's own pet scores
     assert pet["threshold"] == report["pet"]["threshold_int8"] and 0 < pet["threshold"] <= 1
     assert report["pet"]["threshold_float32"] == read_metadata(fp32)["pet"]["threshold"]
+    pin = read_metadata(int8)["quantized_from"]  # what the service checks before serving int8 from the folder
+    assert pin == {"file": "model.onnx", "sha256": hashlib.sha256(fp32.read_bytes()).hexdigest()}
+    assert Model(tmp_path, threads=1, max_pixels=50_000_000).path == int8
+    assert served_tag(run_id, tracking_uri) == "model.int8.onnx"
+    artifacts = [a.path for a in mlflow.MlflowClient(tracking_uri).list_artifacts(run_id, "onnx")]
+    assert "onnx/model.int8.onnx" in artifacts  # what deploy.model_release downloads for this tag
     run_convert(workspace, write_params(workspace, min_accuracy=0.5), fp32)  # a new float32 model...
     assert not int8.exists() and not int8.with_suffix(".json").exists()  # ...drops the int8 made from the old one
-    quantize.main(["--model", str(fp32), "--params", str(accepting), "--data", str(workspace / "processed"),
-                   "--report", str(tmp_path / "q.json")])  # fmt: skip
+    run_id = with_run(fp32, tracking_uri)
 
     refusing = write_params(workspace, calibration_images=16, int8_max_accuracy_drop=-1.0)
-    with pytest.raises(SystemExit, match="int8 model refused"):
+    with pytest.raises(SystemExit, match="int8 model refused"):  # --strict: the old failing export
         quantize.main(["--model", str(fp32), "--params", str(refusing), "--data", str(workspace / "processed"),
-                       "--report", str(tmp_path / "q2.json")])  # fmt: skip
+                       "--report", str(tmp_path / "q2.json"), "--strict"])  # fmt: skip
     assert not int8.exists()
+    # without --strict a refusal is not a failed export: float32 is what is served
+    quantize.main(["--model", str(fp32), "--params", str(refusing), "--data", str(workspace / "processed"),
+                   "--report", str(tmp_path / "q3.json")])  # fmt: skip
+    refused = json.loads((tmp_path / "q3.json").read_text())
+    assert refused["served"] == "float32" and refused["reason"].startswith("int8 model refused")
+    assert not refused["gate"]["accepted"]
+    assert not int8.exists() and not int8.with_suffix(".json").exists()
+    assert Model(tmp_path, threads=1, max_pixels=50_000_000).path == fp32
+    assert served_tag(run_id, tracking_uri) == "model.onnx"
+
+
+def test_export_served_tags_the_run_with_the_file_the_folder_serves(onnx_model, int8_model, monkeypatch, tmp_path):
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copyfile(onnx_model, models / "model.onnx")
+    shutil.copyfile(int8_model, models / "model.int8.onnx")
+    run_id = with_run(models / "model.onnx", tracking_uri)  # the float32 file changes: int8's pin no longer matches
+    served.main(["--models", str(models)])
+    assert served_tag(run_id, tracking_uri) == "model.onnx"
+    float32 = models / "model.onnx"  # quantized from this float32 file, as export.quantize pins it
+    convert.write_metadata(models / "model.int8.onnx", quantize.quantized_metadata(read_metadata(float32), float32))
+    served.main(["--models", str(models)])
+    assert served_tag(run_id, tracking_uri) == "model.int8.onnx"

@@ -40,3 +40,39 @@ def test_make_alone_lists_every_target():
     listed = {line.split()[0]: line.split(None, 1)[1] for line in result.stdout.splitlines() if line.startswith("  ")}
     assert listed == targets()
     assert list(listed) == sorted(listed)
+
+
+REMOVE_INT8 = "rm -f models/model.int8.onnx models/model.int8.json"
+
+
+def make_dry_run(*args: str) -> subprocess.CompletedProcess[str]:
+    """`make -n` (commands printed, nothing run) without rebuilding the venv."""
+    return subprocess.run(["make", "--no-print-directory", "-n", "-o", ".venv/.installed", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=30)  # fmt: skip
+
+
+def test_export_quantizes_to_int8_by_default_after_removing_the_old_int8_model():
+    result = make_dry_run("export")
+    assert result.returncode == 0, result.stderr
+    commands = result.stdout.splitlines()
+    order = [commands.index("dvc repro evaluate"), commands.index(REMOVE_INT8),
+             commands.index("dvc repro --force --single-item quantize")]  # fmt: skip
+    assert order == sorted(order) and "python -m export.served" not in commands
+
+
+def test_export_with_quantize_none_leaves_float32_served():
+    result = make_dry_run("export", "QUANTIZE=none")
+    assert result.returncode == 0, result.stderr
+    commands = result.stdout.splitlines()
+    assert (
+        commands.index("dvc repro evaluate") < commands.index(REMOVE_INT8) < commands.index("python -m export.served")
+    )
+    assert not any("quantize" in command for command in commands)
+
+
+def test_an_unknown_quantize_value_stops_before_anything_runs():
+    for value in ("fp16", "INT8", ""):
+        result = make_dry_run("export", f"QUANTIZE={value}")
+        assert result.returncode == 2 and not result.stdout
+        assert f"Invalid QUANTIZE={value}. Only int8, none are supported" in result.stderr
+    assert make_dry_run("help", "QUANTIZE=fp16").returncode == 0  # only export reads it

@@ -13,7 +13,8 @@ from deploy import model_release
 
 @pytest.fixture
 def registry(onnx_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """Two registered versions of catsdogs-mobilenetv2, each run holding onnx/model.onnx; version 1 is champion."""
+    """Two registered versions of catsdogs-mobilenetv2, each run holding onnx/model.onnx and no served_model tag (as
+    before int8 was served); version 1 is champion."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -54,3 +55,53 @@ def test_a_pinned_version_overrides_the_champion(registry, tmp_path):
     record = json.loads((tmp_path / "release.json").read_text())
     assert record["version"] == "2" and record["alias"] is None and record["run_id"] == registry["2"]
     assert record["sha256"] == hashlib.sha256(b"a later, different file").hexdigest()
+
+
+def register_int8_run(onnx_model: Path, int8_model: Path, tmp_path: Path, served: str) -> str:
+    """Version 3: a run as `make export` leaves it, with both files under onnx/ and the served_model tag."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("catsdogs").experiment_id) as run:
+        mlflow.log_artifact(str(onnx_model), artifact_path="onnx")
+        mlflow.log_artifact(str(int8_model), artifact_path="onnx")
+        mlflow.set_tag("served_model", served)
+    client, name = MlflowClient(), model_release.registry_defaults()[0]
+    client.create_model_version(name, source=f"{run.info.artifact_uri}/onnx", run_id=run.info.run_id)
+    return run.info.run_id
+
+
+def test_the_file_the_run_serves_is_released_as_model_onnx(registry, onnx_model, int8_model, tmp_path):
+    run_id = register_int8_run(onnx_model, int8_model, tmp_path, "model.int8.onnx")
+    env = tmp_path / "model.env"
+    model_release.main(["--version", "3", "--out", str(tmp_path / "release"), "--env-out", str(env),
+                        "--url-template", "https://mlflow.example.com/{run_id}/artifacts/{artifact}"])  # fmt: skip
+    record = json.loads((tmp_path / "release" / "release.json").read_text())
+    assert record["artifact"] == "onnx/model.int8.onnx" and record["precision"] == "int8"
+    assert record["run_id"] == run_id and record["sha256"] == hashlib.sha256(int8_model.read_bytes()).hexdigest()
+    assert (tmp_path / "release" / "model.onnx").read_bytes() == int8_model.read_bytes()
+    assert f"MODEL_URL=https://mlflow.example.com/{run_id}/artifacts/onnx/model.int8.onnx" in env.read_text()
+    # a template that names the float32 file would pin int8's sha256 to another file's URL
+    with pytest.raises(SystemExit, match=r"write \{artifact\}"):
+        model_release.main(["--version", "3", "--out", str(tmp_path / "again"), "--env-out", str(env),
+                            "--url-template", "https://m.example.com/{run_id}/onnx/model.onnx"])  # fmt: skip
+
+
+def test_a_run_that_serves_float32_releases_it_beside_an_int8_file(registry, onnx_model, int8_model, tmp_path):
+    register_int8_run(onnx_model, int8_model, tmp_path, "model.onnx")  # the int8 gate refused a later export
+    model_release.main(["--version", "3", "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "release.json").read_text())
+    assert record["artifact"] == "onnx/model.onnx" and record["precision"] == "float32"
+    assert record["sha256"] == hashlib.sha256(onnx_model.read_bytes()).hexdigest()
+
+
+def test_a_run_without_the_tag_releases_float32(registry, tmp_path):
+    model_release.main(["--out", str(tmp_path)])
+    record = json.loads((tmp_path / "release.json").read_text())
+    assert record["artifact"] == "onnx/model.onnx" and record["precision"] == "float32"
+
+
+def test_an_unknown_served_model_tag_is_refused_by_name(registry, onnx_model, int8_model, tmp_path):
+    register_int8_run(onnx_model, int8_model, tmp_path, "model.fp16.onnx")
+    with pytest.raises(SystemExit, match=r"Invalid served_model='model\.fp16\.onnx'.*Only model\.onnx, model\.int8"):
+        model_release.main(["--version", "3", "--out", str(tmp_path)])

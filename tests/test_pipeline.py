@@ -48,9 +48,11 @@ def test_dvc_repro_runs_every_stage_then_only_what_a_param_change_touches(tmp_pa
     dvc(workspace, "add", "-q", "data/raw")
 
     first = dvc(workspace, "repro").stdout
-    for stage in ("prepare", "train_baseline", "train_final", "export", "evaluate"):
+    for stage in ("prepare", "train_baseline", "train_final", "export", "evaluate", "quantize"):
         assert f"Running stage '{stage}'" in first, first
     assert (workspace / "models" / "model.onnx").is_file()
+    served = json.loads((workspace / "reports" / "quantize.json").read_text())["served"]  # the gate decides
+    assert (workspace / "models" / "model.int8.onnx").is_file() == (served == "int8")
     assert json.loads((workspace / "reports" / "evaluate.json").read_text())["count"] > 0
     assert "up to date" in dvc(workspace, "status").stdout
 
