@@ -219,7 +219,6 @@ def main(argv: list[str] | None = None) -> None:
     if params.pet is None:
         raise SystemExit("params.yaml has no pet section")
     seed_everything(params.train.seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     spec = PreprocessSpec.from_dict(params.preprocess)
     data_dir = args.data or Path(params.data.processed_dir)
     pets = pet_files(data_dir, ("train", "val"))
