@@ -71,8 +71,8 @@ cv: prepare ## 5-fold cross-validation of the training recipe into reports/cv.js
 # folder when export.quantize's gate accepts it; QUANTIZE=none (or a refusal) leaves float32 as what is served.
 # The int8 files go first, so none made from an older model.onnx outlives this export.
 export: data ## models/model.onnx + gated int8 models/model.int8.onnx, the one served (QUANTIZE=none: float32 only)
-	dvc repro evaluate
 	rm -f models/model.int8.onnx models/model.int8.json
+	dvc repro evaluate
 	$(if $(filter int8,$(QUANTIZE)),dvc repro --force --single-item quantize,python -m export.served)
 
 serve: $(SERVE_SETUP) ## Serve models/ (int8 if current, else float32; MODEL_PATH) on PORT 8000; python -m server --help

@@ -18,6 +18,7 @@ import torch
 from export import not_a_pet
 from export.evaluate import METADATA_KEY, evaluate_onnx, load_split, make_session, predict, torch_probabilities
 from export.reference import reference_for_split
+from export.served import tag_served
 from training import tracking
 from training.config import DEFAULT_PARAMS, load_params
 from training.model import Predictor, load_predictor
@@ -108,6 +109,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
+    # An int8 model beside the output was quantized from the model this export replaces: remove it first, so that
+    # a refused or interrupted export cannot leave it alone in the folder to be served (server.model_file).
+    stale_int8 = args.out.with_name(f"{args.out.stem}.int8.onnx")
+    for stale in (stale_int8, stale_int8.with_suffix(".json")):
+        stale.unlink(missing_ok=True)
     params = load_params(args.params)
     settings = params.export
     tracking.configure(params.mlflow.experiment)
@@ -156,9 +162,6 @@ def main(argv: list[str] | None = None) -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         for suffix in (".onnx", ".json"):
             shutil.move(staged.with_suffix(suffix), args.out.with_suffix(suffix))
-    stale_int8 = args.out.with_name(f"{args.out.stem}.int8.onnx")  # quantized from the model just replaced
-    for stale in (stale_int8, stale_int8.with_suffix(".json")):
-        stale.unlink(missing_ok=True)
     written = [args.out, args.out.with_suffix(".json")]
     metrics = {"onnx_test_accuracy": fp32["accuracy"], "onnx_latency_p50_ms": fp32["latency_p50_ms"]}
 
@@ -166,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     log_to_run(
         checkpoint.get("run_id"), written, {**metrics, "onnx_val_test_accuracy_ci95_low": report["gate"]["ci95"][0]}
     )
+    tag_served(checkpoint.get("run_id"), args.out.name)  # until export.quantize accepts an int8 model
     if pet is not None:
         not_a_pet.publish(*pet, args.report.with_name("not-a-pet.json"), checkpoint.get("run_id"))
     print(json.dumps({"written": [str(p) for p in written], **metrics}, indent=2))

@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.url or not args.sha256:
         parser.error("give --url and --sha256 (or MODEL_URL and MODEL_SHA256)")
+    if args.out.is_dir():  # MODEL_PATH names the models folder (the serve image's default): the file goes in it
+        args.out = args.out / "model.onnx"
     try:
         downloaded = fetch(args.url, args.sha256.lower(), args.out, args.max_bytes)
     except (FetchError, OSError) as error:

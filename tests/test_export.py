@@ -16,7 +16,7 @@ import yaml
 from export import convert, quantize, served
 from export.evaluate import read_metadata
 from server.model import Model
-from tests.conftest import WEIGHTS
+from tests.conftest import WEIGHTS, photos
 from tests.seeded_model import seeded_checkpoint
 from training.config import load_params
 from training.data import prepare
@@ -92,9 +92,13 @@ def test_export_writes_checked_onnx_with_metadata_and_sidecar(workspace, monkeyp
 @pytest.mark.slow
 def test_export_refuses_a_model_below_the_accuracy_threshold(workspace, tmp_path):
     out = tmp_path / "refused.onnx"
+    stale_int8 = tmp_path / "refused.int8.onnx"  # quantized from the model this export would replace
+    stale_int8.write_bytes(b"old int8")
+    stale_int8.with_suffix(".json").write_text("{}")
     with pytest.raises(SystemExit, match=r"below export\.min_accuracy"):
         run_convert(workspace, write_params(workspace, min_accuracy=1.01), out)
     assert not out.exists() and not out.with_suffix(".json").exists()
+    assert not stale_int8.exists() and not stale_int8.with_suffix(".json").exists()  # not left alone to be served
 
 
 def with_run(fp32: Path, tracking_uri: str) -> str:
@@ -175,3 +179,15 @@ def test_export_served_tags_the_run_with_the_file_the_folder_serves(onnx_model, 
     convert.write_metadata(models / "model.int8.onnx", quantize.quantized_metadata(read_metadata(float32), float32))
     served.main(["--models", str(models)])
     assert served_tag(run_id, tracking_uri) == "model.int8.onnx"
+
+
+def test_int8_keeps_the_heads_in_float32_so_probabilities_sum_to_one(onnx_model, int8_model):
+    graph = onnx.load(str(int8_model)).graph
+    assert sum(node.op_type == "QuantizeLinear" for node in graph.node) > 20  # the backbone is quantized...
+    quantized = {node.input[0] for node in graph.node if node.op_type == "QuantizeLinear"}
+    heads = [node for node in graph.node if node.op_type in ("Gemm", "Softmax", "ReduceSum")]
+    assert heads and not any(output in quantized for node in heads for output in node.output)  # ...the heads not
+    model = Model(int8_model, threads=1, max_pixels=50_000_000)
+    results, _ = model.classify_all([p.read_bytes() for p in [*photos("cat", 3), *photos("dog", 3)]])
+    for result in results:
+        assert abs(sum(result.probabilities.values()) - 1) < 1e-5, result.probabilities  # 8-bit steps gave 0.996

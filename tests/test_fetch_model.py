@@ -56,3 +56,14 @@ def test_the_cli_fails_with_a_clear_line(model_server, tmp_path):
          str(tmp_path / "m.onnx")], cwd=ROOT, capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode == 1 and "Invalid sha256 'abc'" in result.stderr
+
+
+def test_a_models_folder_as_model_path_gets_model_onnx_inside(model_server, onnx_model, tmp_path):
+    """The serve image sets MODEL_PATH=/models (a folder): the fetched file lands in it, as the server reads it."""
+    sha256 = hashlib.sha256(onnx_model.read_bytes()).hexdigest()
+    result = subprocess.run(
+        [sys.executable, "-m", "server.fetch_model", "--url", model_server, "--sha256", sha256],
+        cwd=ROOT, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "MODEL_PATH": str(tmp_path)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "model.onnx").read_bytes() == onnx_model.read_bytes()
