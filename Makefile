@@ -106,7 +106,7 @@ bench-capacity: setup ## Requests/s per CPU through the service (/predict and V2
 	python -m bench.capacity --image "$(BENCH_IMAGE)"
 
 drift-demo: setup ## The drift PSI gauges for photos like the reference, dogs only and non-pets (MODEL_PATH, DRIFT_WINDOW)
-	python -m bench.drift --model "$${MODEL_PATH:-models/model.onnx}" --window "$${DRIFT_WINDOW:-200}"
+	python -m bench.drift --model "$${MODEL_PATH:-models}" --window "$${DRIFT_WINDOW:-200}"
 
 pipeline: data ## The whole DVC pipeline (dvc repro)
 	dvc repro

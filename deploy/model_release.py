@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -104,11 +105,12 @@ def main(argv: list[str] | None = None) -> None:
         record = release(args.registered_model, args.out, alias=alias, version=args.version)
     except ValueError as error:
         raise SystemExit(f"deploy.model_release: {error}") from None
-    if args.url_template and "onnx/model.onnx" in args.url_template and record["artifact"] != "onnx/model.onnx":
-        raise SystemExit(f"deploy.model_release: the served file is {record['artifact']} but --url-template names "
-                         "onnx/model.onnx: write {artifact} in its place")  # fmt: skip
     if args.url_template:
         record["url"] = args.url_template.format(mlflow=os.environ.get("MLFLOW_TRACKING_URI", "").rstrip("/"), **record)
+        named = Path(urllib.parse.urlparse(record["url"]).path).name
+        if named in PRECISIONS and named != Path(record["artifact"]).name:
+            raise SystemExit(f"deploy.model_release: the served file is {record['artifact']} but --url-template "
+                             f"names {named}: write {{artifact}} in its place")  # fmt: skip
     (args.out / "release.json").write_text(json.dumps(record, indent=2) + "\n")
     if args.env_out:
         args.env_out.write_text(model_env(record, record["url"]))

@@ -64,4 +64,10 @@ def test_every_method_is_compared_with_the_shipped_one_on_the_same_images(study)
         (head.pet_mass(features[targets == 0]).mean(1) < head.pet_mass(features[targets == 1]).mean(1).min()).sum()
     )
     assert shipped["flagged_not_pets"]["count"] == expected and shipped["flagged_not_pets"]["n"] == len(OTHERS)
-    assert shipped["vs_shipped"]["only_reference_right"] == shipped["vs_shipped"]["only_candidate_right"] == 0
+    assert [(v["only_reference_right"], v["only_candidate_right"]) for v in shipped["vs_shipped_per_repeat"]] == [
+        (0, 0)
+    ]
+    for entry in results.values():  # the discordant counts add up to each repeat's own flagged count
+        (repeat,) = entry["keep_1.0"]["vs_shipped_per_repeat"]
+        (count,) = entry["keep_1.0"]["flagged_per_repeat"]
+        assert count == expected - repeat["only_reference_right"] + repeat["only_candidate_right"]

@@ -187,12 +187,15 @@ def compare(features: np.ndarray, targets: np.ndarray, head: Head, keeps: tuple[
         entry: dict[str, Any] = {"description": description}
         for keep in keeps:
             runs = np.array(flagged[name][keep])  # (repeats, non-pets)
-            count = round(float(runs.sum(1).mean()))
+            # the same images, this method vs the shipped one, in every repeat (McNemar's p uncorrected for the
+            # number of methods compared)
+            versus = [paired(shipped, run) for shipped, run in zip(flagged[SHIPPED][keep], runs, strict=True)]
             entry[f"keep_{keep}"] = {
-                "flagged_not_pets": proportion(count, runs.shape[1]),
+                "flagged_not_pets": proportion(round(float(runs.sum(1).mean())), runs.shape[1]),
                 "flagged_per_repeat": runs.sum(1).astype(int).tolist(),
-                # flagged by this method vs the shipped one on the same non-pet images (first repeat)
-                "vs_shipped": paired(flagged[SHIPPED][keep][0], runs[0]),
+                "vs_shipped_per_repeat": [
+                    {k: v[k] for k in ("only_reference_right", "only_candidate_right", "mcnemar_p")} for v in versus
+                ],
             }
         results[name] = entry
     return results
