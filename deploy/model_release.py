@@ -107,10 +107,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"deploy.model_release: {error}") from None
     if args.url_template:
         record["url"] = args.url_template.format(mlflow=os.environ.get("MLFLOW_TRACKING_URI", "").rstrip("/"), **record)
-        named = Path(urllib.parse.urlparse(record["url"]).path).name
-        if named in PRECISIONS and named != Path(record["artifact"]).name:
+        url = urllib.parse.urlparse(record["url"])
+        parts = [url.path, *(v for values in urllib.parse.parse_qs(url.query).values() for v in values)]
+        named = {Path(part).name for part in parts} & set(PRECISIONS)  # in the path or a query (?path=onnx/...)
+        if named - {Path(record["artifact"]).name}:
             raise SystemExit(f"deploy.model_release: the served file is {record['artifact']} but --url-template "
-                             f"names {named}: write {{artifact}} in its place")  # fmt: skip
+                             f"names {', '.join(sorted(named))}: write {{artifact}} in its place")  # fmt: skip
     (args.out / "release.json").write_text(json.dumps(record, indent=2) + "\n")
     if args.env_out:
         args.env_out.write_text(model_env(record, record["url"]))

@@ -88,6 +88,9 @@ def test_the_file_the_run_serves_is_released_as_model_onnx(registry, onnx_model,
     with pytest.raises(SystemExit, match=r"names model\.onnx"):  # however the template spells the path
         model_release.main(["--version", "3", "--out", str(tmp_path / "again"), "--env-out", str(env),
                             "--url-template", "https://s.example.com/{version}/model.onnx?x=1"])  # fmt: skip
+    with pytest.raises(SystemExit, match=r"names model\.onnx"):  # MLflow's get-artifact names it in the query
+        model_release.main(["--version", "3", "--out", str(tmp_path / "again"), "--env-out", str(env),
+                            "--url-template", "{mlflow}/get-artifact?path=onnx/model.onnx&r={run_id}"])  # fmt: skip
 
 
 def test_a_run_that_serves_float32_releases_it_beside_an_int8_file(registry, onnx_model, int8_model, tmp_path):

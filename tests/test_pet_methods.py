@@ -57,17 +57,17 @@ def test_trained_methods_score_only_images_they_did_not_fit(study):
 
 def test_every_method_is_compared_with_the_shipped_one_on_the_same_images(study):
     features, targets, head = study
-    results = compare(features, targets, head, keeps=(1.0,), repeats=1, folds=4, seed=0)
+    results = compare(features, targets, head, keeps=(1.0,), repeats=2, folds=4, seed=0)
     assert set(results) == set(methods(head))
     shipped = results[SHIPPED]["keep_1.0"]
     expected = int(
         (head.pet_mass(features[targets == 0]).mean(1) < head.pet_mass(features[targets == 1]).mean(1).min()).sum()
     )
     assert shipped["flagged_not_pets"]["count"] == expected and shipped["flagged_not_pets"]["n"] == len(OTHERS)
-    assert [(v["only_reference_right"], v["only_candidate_right"]) for v in shipped["vs_shipped_per_repeat"]] == [
-        (0, 0)
-    ]
-    for entry in results.values():  # the discordant counts add up to each repeat's own flagged count
-        (repeat,) = entry["keep_1.0"]["vs_shipped_per_repeat"]
-        (count,) = entry["keep_1.0"]["flagged_per_repeat"]
-        assert count == expected - repeat["only_reference_right"] + repeat["only_candidate_right"]
+    pairs = [(v["only_reference_right"], v["only_candidate_right"]) for v in shipped["vs_shipped_per_repeat"]]
+    assert pairs == [(0, 0), (0, 0)]
+    for entry in results.values():  # each repeat's discordant counts add up to that repeat's own flagged count
+        at = entry["keep_1.0"]
+        assert len(at["vs_shipped_per_repeat"]) == len(at["flagged_per_repeat"]) == 2
+        for repeat, count in zip(at["vs_shipped_per_repeat"], at["flagged_per_repeat"], strict=True):
+            assert count == expected - repeat["only_reference_right"] + repeat["only_candidate_right"]
