@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import cpu_info
+from bench.common import add_model_argument, cpu_info
 from bench.serve import ROOT, load, multipart_request
 from deploy.client import free_port
 
@@ -70,13 +70,7 @@ def start(model: Path, port: int, cores: set[int]) -> subprocess.Popen[bytes]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument(
-        "--model",
-        type=Path,
-        default=Path(os.environ.get("MODEL_PATH", "models/model.onnx")),
-        help="default: the float32 file, the one every version of the service can serve (a --baseline checkout "
-        "too); models/model.int8.onnx or the models folder measures what make export serves",
-    )
+    add_model_argument(parser)
     parser.add_argument("--image", type=Path, required=True, help="a typical photo (about 500x375 JPEG)")
     parser.add_argument("--cpus", type=int, default=1, help="cores the service is pinned to")
     parser.add_argument("--clients", type=int, default=4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -11,6 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    """--model for the service benchmarks (MODEL_PATH, else the float32 file)."""
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=Path(os.environ.get("MODEL_PATH", "models/model.onnx")),
+        help="default: the float32 file, the one every version of the service can serve (a --baseline checkout "
+        "too); models/model.int8.onnx or the models folder measures what make export serves",
+    )
 
 
 def time_ms(fn: Callable[[], object], repeats: int, warmup: int = 5) -> list[float]:

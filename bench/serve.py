@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from bench.common import cpu_info, percentiles, time_ms
+from bench.common import add_model_argument, cpu_info, percentiles, time_ms
 from deploy.client import free_port
 from server.config import Settings, available_cpus
 from server.model import Model
@@ -392,13 +392,7 @@ def verdict(in_process: dict[str, Any], service: dict[str, Any]) -> dict[str, An
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument(
-        "--model",
-        type=Path,
-        default=Path(os.environ.get("MODEL_PATH", "models/model.onnx")),
-        help="default: the float32 file, the one every version of the service can serve (a --baseline checkout "
-        "too); models/model.int8.onnx or the models folder measures what make export serves",
-    )
+    add_model_argument(parser)
     parser.add_argument("--image", type=Path, required=True, help="a typical photo (about 500x375 JPEG)")
     parser.add_argument("--seconds", type=float, default=8.0, help="per throughput measurement")
     parser.add_argument("--rss-requests", type=int, default=5000)

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 from deploy.client import predict
+from imaging import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 RETRIED_ON_RESUME = {"unreachable", "server_error"}  # the service's fault, not the file's: asked again on resume
 FIRST_COLUMNS = ["path", "label"]
 LAST_COLUMNS = ["error_code", "error"]

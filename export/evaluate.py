@@ -12,19 +12,12 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from server.model_file import METADATA_KEY, read_metadata
 from training.config import DEFAULT_PARAMS, load_params
 from training.metrics import classification_report
 from training.presets import ClassificationPresetEval, PreprocessSpec
 from training.train import load_data
 from training.utils import write_json
-
-METADATA_KEY = "catsdogs"  # metadata_props key holding the model's metadata as one JSON document
-
-
-def read_metadata(path: Path) -> dict[str, Any]:
-    """The metadata an exported model carries (see export.convert.write_metadata)."""
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return json.loads(session.get_modelmeta().custom_metadata_map[METADATA_KEY])
 
 
 def make_session(path: Path, threads: int = 0) -> ort.InferenceSession:

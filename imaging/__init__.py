@@ -6,13 +6,14 @@ Pillow and NumPy only: the serving image imports this package and must stay free
 from __future__ import annotations
 
 from imaging.budget import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, decode_cost, decoder_bytes
-from imaging.decode import ACCEPTED_FORMATS, EXTENSIONS, Decoder, ImageError, limit_pillow
+from imaging.decode import ACCEPTED_FORMATS, EXTENSIONS, IMAGE_SUFFIXES, Decoder, ImageError, limit_pillow
 
 __all__ = [
     "ACCEPTED_FORMATS",
     "DEFAULT_MAX_DECODE_BYTES",
     "DEFAULT_MAX_PIXELS",
     "EXTENSIONS",
+    "IMAGE_SUFFIXES",
     "Decoder",
     "ImageError",
     "decode_cost",

@@ -21,6 +21,7 @@ from imaging.budget import (
 
 ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "MPO"})  # MPO: phone JPEGs with a depth frame
 EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif"}
+IMAGE_SUFFIXES = frozenset({*EXTENSIONS.values(), ".jpeg"})  # file names taken for images in a folder
 DRAFT_FORMATS = frozenset({"JPEG", "MPO"})
 BMP_RLE4 = 2
 EXIF_ORIENTATION = 0x0112

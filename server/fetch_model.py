@@ -16,6 +16,8 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
+from server.model_file import sha256_file
+
 CHUNK = 1024 * 1024
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -24,19 +26,11 @@ class FetchError(Exception):
     """The model could not be fetched, or it is not the pinned file."""
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for chunk in iter(lambda: stream.read(CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def fetch(url: str, sha256: str, out: Path, max_bytes: int, timeout: float = 60) -> bool:
     """Download url to out when out is not already the pinned file; True when it downloaded."""
     if not SHA256.match(sha256):
         raise FetchError(f"Invalid sha256 {sha256!r}: expected 64 lower-case hex digits")
-    if out.is_file() and file_sha256(out) == sha256:
+    if out.is_file() and sha256_file(out) == sha256:
         return False
     out.parent.mkdir(parents=True, exist_ok=True)
     digest, size = hashlib.sha256(), 0

@@ -8,6 +8,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import onnxruntime as ort
 
@@ -29,13 +30,18 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def quantized_from(path: Path) -> str | None:
-    """The sha256 of the float32 file an int8 model records it was quantized from (None when it records none)."""
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The metadata an exported model carries (export.convert.write_metadata); {} when it carries none."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # only the metadata is read
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     metadata = json.loads(session.get_modelmeta().custom_metadata_map.get(METADATA_KEY, "{}"))
-    source = metadata.get("quantized_from") if isinstance(metadata, dict) else None
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def quantized_from(path: Path) -> str | None:
+    """The sha256 of the float32 file an int8 model records it was quantized from (None when it records none)."""
+    source = read_metadata(path).get("quantized_from")
     sha256 = source.get("sha256") if isinstance(source, dict) else None
     return sha256 if isinstance(sha256, str) else None
 

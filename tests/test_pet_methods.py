@@ -29,6 +29,7 @@ def test_features_hold_the_photo_and_its_mirror_image(study):
     assert features.shape == (len(PETS) + len(OTHERS), 2, 1280)
     assert not np.allclose(features[:, 0], features[:, 1])  # two different views
     mass = head.pet_mass(features).mean(1)
+    assert np.allclose(head.shipped(features), mass, atol=1e-5)  # the study's mass is the shipped PetHead's
     assert mass[: len(PETS)].mean() > 0.5 > mass[len(PETS) :].mean()  # ImageNet's head tells these apart
 
 

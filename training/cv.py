@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -27,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from training.config import DEFAULT_PARAMS, AugmentParams, StageParams, load_params
-from training.model import IMAGENET, Predictor, build_model, freeze_backbone
+from training.model import Predictor, add_pretrained_argument, build_model, freeze_backbone
 from training.presets import ClassificationPresetEval, ClassificationPresetTrain, PreprocessSpec
 from training.train import extract_features, fit, load_data, make_loader, make_optimizer, predict, train_one_epoch
 from training.utils import pick_device, seed_everything, write_json
@@ -168,7 +167,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS)
     parser.add_argument("--data", type=Path, default=None, help="prepared ImageFolder root (default: params)")
-    parser.add_argument("--pretrained", default=os.environ.get("PRETRAINED") or IMAGENET)
+    add_pretrained_argument(parser)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--run-folds", type=int, default=None, help="run only the first N folds (a quick look)")
     parser.add_argument("--epochs", type=int, default=6, help="fine-tuning epochs, each scored")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,15 @@ from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 from training.pet import PetHead
 
 IMAGENET = "imagenet"
+
+
+def add_pretrained_argument(parser: argparse.ArgumentParser) -> None:
+    """--pretrained, shared by every command that builds the backbone (env PRETRAINED, else the download)."""
+    parser.add_argument(
+        "--pretrained",
+        default=os.environ.get("PRETRAINED") or IMAGENET,
+        help="'imagenet' (torchvision download) or a MobileNetV2 state_dict path; env PRETRAINED",
+    )
 
 
 def build_model(num_classes: int, pretrained: str | None = IMAGENET) -> nn.Module:

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from imaging import IMAGE_SUFFIXES
+
 IMAGENET_DOGS = (151, 269)  # [start, stop): the domestic dog breeds
 IMAGENET_CATS = (281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 
@@ -21,7 +23,6 @@ IMAGENET_CATS = (281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 # domestic breeds): wolves, coyote, dingo, dhole, African hunting dog, hyena, foxes; cougar, lynx and the big cats.
 # The nearest non-pets to a pet photo, reported on their own (export/not_a_pet.py).
 WILD_RELATIVES = ((269, 281), (286, 294))
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 CLASS_INDEX = re.compile(r"imagenet_(\d+)_")
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -27,6 +26,7 @@ from training.metrics import classification_report, plot_confusion_matrix
 from training.model import (
     IMAGENET,
     Predictor,
+    add_pretrained_argument,
     build_model,
     embed,
     freeze_backbone,
@@ -297,11 +297,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stage", choices=[*STAGES, "all"], default="all")
     parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS)
     parser.add_argument("--data", type=Path, default=None, help="prepared ImageFolder root (default: params)")
-    parser.add_argument(
-        "--pretrained",
-        default=os.environ.get("PRETRAINED") or IMAGENET,
-        help="'imagenet' (torchvision download) or a MobileNetV2 state_dict path; env PRETRAINED",
-    )
+    add_pretrained_argument(parser)
     parser.add_argument("--out-dir", type=Path, default=Path("models"))
     parser.add_argument("--reports-dir", type=Path, default=None, help="default: params data.reports_dir")
     return parser
