@@ -57,11 +57,16 @@ def choose_threshold(pets: np.ndarray, keep_target: float) -> float:
     return float(np.sort(pets)[allowed_misses])
 
 
+def flagged(others: np.ndarray, threshold: float) -> dict[str, Any]:
+    """Non-pets flagged (score below the threshold), with the Wilson 95% interval."""
+    return proportion(int((others < threshold).sum()), len(others))
+
+
 def rates(pets: np.ndarray, others: np.ndarray, threshold: float) -> dict[str, Any]:
     """Kept pets and flagged non-pets at a threshold, with Wilson 95% intervals."""
     return {
         "kept_pets": proportion(int((pets >= threshold).sum()), len(pets)),
-        "flagged_not_pets": proportion(int((others < threshold).sum()), len(others)),
+        "flagged_not_pets": flagged(others, threshold),
     }
 
 
@@ -153,10 +158,7 @@ def calibrate(
         "chosen_on": chosen_on,
         "goal": {"flagged_not_pets": 0.98, "kept_pets": 0.997},
         "at_threshold": {name: rates(pets, others, threshold) for name, (pets, others) in sets.items()},
-        "generated_by_kind": {
-            kind: proportion(int((scores["generated"][kinds == kind] < threshold).sum()), int((kinds == kind).sum()))
-            for kind in synthetic.KINDS
-        },
+        "generated_by_kind": {kind: flagged(scores["generated"][kinds == kind], threshold) for kind in synthetic.KINDS},
         "curves": {name: curve(pets, others) for name, (pets, others) in sets.items()},
         "shows_pet": {
             "files": list(settings.shows_pet),
@@ -168,12 +170,10 @@ def calibrate(
     }
     if relatives.size:  # the nearest non-pets apart from the rest
         report["held_out_imagenet_by_family"] = {
-            "wild dog and cat family (ImageNet 269-280, 286-293)": rates(
-                scores["test_pets"], scores["held_out_not_pets"][relatives], threshold
-            )["flagged_not_pets"],
-            "everything else": rates(scores["test_pets"], scores["held_out_not_pets"][~relatives], threshold)[
-                "flagged_not_pets"
-            ],
+            "wild dog and cat family (ImageNet 269-280, 286-293)": flagged(
+                scores["held_out_not_pets"][relatives], threshold
+            ),
+            "everything else": flagged(scores["held_out_not_pets"][~relatives], threshold),
         }
     return metadata, report, sets
 

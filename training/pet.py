@@ -49,12 +49,9 @@ def not_pet_files(root: Path, shows_pet: Sequence[str] = ()) -> dict[str, list[P
     split: dict[str, list[Path]] = {"dev": [], "held_out": [], "shows_pet": []}
     for file in files:
         index = class_index(file)
-        if file.name in shows_pet:
-            split["shows_pet"].append(file)
-        else:
-            split["dev" if (index if index is not None else sum(file.name.encode())) % 4 == 0 else "held_out"].append(
-                file
-            )
+        if index is None:  # another file name: split by a stable number all the same
+            index = sum(file.name.encode())
+        split["shows_pet" if file.name in shows_pet else "dev" if index % 4 == 0 else "held_out"].append(file)
     return split
 
 
