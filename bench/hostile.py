@@ -50,7 +50,11 @@ def peak_rss_kib():  # VmHWM: this process's own high-water mark (ru_maxrss carr
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 
 resource.setrlimit(resource.RLIMIT_AS, (__LIMIT__, __LIMIT__))
-from server.preprocess import ImageError, Preprocessor
+try:
+    from imaging import ImageError
+except ImportError:  # a --base commit from before the imaging package
+    from server.preprocess import ImageError
+from server.preprocess import Preprocessor
 spec, files = json.loads(sys.argv[1]), sys.argv[2:]
 images = [open(f, "rb").read() for f in files]
 preprocess = Preprocessor(spec, max_pixels=50_000_000)

@@ -22,9 +22,8 @@ import matplotlib
 import numpy as np
 
 from export import synthetic
-from imaging import DEFAULT_MAX_PIXELS
+from imaging import DEFAULT_MAX_PIXELS, ImageError
 from server.model import Model
-from server.preprocess import ImageError
 from training.config import DEFAULT_PARAMS, PetParams, load_params
 from training.pet import is_wild_relative, not_pet_files, pet_files
 from training.stats import proportion

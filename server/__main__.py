@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     get_args_parser().parse_args(argv)
     try:
         settings = Settings.from_env()
+        settings.check_files()
     except ValueError as error:
         print(f"python -m server: {error}", file=sys.stderr)
         sys.exit(2)

@@ -4,8 +4,8 @@ A request is admitted before its body is read: every admitted request may hold a
 (twice over while a multipart part spools to /tmp), so counting after the read would leave the memory held by
 bodies unbounded. `slots` requests run (INFERENCE_CONCURRENCY) and up to `queue` more wait for a slot (MAX_QUEUE);
 one more is answered 503 with Retry-After without its body being kept, as is one whose body (its Content-Length, or
-MAX_UPLOAD_BYTES when it has none) would take the admitted requests' bodies past MAX_QUEUE_BYTES (a lone request is
-always admitted). A request that waits for a slot longer than `timeout` seconds (QUEUE_TIMEOUT) is answered 503 too.
+MAX_UPLOAD_BYTES when it has none) would take the admitted requests' bodies past MAX_ADMITTED_BYTES (a lone request
+is always admitted). A request that waits for a slot longer than `timeout` seconds (QUEUE_TIMEOUT) is answered 503 too.
 See docs/capacity.md, "Backpressure" and "Memory budget".
 """
 
@@ -18,19 +18,12 @@ from typing import TypeVar
 import anyio
 import anyio.to_thread
 from starlette.requests import ClientDisconnect, Request
+from starlette.types import Scope
 
+from server.errors import Overloaded
 from server.metrics import Metrics
 
 T = TypeVar("T")
-RETRY_AFTER_S = 1
-
-
-class Overloaded(Exception):
-    """No room for the request: status 503, an error code, and the seconds after which to retry."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
 
 
 class Admission:
@@ -102,3 +95,11 @@ async def admit(request: Request) -> None:
                     break
         raise
     state["admission"] = (admission, size)
+
+
+def release(scope: Scope) -> None:
+    """Let the request's admission go, if it was admitted (server.middleware, once the response is sent)."""
+    admitted = scope.get("state", {}).pop("admission", None)
+    if admitted is not None:
+        admission, size = admitted
+        admission.leave(size)

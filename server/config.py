@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from imaging import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS
 
@@ -37,92 +39,131 @@ def cgroup_cpu_quota(root: Path) -> float | None:
     return None
 
 
+Values = dict[str, Any]
+
+
+def integer(minimum: int = 0, maximum: int | None = None) -> Callable[[str], int]:
+    expected = f"an integer between {minimum} and {maximum}" if maximum is not None else f"an integer >= {minimum}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"expected {expected}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise ValueError(f"expected {expected}")
+        return value
+
+    return parse
+
+
+def choice(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text.lower() not in allowed:
+            raise ValueError(f"only {', '.join(allowed)} are supported")
+        return text.lower()
+
+    return parse
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise ValueError("expected a number from 0 to 1")
+    return value
+
+
+def per_worker(values: Values) -> int:
+    """The CPUs each worker process may use."""
+    return max(1, values["cpus"] // values["workers"])
+
+
 @dataclass(frozen=True)
-class SettingHelp:
-    """One environment variable as `python -m server --help` and README describe it."""
+class Setting:
+    """One environment variable: how its text is read, its default, and what it means (--help, README's table)."""
 
     name: str
-    default: str
+    parse: Callable[[str], Any]  # the text (never empty) to a value, or ValueError saying what was expected
+    default: Callable[[Values], Any]  # the value when unset or empty, from the settings read before it
+    default_text: str
     meaning: str
 
+    @property
+    def field(self) -> str:
+        return self.name.lower()
 
-# Every variable Settings.from_env reads, one line each (tests/test_config.py checks none is missing).
-SETTINGS_HELP: tuple[SettingHelp, ...] = (
-    SettingHelp(
-        "MODEL_PATH",
-        "models",
-        "an ONNX model file, or a folder: its model.int8.onnx when quantized from the model.onnx beside it, else "
-        "model.onnx; absent: health-only mode",
-    ),
-    SettingHelp("HOST", "0.0.0.0", "address to listen on"),
-    SettingHelp("PORT", "8000", "TCP port to listen on (1-65535)"),
-    SettingHelp("WORKERS", "1", "uvicorn worker processes, each with its own onnxruntime session"),
-    SettingHelp("ORT_THREADS", "1", "onnxruntime intra-op threads per inference"),
-    SettingHelp("INFERENCE_CONCURRENCY", "2 x CPUs / (WORKERS x ORT_THREADS)", "inferences in flight per process"),
-    SettingHelp(
-        "ORT_SOLO_THREADS", "CPUs / WORKERS", "onnxruntime threads for an inference that runs alone (idle machine)"
-    ),
-    SettingHelp("MAX_QUEUE", "4 x INFERENCE_CONCURRENCY", "requests that may wait for an inference slot; past it 503"),
-    SettingHelp("MAX_QUEUE_BYTES", str(48 * MIB), "bytes of bodies all admitted requests may hold; past it 503"),
-    SettingHelp("QUEUE_TIMEOUT", "10", "seconds a request may wait for an inference slot before a 503"),
-    SettingHelp("DECODE_CONCURRENCY", "CPUs / WORKERS", "images decoded at once (bounds decode memory)"),
-    SettingHelp("MAX_UPLOAD_BYTES", str(10 * MIB), "request body limit in bytes (a whole /predict/batch body)"),
-    SettingHelp("MAX_IMAGE_PIXELS", "50000000", "declared width x height limit per image"),
-    SettingHelp("MAX_DECODE_BYTES", str(64 * MIB), "estimated peak memory to decode one image (docs/hardening.md)"),
-    SettingHelp("MAX_BATCH_FILES", "32", "files per /predict/batch request"),
-    SettingHelp("LOG_LEVEL", "info", "debug, info, warning or error"),
-    SettingHelp("LOG_FORMAT", "json", "json (one object per line) or text"),
-    SettingHelp("GRACEFUL_TIMEOUT", "30", "seconds in-flight requests get to finish on SIGTERM"),
-    SettingHelp(
-        "FEEDBACK_STORE_SIZE", "10000", "recent predictions kept in memory for POST /feedback (oldest evicted)"
-    ),
-    SettingHelp("PET_THRESHOLD", "the model's", "pet_score at or above which is_pet is true (0-1; docs/not-a-pet.md)"),
-    SettingHelp("FEEDBACK_DB", "unset", "SQLite file for the feedback store instead of memory (survives restarts)"),
-    SettingHelp(
-        "DRIFT_WINDOW", "500", "predictions per drift window (catsdogs_drift_psi against the model's reference)"
-    ),
-    SettingHelp("PREDICTION_LOG", "unset", "JSON-lines file of predictions and feedback (never image bytes)"),
-    SettingHelp("PREDICTION_LOG_SAMPLE_EVERY", "0", "save every Nth image next to the prediction log (0: never)"),
-)
+
+def fixed(value: Any) -> Callable[[Values], Any]:
+    return lambda _: value
+
+
+# Every variable the service reads, in the order they are read (a default may use the ones above it). Unset and
+# empty are the same: the default.
+SETTINGS: tuple[Setting, ...] = (
+    Setting("MODEL_PATH", Path, fixed(Path("models")), "`models`",
+            "an ONNX model file, or a folder: its `model.int8.onnx` when quantized from the `model.onnx` beside it, "
+            "else `model.onnx`; absent: health-only mode"),
+    Setting("HOST", str, fixed("0.0.0.0"), "`0.0.0.0`", "address to listen on"),
+    Setting("PORT", integer(1, 65535), fixed(8000), "8000", "TCP port to listen on"),
+    Setting("WORKERS", integer(1), fixed(1), "1", "uvicorn worker processes, each with its own onnxruntime session"),
+    Setting("ORT_THREADS", integer(1), fixed(1), "1", "onnxruntime intra-op threads per inference"),
+    Setting("INFERENCE_CONCURRENCY", integer(1), lambda v: 2 * max(1, per_worker(v) // v["ort_threads"]),
+            "2 x CPUs / (`WORKERS` x `ORT_THREADS`)", "inferences in flight per process (the rest wait for a slot)"),
+    Setting("ORT_SOLO_THREADS", integer(0), per_worker, "CPUs / `WORKERS`",
+            "onnxruntime threads for an inference that runs while no other does (0 or <= `ORT_THREADS`: off)"),
+    Setting("MAX_QUEUE", integer(0), lambda v: 4 * v["inference_concurrency"], "4 x `INFERENCE_CONCURRENCY`",
+            "requests that may wait for an inference slot; past it 503 `overloaded` at once"),
+    Setting("MAX_ADMITTED_BYTES", integer(1), fixed(48 * MIB), str(48 * MIB),
+            "request bodies (Content-Length, else `MAX_UPLOAD_BYTES`) that the admitted requests, running and "
+            "waiting, may hold in all; past it 503 `overloaded`"),
+    Setting("QUEUE_TIMEOUT", integer(1), fixed(10), "10",
+            "seconds a request may wait for an inference slot before 503 `queue_timeout`"),
+    Setting("DECODE_CONCURRENCY", integer(1), per_worker, "CPUs / `WORKERS`",
+            "images decoded at once (each decode has its own memory peak)"),
+    Setting("MAX_UPLOAD_BYTES", integer(1), fixed(10 * MIB), str(10 * MIB),
+            "request body limit in bytes (a whole `/predict/batch` body)"),
+    Setting("MAX_IMAGE_PIXELS", integer(1), fixed(DEFAULT_MAX_PIXELS), str(DEFAULT_MAX_PIXELS),
+            "declared width x height limit per image (413 before decoding)"),
+    Setting("MAX_DECODE_BYTES", integer(1), fixed(DEFAULT_MAX_DECODE_BYTES), str(DEFAULT_MAX_DECODE_BYTES),
+            "estimated peak memory to decode one image (413 before decoding; docs/hardening.md)"),
+    Setting("MAX_BATCH_FILES", integer(1), fixed(32), "32", "files per `/predict/batch` request"),
+    Setting("LOG_LEVEL", choice("debug", "info", "warning", "error"), fixed("info"), "`info`",
+            "`debug`, `info`, `warning` or `error`"),
+    Setting("LOG_FORMAT", choice("json", "text"), fixed("json"), "`json`", "`json` (one object per line) or `text`"),
+    Setting("GRACEFUL_TIMEOUT", integer(0), fixed(30), "30", "seconds in-flight requests get to finish on SIGTERM"),
+    Setting("FEEDBACK_STORE_SIZE", integer(1), fixed(10_000), "10000",
+            "recent predictions kept for `POST /feedback` (oldest evicted)"),
+    Setting("FEEDBACK_DB", Path, fixed(None), "unset",
+            "SQLite file for the feedback store instead of memory: survives restarts, shared by one host's processes"),
+    Setting("PET_THRESHOLD", fraction, fixed(None), "the model's (`/model` → `pet.threshold`)",
+            "`pet_score` at or above which `is_pet` is true (0 to 1; docs/not-a-pet.md)"),
+    Setting("DRIFT_WINDOW", integer(1), fixed(500), "500",
+            "predictions per drift window (`catsdogs_drift_psi` against the model's reference)"),
+    Setting("PREDICTION_LOG", Path, fixed(None), "unset",
+            "JSON-lines file of predictions and feedback, joinable by request id (no image bytes)"),
+    Setting("PREDICTION_LOG_SAMPLE_EVERY", integer(0), fixed(0), "0",
+            "save every Nth image next to the prediction log (0: never)"),
+)  # fmt: skip
+RENAMED = {"MAX_QUEUE_BYTES": "MAX_ADMITTED_BYTES"}
+WRITTEN_FILES = ("FEEDBACK_DB", "PREDICTION_LOG")  # checked before the service starts: a bad one is exit code 2
 
 
 def settings_help() -> str:
     """The settings table printed by `python -m server --help`."""
-    width = max(len(s.name) for s in SETTINGS_HELP)
-    rows = [f"  {s.name:<{width}}  {s.meaning} (default: {s.default})" for s in SETTINGS_HELP]
-    return "\n".join([f"environment variables (CPUs available here: {available_cpus()}):", *rows])
+    width = max(len(s.name) for s in SETTINGS)
+    rows = [f"  {s.name:<{width}}  {s.meaning.replace('`', '')} (default: {s.default_text.replace('`', '')})"
+            for s in SETTINGS]  # fmt: skip
+    return "\n".join([f"environment variables, unset or empty for the default (CPUs here: {available_cpus()}):",
+                      *rows])  # fmt: skip
 
 
-def _int(name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    expected = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"Invalid {name}={raw!r}: expected an integer {expected}") from None
-    if value < minimum or (maximum is not None and value > maximum):
-        raise ValueError(f"Invalid {name}={raw!r}: expected an integer {expected}")
-    return value
-
-
-def _choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
-    value = os.environ.get(name, default).lower()
-    if value not in allowed:
-        raise ValueError(f"Invalid {name}={value!r}. Only {', '.join(allowed)} are supported.")
-    return value
-
-
-def _fraction(name: str) -> float | None:
-    raw = os.environ.get(name, "")
-    try:
-        value = float(raw) if raw else None
-    except ValueError:
-        value = -1.0
-    if value is not None and not 0.0 <= value <= 1.0:
-        raise ValueError(f"Invalid {name}={raw!r}: expected a number from 0 to 1")
-    return value
+def settings_markdown() -> str:
+    """The settings table of README.md (tests/test_docs.py checks README holds exactly this)."""
+    rows = [f"| `{s.name}` | {s.default_text} | {s.meaning} |" for s in SETTINGS]
+    return "\n".join(["| variable | default | meaning |", "| --- | --- | --- |", *rows])
 
 
 @dataclass(frozen=True)
@@ -132,12 +173,12 @@ class Settings:
     port: int
     workers: int
     ort_threads: int
-    ort_solo_threads: int
     inference_concurrency: int
+    ort_solo_threads: int
     max_queue: int
-    max_queue_bytes: int
-    decode_concurrency: int
+    max_admitted_bytes: int
     queue_timeout: int
+    decode_concurrency: int
     max_upload_bytes: int
     max_image_pixels: int
     max_decode_bytes: int
@@ -145,55 +186,48 @@ class Settings:
     log_level: str
     log_format: str
     graceful_timeout: int
-    feedback_store_size: int = 10_000
-    feedback_db: Path | None = None
-    drift_window: int = 500
-    prediction_log: Path | None = None
-    prediction_log_sample_every: int = 0
-    pet_threshold: float | None = None  # None: the threshold recorded in the model's metadata
+    feedback_store_size: int
+    feedback_db: Path | None
+    pet_threshold: float | None  # None: the threshold recorded in the model's metadata
+    drift_window: int
+    prediction_log: Path | None
+    prediction_log_sample_every: int
 
     @classmethod
-    def from_env(cls) -> Settings:
-        """Every setting has a default, sized from the CPUs this process may use (docs/serving.md, Threads and workers).
+    def from_env(cls, environ: Mapping[str, str] | None = None, cpus: int | None = None) -> Settings:
+        """Every setting from the environment, or its default, sized from the CPUs this process may use
+        (docs/serving.md, Threads and workers). Raises ValueError naming the variable and what it expects.
 
         One onnxruntime thread per inference: for MobileNetV2 at batch 1 a second intra-op thread cuts latency by
         ~5%, while two inferences side by side nearly double throughput. Two inferences in flight per core: an
         inference slot also spans the hand-over to and from the event loop, and with only one per core the cores
         sat idle during it (`make bench`: 82% of the in-process throughput at 16 clients, 92% with two).
         """
-        workers = _int("WORKERS", 1, minimum=1)
-        cpus_per_worker = max(1, available_cpus() // workers)
-        ort_threads = _int("ORT_THREADS", 0) or 1
-        concurrency = _int("INFERENCE_CONCURRENCY", 0) or 2 * max(1, cpus_per_worker // ort_threads)
-        return cls(
-            model_path=Path(os.environ.get("MODEL_PATH") or "models"),
-            host=os.environ.get("HOST", "0.0.0.0"),
-            port=_int("PORT", 8000, minimum=1, maximum=65535),
-            workers=workers,
-            ort_threads=ort_threads,
-            # one request alone on an idle process runs on all its CPUs (0 or <= ORT_THREADS: never)
-            ort_solo_threads=_int("ORT_SOLO_THREADS", cpus_per_worker),
-            inference_concurrency=concurrency,
-            # requests waiting for an inference slot (each may hold a body): see docs/capacity.md, "Memory budget"
-            max_queue=_int("MAX_QUEUE", 4 * concurrency),
-            max_queue_bytes=_int("MAX_QUEUE_BYTES", 48 * MIB, minimum=1),
-            queue_timeout=_int("QUEUE_TIMEOUT", 10, minimum=1),
-            # images decoded at once: decoding is CPU-bound and its memory peak is per image
-            decode_concurrency=_int("DECODE_CONCURRENCY", 0) or cpus_per_worker,
-            max_upload_bytes=_int("MAX_UPLOAD_BYTES", 10 * MIB, minimum=1),
-            max_image_pixels=_int("MAX_IMAGE_PIXELS", DEFAULT_MAX_PIXELS, minimum=1),
-            max_decode_bytes=_int("MAX_DECODE_BYTES", DEFAULT_MAX_DECODE_BYTES, minimum=1),
-            max_batch_files=_int("MAX_BATCH_FILES", 32, minimum=1),
-            log_level=_choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
-            log_format=_choice("LOG_FORMAT", "json", ("json", "text")),
-            graceful_timeout=_int("GRACEFUL_TIMEOUT", 30, minimum=0),
-            feedback_store_size=_int("FEEDBACK_STORE_SIZE", 10_000, minimum=1),
-            feedback_db=Path(os.environ["FEEDBACK_DB"]) if os.environ.get("FEEDBACK_DB") else None,
-            drift_window=_int("DRIFT_WINDOW", 500, minimum=1),
-            prediction_log=Path(os.environ["PREDICTION_LOG"]) if os.environ.get("PREDICTION_LOG") else None,
-            prediction_log_sample_every=_int("PREDICTION_LOG_SAMPLE_EVERY", 0),
-            pet_threshold=_fraction("PET_THRESHOLD"),
-        )
+        environ = os.environ if environ is None else environ
+        for old, new in RENAMED.items():
+            if environ.get(old):
+                raise ValueError(f"{old} was renamed {new}: set {new} instead")
+        values: Values = {"cpus": cpus or available_cpus()}
+        for setting in SETTINGS:
+            text = environ.get(setting.name, "")
+            try:
+                values[setting.field] = setting.parse(text) if text else setting.default(values)
+            except ValueError as error:
+                raise ValueError(f"Invalid {setting.name}={text!r}: {error}") from None
+        return cls(**{setting.field: values[setting.field] for setting in SETTINGS})
+
+    def check_files(self) -> None:
+        """Raise ValueError, naming the variable, for a file the service must write but cannot."""
+        for setting in (s for s in SETTINGS if s.name in WRITTEN_FILES):
+            path: Path | None = getattr(self, setting.field)
+            if path is None:
+                continue
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "a"):
+                    pass
+            except OSError as error:
+                raise ValueError(f"Invalid {setting.name}={str(path)!r}: cannot write it ({error.strerror})") from None
 
     def oversubscription(self, cpus: int | None = None) -> str | None:
         """A warning when WORKERS x ORT_THREADS asks for more cores than this process may use, else None."""

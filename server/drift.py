@@ -79,6 +79,3 @@ class DriftMonitor:
             value = SIGNALS[name](prediction)
             if value is not None:
                 window.add(value)
-
-    def psi(self) -> dict[str, float]:
-        return {name: window.psi() for name, window in self.windows.items()}

@@ -10,20 +10,19 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
 
-from imaging import DEFAULT_MAX_DECODE_BYTES
+from imaging import DEFAULT_MAX_DECODE_BYTES, ImageError
 from server.model_file import METADATA_KEY, choose_model_file
-from server.preprocess import ImageError, Preprocessor
+from server.preprocess import Preprocessor
+
+if TYPE_CHECKING:  # the export stages load models without the service's settings
+    from server.config import Settings
 
 PROVIDERS = ["CPUExecutionProvider"]
-# Images per session.run. onnxruntime's arena keeps the activations of the largest batch it has run (~19 MB an
-# image for MobileNetV2 with flip averaging: 860 MB after one batch of 32), and batch 1 is also the fastest per
-# image on CPU (25 ms vs 37 ms at batch 4 on 2 cores), so a batch request runs image by image.
-RUN_BATCH = 1
 
 
 class ModelError(Exception):
@@ -117,6 +116,20 @@ class Model:
         self.warm_up()
         self.load_seconds = time.perf_counter() - started
 
+    @classmethod
+    def from_settings(cls, settings: Settings, *, threads: int | None = None) -> Model:
+        """The model the service serves for these settings (every budget and both sessions); `threads` overrides
+        ORT_THREADS (make classify runs one inference at a time on all the CPUs)."""
+        return cls(
+            settings.model_path,
+            threads=settings.ort_threads if threads is None else threads,
+            max_pixels=settings.max_image_pixels,
+            max_decode_bytes=settings.max_decode_bytes,
+            solo_threads=settings.ort_solo_threads,
+            decoders=settings.decode_concurrency,
+            pet_threshold=settings.pet_threshold,
+        )
+
     def read_outputs(self, path: Path, override: float | None) -> tuple[list[str], float | None]:
         """The outputs to fetch, by the names the metadata gives, and the pet threshold (None: no pet output)."""
         available = [output.name for output in self.session.get_outputs()]
@@ -147,24 +160,23 @@ class Model:
             for _ in range(runs if session else 0):
                 session.run(None, {self.input_name: sample})  # type: ignore[union-attr]
 
-    def predict(self, batch: np.ndarray) -> list[Prediction]:
-        """Probabilities for a stack of preprocessed images."""
-        runs = [self.run(batch[start : start + RUN_BATCH]) for start in range(0, len(batch), RUN_BATCH)]
-        probabilities = np.concatenate([outputs[0] for outputs in runs])
-        pet_scores = (
-            np.concatenate([outputs[1] for outputs in runs])
-            if self.pet_threshold is not None
-            else [None] * len(probabilities)
-        )
-        return [
-            Prediction(
-                self.labels[int(row.argmax())],
-                {label: float(p) for label, p in zip(self.labels, row, strict=True)},
-                None if score is None else bool(score >= self.pet_threshold),
-                None if score is None else min(1.0, max(0.0, float(score))),
-            )
-            for row, score in zip(probabilities, pet_scores, strict=True)
-        ]
+    @property
+    def has_pet_output(self) -> bool:
+        """Whether the model gives a pet score (is_pet and pet_score are null without one)."""
+        return self.pet_threshold is not None
+
+    def predict(self, image: np.ndarray) -> Prediction:
+        """The prediction for one preprocessed image (CHW). onnxruntime's arena keeps the activations of the largest
+        batch it has run (~19 MB an image for MobileNetV2 with flip averaging), and batch 1 is also the fastest per
+        image on CPU (25 ms vs 37 ms at batch 4 on 2 cores), so every image runs alone."""
+        outputs = self.run(image[np.newaxis])
+        row = outputs[0][0]
+        label = self.labels[int(row.argmax())]
+        probabilities = {name: float(p) for name, p in zip(self.labels, row, strict=True)}
+        if self.pet_threshold is None:
+            return Prediction(label, probabilities)
+        score = float(outputs[1][0])
+        return Prediction(label, probabilities, score >= self.pet_threshold, min(1.0, max(0.0, score)))
 
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
         """The model's outputs (output_names) from session.run on the solo session when no other inference is
@@ -181,7 +193,7 @@ class Model:
 
     def classify_all(self, images: list[bytes]) -> tuple[list[Prediction | ImageError], list[float]]:
         """Each image's prediction, or its ImageError, and the seconds each session.run took (one per image run).
-        Each image is decoded and run in turn (RUN_BATCH), so a batch holds one decoded image at a time."""
+        Each image is decoded and run in turn, so a batch holds one decoded image at a time."""
         errors: dict[int, ImageError] = {}
         predictions: dict[int, Prediction] = {}
         seconds: list[float] = []
@@ -196,7 +208,7 @@ class Model:
                     errors[index] = error
                     continue
                 started = time.perf_counter()
-                [predictions[index]] = self.predict(array[np.newaxis])
+                predictions[index] = self.predict(array)
                 seconds.append(time.perf_counter() - started)
         finally:
             with self.running_lock:

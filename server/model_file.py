@@ -53,7 +53,8 @@ def choose_model_file(path: Path) -> ModelFile:
         return ModelFile(path, "MODEL_PATH names this file")
     float32, int8 = path / FLOAT32, path / INT8
     if not int8.is_file():
-        return ModelFile(float32, f"no {INT8} in {path}")
+        return ModelFile(float32, f"no {INT8} in {path} (make export keeps it only when the int8 gate accepts it; "
+                                  "reports/quantize.json says why not)")  # fmt: skip
     if not float32.is_file():
         return ModelFile(int8, f"{INT8} is the only model in {path}")
     try:

@@ -7,9 +7,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from imaging import DEFAULT_MAX_DECODE_BYTES, Decoder, ImageError
-
-__all__ = ["ImageError", "Preprocessor"]
+from imaging import DEFAULT_MAX_DECODE_BYTES, Decoder
 
 RESAMPLING = {
     "nearest": Image.Resampling.NEAREST,

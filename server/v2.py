@@ -13,9 +13,8 @@ import base64
 import binascii
 import json
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import wraps
 from typing import Any
 
 import numpy as np
@@ -23,11 +22,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from server.admission import RETRY_AFTER_S, Overloaded, admit
-from server.app import ClientError, limited_stream, require_model, run_classify
+from imaging import ImageError
+from server.admission import admit
+from server.bodies import read_body
+from server.errors import ClientError
+from server.inference import predict_images, require_model
 from server.model import Model, Prediction
-from server.observe import observe
-from server.preprocess import ImageError
+from server.observer import observe
 
 MODEL_NAME = "catsdogs"
 INPUT_NAME = "image"
@@ -36,7 +37,7 @@ LENGTH_PREFIX = struct.Struct("<I")
 
 
 @dataclass(frozen=True)
-class Output:
+class OutputTensor:
     """One output tensor: its datatype, the shape of one item, and how to read it from a prediction."""
 
     name: str
@@ -46,30 +47,15 @@ class Output:
 
 
 OUTPUTS = (
-    Output("probabilities", "FP32", lambda m: [len(m.labels)], lambda p, m: [p.probabilities[x] for x in m.labels]),
-    Output("label", "BYTES", lambda m: [], lambda p, m: p.label),
-    Output("pet_score", "FP32", lambda m: [], lambda p, m: p.pet_score),
-    Output("is_pet", "BOOL", lambda m: [], lambda p, m: p.is_pet),
+    OutputTensor(
+        "probabilities", "FP32", lambda m: [len(m.labels)], lambda p, m: [p.probabilities[x] for x in m.labels]
+    ),
+    OutputTensor("label", "BYTES", lambda m: [], lambda p, m: p.label),
+    OutputTensor("pet_score", "FP32", lambda m: [], lambda p, m: p.pet_score),
+    OutputTensor("is_pet", "BOOL", lambda m: [], lambda p, m: p.is_pet),
 )
 PET_OUTPUTS = frozenset({"pet_score", "is_pet"})
 NUMPY_TYPES = {"FP32": np.dtype("<f4"), "BOOL": np.dtype(np.bool_)}
-
-
-def v2_errors(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-    """The service's ClientError (413, 503, ...) in the protocol's error shape."""
-
-    @wraps(endpoint)
-    async def handle(request: Request) -> Response:
-        try:
-            return await endpoint(request)
-        except ClientError as error:
-            request.scope["state"].setdefault("log", {})["error_code"] = error.code
-            return JSONResponse({"error": error.message}, status_code=error.status)
-        except Overloaded as error:
-            request.scope["state"].setdefault("log", {})["error_code"] = error.code
-            return JSONResponse({"error": error.message}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
-
-    return handle
 
 
 def bad_request(message: str) -> ClientError:
@@ -88,9 +74,9 @@ def served_model(request: Request) -> Model:
     return model
 
 
-def model_outputs(model: Model) -> list[Output]:
+def model_outputs(model: Model) -> list[OutputTensor]:
     """The outputs this model gives: the pet outputs only when the model has a pet head."""
-    return list(OUTPUTS) if model.pet_threshold is not None else [o for o in OUTPUTS if o.name not in PET_OUTPUTS]
+    return list(OUTPUTS) if model.has_pet_output else [o for o in OUTPUTS if o.name not in PET_OUTPUTS]
 
 
 # --- request ------------------------------------------------------------------------------------------------------
@@ -172,7 +158,7 @@ def image_input(header: dict[str, Any], binary: bytes, max_elements: int) -> lis
     return images
 
 
-def requested_outputs(header: dict[str, Any], available: list[Output]) -> list[tuple[Output, bool]]:
+def requested_outputs(header: dict[str, Any], available: list[OutputTensor]) -> list[tuple[OutputTensor, bool]]:
     """(output, as binary) for each output the request asks for; all of them when it names none."""
     parameters = header.get("parameters") or {}
     binary_default = bool(parameters.get("binary_data_output", False)) if isinstance(parameters, dict) else False
@@ -180,7 +166,7 @@ def requested_outputs(header: dict[str, Any], available: list[Output]) -> list[t
     if requested is None:
         return [(output, binary_default) for output in available]
     by_name = {output.name: output for output in available}
-    chosen: list[tuple[Output, bool]] = []
+    chosen: list[tuple[OutputTensor, bool]] = []
     for item in requested if isinstance(requested, list) else [None]:
         name = item.get("name") if isinstance(item, dict) else None
         if name not in by_name:
@@ -195,7 +181,9 @@ def requested_outputs(header: dict[str, Any], available: list[Output]) -> list[t
 # --- response -----------------------------------------------------------------------------------------------------
 
 
-def output_tensor(output: Output, model: Model, predictions: list[Prediction], binary: bool) -> tuple[dict, bytes]:
+def output_tensor(
+    output: OutputTensor, model: Model, predictions: list[Prediction], binary: bool
+) -> tuple[dict, bytes]:
     """The output's JSON description and, when binary, its raw bytes."""
     values = [output.value(prediction, model) for prediction in predictions]
     tensor: dict[str, Any] = {
@@ -219,7 +207,7 @@ def output_tensor(output: Output, model: Model, predictions: list[Prediction], b
     return tensor, data
 
 
-def infer_response(header: dict[str, Any], model: Model, outputs: list[tuple[Output, bool]],
+def infer_response(header: dict[str, Any], model: Model, outputs: list[tuple[OutputTensor, bool]],
                    predictions: list[Prediction], request_ids: list[str]) -> Response:  # fmt: skip
     body: dict[str, Any] = {"model_name": MODEL_NAME, "model_version": model.version}
     if "id" in header:
@@ -244,29 +232,24 @@ def infer_response(header: dict[str, Any], model: Model, outputs: list[tuple[Out
 # --- endpoints ----------------------------------------------------------------------------------------------------
 
 
-@v2_errors
 async def server_live(request: Request) -> Response:
     return JSONResponse({"live": True})
 
 
-@v2_errors
 async def server_ready(request: Request) -> Response:
     ready = request.app.state.model is not None
     return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
 
-@v2_errors
 async def server_metadata(request: Request) -> Response:
     return JSONResponse({"name": MODEL_NAME, "version": "2", "extensions": ["binary_tensor_data"]})
 
 
-@v2_errors
 async def model_ready(request: Request) -> Response:
     model = served_model(request)
     return JSONResponse({"name": MODEL_NAME, "version": model.version, "ready": True})
 
 
-@v2_errors
 async def model_metadata(request: Request) -> Response:
     model = served_model(request)
     outputs = []
@@ -286,35 +269,33 @@ async def model_metadata(request: Request) -> Response:
     })  # fmt: skip
 
 
-@v2_errors
 async def infer(request: Request) -> Response:
     """POST /v2/models/catsdogs/infer: the same budgets, preprocessing, inference and metrics as /predict."""
     model = served_model(request)
     settings = request.app.state.settings
     await admit(request)  # before the body is read, as /predict does: a waiting request holds its body
-    body = b"".join([chunk async for chunk in limited_stream(request, settings.max_upload_bytes)])
+    body = await read_body(request, settings.max_upload_bytes)
     header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
     images = image_input(header, binary, settings.max_batch_files)
     outputs = requested_outputs(header, model_outputs(model))
     header.pop("inputs", None)  # the base64 strings: only the decoded images are needed from here on
     del body, binary
-    results = await run_classify(request, images)
+    results = await predict_images(request, images)
     request.scope["state"]["log"] = {"protocol": "v2", "images": len(images)}
+    predictions: list[Prediction] = []
     for index, result in enumerate(results):
         if isinstance(result, ImageError):
             raise ClientError(result.status, result.code, f"{INPUT_NAME}[{index}]: {result.message}")
+        predictions.append(result)
     # recorded like /predict (one image) and /predict/batch (several): feedback, drift and the prediction log
-    items: list[dict[str, Any]] | None = [{} for _ in images] if len(images) > 1 else None
-    observe(request, [(f"{INPUT_NAME}[{i}]", data) for i, data in enumerate(images)], results, items)
-    request_id = request.scope["state"]["request_id"]
-    request_ids = [item["request_id"] for item in items] if items is not None else [request_id]
-    predictions = [result for result in results if isinstance(result, Prediction)]
+    uploads = [(f"{INPUT_NAME}[{i}]", data) for i, data in enumerate(images)]
+    request_ids = [str(item) for item in observe(request, uploads, results, batch=len(images) > 1)]
     return infer_response(header, model, outputs, predictions, request_ids)
 
 
 MODEL = "/v2/models/{model_name}"
 VERSION = "/v2/models/{model_name}/versions/{model_version}"
-routes = [
+ROUTES = [
     Route("/v2/health/live", server_live, methods=["GET"]),
     Route("/v2/health/ready", server_ready, methods=["GET"]),
     Route("/v2", server_metadata, methods=["GET"]),

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx2 as httpx
@@ -54,6 +55,15 @@ class Service:
 
     def records(self) -> list[dict]:
         return [json.loads(line) for line in self.lines if line.startswith("{")]
+
+    def wait_for_records(self, predicate: Callable[[dict], bool], count: int = 1, timeout: float = 10) -> list[dict]:
+        """The log records matching `predicate`, once there are at least `count` of them (the log is written after
+        the response is sent, so a test that reads it at once races the service); AssertionError past `timeout`."""
+        deadline = time.perf_counter() + timeout
+        while len(found := [r for r in self.records() if predicate(r)]) < count:
+            assert time.perf_counter() < deadline, f"{len(found)} of {count} log records after {timeout} s"
+            time.sleep(0.02)
+        return found
 
     def stop(self) -> None:
         """SIGTERM, then a clean exit: uvicorn finishes, logs our shutdown line, and re-raises the signal."""

@@ -4,28 +4,27 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from server.config import SETTINGS_HELP, Settings, available_cpus, cgroup_cpu_quota
+from server.config import SETTINGS, Settings, available_cpus, cgroup_cpu_quota
 from tests.conftest import ROOT
 from tests.service import Service
 
 BAD_VALUES = {
     "PORT": ["0", "70000", "eighty"],
     "WORKERS": ["0", "two"],
-    "ORT_THREADS": ["-1", "1.5"],
-    "INFERENCE_CONCURRENCY": ["-3", "many"],
+    "ORT_THREADS": ["0", "-1", "1.5"],
+    "INFERENCE_CONCURRENCY": ["0", "-3", "many"],
     "MAX_UPLOAD_BYTES": ["0", "10MB"],
     "ORT_SOLO_THREADS": ["-1", "all"],
     "MAX_QUEUE": ["-1", "long"],
-    "MAX_QUEUE_BYTES": ["0", "64MiB"],
+    "MAX_ADMITTED_BYTES": ["0", "64MiB"],
     "QUEUE_TIMEOUT": ["0", "10s"],
-    "DECODE_CONCURRENCY": ["-2", "x"],
+    "DECODE_CONCURRENCY": ["0", "-2", "x"],
     "MAX_IMAGE_PIXELS": ["0", "lots"],
     "MAX_DECODE_BYTES": ["0", "64MiB"],
     "MAX_BATCH_FILES": ["0", "x"],
@@ -46,19 +45,26 @@ def run_server(*args: str, timeout: float = 30, **env: str) -> subprocess.Comple
                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
 
 
-def variables_read_by_from_env() -> set[str]:
-    source = (ROOT / "server" / "config.py").read_text()
-    return set(re.findall(r'(?:_\w+|os\.environ\.get)\(\s*"([A-Z_]+)"', source))
-
-
-def test_every_variable_read_is_described_once():
-    names = [s.name for s in SETTINGS_HELP]
+def test_one_table_declares_every_setting_once():
+    names = [s.name for s in SETTINGS]
     assert len(names) == len(set(names))
-    assert set(names) == variables_read_by_from_env()
+    assert [s.field for s in SETTINGS] == [f.name for f in dataclasses.fields(Settings)]
 
 
 def test_every_validated_variable_has_a_bad_value_here():
-    assert set(BAD_VALUES) | FREE_FORM == variables_read_by_from_env()
+    assert set(BAD_VALUES) | FREE_FORM == {s.name for s in SETTINGS}
+
+
+@pytest.mark.parametrize("name", [s.name for s in SETTINGS])
+def test_empty_is_the_default_for_every_setting(name):
+    assert Settings.from_env({name: ""}, cpus=4) == Settings.from_env({}, cpus=4)
+
+
+def test_defaults_follow_the_cpus_and_the_settings_before_them():
+    four = Settings.from_env({}, cpus=4)
+    assert (four.inference_concurrency, four.max_queue, four.decode_concurrency, four.ort_solo_threads) == (8, 32, 4, 4)
+    two_workers = Settings.from_env({"WORKERS": "2", "ORT_THREADS": "2"}, cpus=4)
+    assert (two_workers.inference_concurrency, two_workers.max_queue, two_workers.decode_concurrency) == (2, 8, 2)
 
 
 @pytest.mark.parametrize(("name", "value"), [(n, v) for n, values in BAD_VALUES.items() for v in values])
@@ -74,11 +80,29 @@ def test_a_bad_setting_is_one_line_on_stderr_and_exit_code_2(name, value):
 def test_help_lists_every_setting_with_its_default_and_exits_without_serving():
     result = run_server("--help", PORT="8000")
     assert result.returncode == 0 and result.stderr == ""
-    for setting in SETTINGS_HELP:
+    for setting in SETTINGS:
         [line] = [line for line in result.stdout.splitlines() if line.strip().startswith(setting.name + " ")]
-        assert f"(default: {setting.default})" in line and setting.meaning in line
-    assert f"CPUs available here: {available_cpus()}" in result.stdout
+        assert f"(default: {setting.default_text.replace('`', '')})" in line
+        assert setting.meaning.replace("`", "") in line
+    assert f"CPUs here: {available_cpus()}" in result.stdout
     assert "startup" not in result.stdout and "Uvicorn running" not in result.stdout
+
+
+def test_a_renamed_setting_is_refused_with_its_new_name():
+    result = run_server(MAX_QUEUE_BYTES="50331648")
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "python -m server: MAX_QUEUE_BYTES was renamed MAX_ADMITTED_BYTES: set MAX_ADMITTED_BYTES instead"
+    )
+
+
+@pytest.mark.parametrize("name", ["FEEDBACK_DB", "PREDICTION_LOG"])
+def test_a_file_the_service_cannot_write_is_one_line_and_exit_code_2(name, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = run_server(**{name: str(blocker / "inside" / "x.db")})  # a folder cannot be made inside a file
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert name in line and "cannot write it" in line
 
 
 def test_unknown_arguments_are_refused():

@@ -6,8 +6,8 @@ import json
 import logging
 from pathlib import Path
 
+import httpx2 as httpx
 import pytest
-from starlette import formparsers
 from starlette.testclient import TestClient
 
 from server.app import create_app
@@ -48,23 +48,22 @@ def test_json_logs_carry_no_terminal_colour_codes():
     assert "color_message" not in json.loads(line) and "\\u001b" not in line
 
 
-def test_too_many_files_does_not_depend_on_starlettes_wording(onnx_model, monkeypatch):
-    """Whatever text Starlette's own file limit uses, the service still answers 413 too_many_files."""
-    original = formparsers.MultiPartParser.on_headers_finished
-
-    def reworded(self: formparsers.MultiPartParser) -> None:
-        try:
-            original(self)
-        except formparsers.MultiPartException:
-            raise formparsers.MultiPartException("Trop de fichiers.") from None
-
-    monkeypatch.setattr(formparsers.MultiPartParser, "on_headers_finished", reworded)
+def test_too_many_files_stops_the_parse_at_the_first_file_over_the_limit(onnx_model):
+    """The 413 comes when the third file ends, before the rest of the body is parsed: the part after it, which
+    Starlette would refuse as invalid multipart (no field name), is never read."""
+    files = [("files", (f"{i}.jpg", photo_bytes(CAT), "image/jpeg")) for i in range(3)]
+    request = httpx.Request("POST", "http://test/predict/batch", files=files)
+    body = request.read()
+    boundary = request.headers["content-type"].split("boundary=")[1].encode()
+    closing = b"--" + boundary + b"--\r\n"
+    unnamed = b"--" + boundary + b'\r\nContent-Disposition: form-data; filename="x.jpg"\r\n\r\nxx\r\n'
+    tampered = body.removesuffix(closing) + unnamed + closing
+    headers = {"content-type": request.headers["content-type"]}
     with TestClient(create_app(settings_for(onnx_model, max_batch_files=2))) as client:
-        for count in (3, 5):
-            files = [("files", (f"{i}.jpg", photo_bytes(CAT), "image/jpeg")) for i in range(count)]
-            assert_error(client.post("/predict/batch", files=files), 413, "too_many_files")
-        files = [("files", (f"{i}.jpg", photo_bytes(CAT), "image/jpeg")) for i in range(2)]
-        assert client.post("/predict/batch", files=files).json()["count"] == 2
+        assert_error(client.post("/predict/batch", content=tampered, headers=headers), 413, "too_many_files")
+        first_two = b"".join(b"--" + boundary + part for part in body.split(b"--" + boundary)[1:3])
+        response = client.post("/predict/batch", content=first_two + unnamed + closing, headers=headers)
+    assert_error(response, 400, "invalid_multipart")  # two files fit: the unnamed part is read and refused
 
 
 @pytest.mark.parametrize("count", [1, 2])

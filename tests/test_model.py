@@ -49,6 +49,6 @@ def test_the_solo_session_answers_like_the_shared_one(onnx_model):
     inputs = {model.input_name: batch}
     shared, solo = model.session.run(None, inputs)[0], model.solo_session.run(None, inputs)[0]
     np.testing.assert_allclose(solo, shared, atol=1e-5)
-    assert [p.label for p in model.predict(batch)] == ["cat", "dog"] and model.running == 0
+    assert [model.predict(image).label for image in batch] == ["cat", "dog"] and model.running == 0
     single = Model(onnx_model, threads=2, max_pixels=50_000_000, solo_threads=2)
     assert single.solo_session is None and single.solo_threads == 2  # nothing to gain: one session

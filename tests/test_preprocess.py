@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server.preprocess import ImageError, Preprocessor
+from imaging import ImageError
+from server.preprocess import Preprocessor
 from tests.conftest import CMYK, GRAYSCALE, LARGE, RGBA_PNG
 from tests.images import SPEC, exif_rotated_twins, flat_png, photo_bytes, png_header_only, transparent_png
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import dataclasses
 import hashlib
 import json
 import struct
@@ -17,10 +16,9 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from server.model import Prediction
-from server.v2 import OUTPUTS, output_tensor
 from tests.images import photo_bytes
 from tests.service import Service
+from tests.test_app import metric
 
 PHOTOS = ["cats/cat.1.jpg", "dogs/dog.1.jpg", "cats/cat.2.jpg", "dogs/dog.2.jpg", "cats/cat.90004.jpg"]
 MAX_FILES, MAX_BYTES = 8, 400_000
@@ -108,16 +106,16 @@ def test_json_base64_input_and_requested_outputs(service):
                     "data": [base64.b64encode(image).decode() for image in images]}],
         "outputs": [{"name": "label"}],
     }  # fmt: skip
-    response = httpx.post(f"{service.url}/v2/models/catsdogs/infer", json=request, timeout=30)
+    response = httpx.post(f"{service.url}/v2/models/catsdogs/infer", json=request, timeout=30,
+                          headers={"X-Request-ID": "json-req"})  # fmt: skip
     assert response.status_code == 200, response.text
     assert response.json() == {
         "model_name": "catsdogs",
-        "model_version": response.json()["model_version"],
+        "model_version": httpx.get(f"{service.url}/ready").json()["model_version"],
         "id": "json-1",
-        "parameters": {"request_ids": response.json()["parameters"]["request_ids"]},
+        "parameters": {"request_ids": ["json-req/0", "json-req/1"]},
         "outputs": [{"name": "label", "datatype": "BYTES", "shape": [2], "data": ["cat", "dog"]}],
     }
-    assert len(response.json()["parameters"]["request_ids"]) == 2
 
 
 def test_requested_outputs_subset_with_binary_per_output(client, service):
@@ -225,40 +223,36 @@ def test_not_ready_without_a_model(tmp_path):
         service.stop()
 
 
-@dataclasses.dataclass(frozen=True)
-class PetPrediction(Prediction):
-    """A prediction as the not-a-pet model gives it (issue #10): the pet outputs come with no change here."""
+def test_pet_outputs_equal_predicts_on_the_real_model(client, service):
+    images = [photo_bytes(name) for name in PHOTOS]
+    result = client.infer("catsdogs", [image_input(images)])
+    scores, flags = result.as_numpy("pet_score"), result.as_numpy("is_pet")
+    assert scores.dtype == np.float32 and scores.shape == (len(images),) and flags.dtype == np.bool_
+    for image, score, flag in zip(images, scores, flags, strict=True):
+        expected = predict_endpoint(service, image)
+        assert expected["pet_score"] is not None and bool(flag) is expected["is_pet"]
+        assert float(score) == pytest.approx(expected["pet_score"], rel=1e-6, abs=1e-7)
+    json_result = client.infer("catsdogs", [image_input(images, binary=False)],
+                               outputs=[triton.InferRequestedOutput("is_pet", binary_data=False)])  # fmt: skip
+    assert json_result.as_numpy("is_pet").tolist() == flags.tolist()
 
-    is_pet: bool = True
-    pet_score: float = 0.0
 
-
-def test_pet_outputs_appear_when_the_prediction_has_them(onnx_model):
-    from server.model import Model
-
-    model = Model(onnx_model, threads=1, max_pixels=10**7)
-    predictions = [
-        PetPrediction(label="cat", probabilities={"cat": 0.9, "dog": 0.1}, is_pet=True, pet_score=0.75),
-        PetPrediction(label="dog", probabilities={"cat": 0.2, "dog": 0.8}, is_pet=False, pet_score=0.125),
-    ]
-    by_name = {output.name: output for output in OUTPUTS}
-    score, data = output_tensor(by_name["pet_score"], model, predictions, binary=True)
-    assert score == {"name": "pet_score", "datatype": "FP32", "shape": [2], "parameters": {"binary_data_size": 8}}
-    assert np.frombuffer(data, "<f4").tolist() == [0.75, 0.125]
-    flag, _ = output_tensor(by_name["is_pet"], model, predictions, binary=False)
-    assert flag == {"name": "is_pet", "datatype": "BOOL", "shape": [2], "data": [True, False]}
+def metrics_value(service: Service, name: str, **labels: str) -> float:
+    return metric(httpx.get(f"{service.url}/metrics", timeout=10).text, name, **labels)
 
 
 def test_v2_predictions_take_feedback_and_feed_drift_like_predict(client, service):
     images = [photo_bytes(name) for name in PHOTOS[:2]]
-    before = httpx.get(f"{service.url}/metrics", timeout=10).text
+    window = metrics_value(service, "catsdogs_drift_window_predictions", signal="label")
     result = client.infer("catsdogs", [image_input(images)], headers={"X-Request-ID": "v2-feedback"})
     ids = result.get_response()["parameters"]["request_ids"]
     assert ids == ["v2-feedback/0", "v2-feedback/1"]
+    window_after = metrics_value(service, "catsdogs_drift_window_predictions", signal="label")
+    assert window_after == window + 2  # both predictions entered the drift window
     labels = [x.decode() for x in result.as_numpy("label")]
+    right = metrics_value(service, "catsdogs_feedback_total", correct="true", label=labels[1])
     answer = httpx.post(f"{service.url}/feedback", json={"request_id": ids[1], "label": labels[1]}, timeout=10)
     assert answer.status_code == 200 and answer.json()["correct"] is True
+    assert metrics_value(service, "catsdogs_feedback_total", correct="true", label=labels[1]) == right + 1
     single = client.infer("catsdogs", [image_input(images[:1])], headers={"X-Request-ID": "v2-one"})
     assert single.get_response()["parameters"]["request_ids"] == ["v2-one"]
-    after = httpx.get(f"{service.url}/metrics", timeout=10).text
-    assert after != before and 'catsdogs_feedback_total{correct="true"' in after

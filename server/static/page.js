@@ -167,7 +167,6 @@ function showError(card, error) {
 
 async function classify(files) {
   const results = byId("results");
-  byId("alert").hidden = true;
   const cards = files.map(makeCard);
   results.replaceChildren(...cards);
   byId("summary").textContent = `Classifying ${files.length} photo${files.length === 1 ? "" : "s"}…`;

@@ -1,0 +1,63 @@
+"""Around every HTTP request: its id, its admission released, its metrics and its log line."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.admission import release
+from server.errors import note_error
+from server.logs import get_logger
+from server.metrics import Metrics
+
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+UNLOGGED = frozenset({"/metrics", "/health"})  # scraped and probed every few seconds: counted, not logged
+
+
+class RequestMiddleware:
+    """Request id (X-Request-ID in when it is safe, else generated; echoed out), the HTTP metrics, and one
+    structured log line per request except the scrapes and probes in UNLOGGED."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics, self.logger = app, metrics, get_logger()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming if REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        started = time.perf_counter()
+        state = scope.setdefault("state", {})
+        state.update(request_id=request_id, started=started)
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            note_error(scope, "internal_error")
+            raise
+        finally:
+            self.metrics.in_flight.dec()
+            release(scope)
+            elapsed = time.perf_counter() - started
+            endpoint = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(scope["method"], endpoint, str(status)).inc()
+            self.metrics.request_latency.labels(endpoint).observe(elapsed)
+            if endpoint not in UNLOGGED:
+                self.logger.info(
+                    "request",
+                    extra={"request_id": request_id, "method": scope["method"], "path": scope["path"],
+                           "status": status, "latency_ms": round(elapsed * 1000, 3), **state.get("log", {})},
+                )  # fmt: skip
