@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import sys
 import time
@@ -23,10 +24,11 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 from deploy.client import predict
-from imaging import IMAGE_SUFFIXES
+from imaging import ImageError, find_images, is_image_file
 
 RETRIED_ON_RESUME = {"unreachable", "server_error"}  # the service's fault, not the file's: asked again on resume
 FIRST_COLUMNS = ["path", "label"]
+MAX_NAMED = 10  # files left out named in the summary
 LAST_COLUMNS = ["error_code", "error"]
 
 Row = dict[str, Any]
@@ -36,17 +38,6 @@ if TYPE_CHECKING:
     from server.config import Settings
 
 
-def find_images(root: Path) -> list[Path]:
-    """Every image file (by extension, any case) under root, recursively, hidden files left out, sorted."""
-    return sorted(
-        path
-        for path in root.rglob("*")
-        if path.is_file()
-        and path.suffix.lower() in IMAGE_SUFFIXES
-        and not any(part.startswith(".") for part in path.relative_to(root).parts)
-    )
-
-
 def error_row(code: str, message: str) -> Row:
     return {"error_code": code, "error": message}
 
@@ -54,31 +45,25 @@ def error_row(code: str, message: str) -> Row:
 # --- two ways to classify: in process, or over HTTP -----------------------------------------------------------------
 
 
-def in_process(model_path: Path, threads: int, settings: Settings) -> tuple[Classifier, str]:
-    """Batches through server.model.Model, exactly as the service runs them (its limits and pet threshold too)."""
+def in_process(settings: Settings, threads: int) -> tuple[Classifier, str]:
+    """Batches through server.model.Model built as the service builds it (its limits, decode budget and pet
+    threshold), one inference at a time on `threads` onnxruntime threads."""
     from imaging import limit_pillow
     from server.model import Model, Prediction
-    from server.preprocess import ImageError
 
     limit_pillow(settings.max_image_pixels)
-    model = Model(
-        model_path,
-        threads=threads,
-        max_pixels=settings.max_image_pixels,
-        max_decode_bytes=settings.max_decode_bytes,
-        pet_threshold=settings.pet_threshold,
-    )
+    model = Model.from_settings(settings, threads=threads)
 
     def to_row(result: Prediction | ImageError) -> Row:
         if isinstance(result, ImageError):
             return error_row(result.code, result.message)
         return {**asdict(result), "model_version": model.version}
 
-    def classify(batch: list[tuple[Path, bytes]]) -> list[Row]:
+    def classify_batch(batch: list[tuple[Path, bytes]]) -> list[Row]:
         results, _ = model.classify_all([data for _, data in batch])  # a bad file is its own ImageError row
         return [to_row(result) for result in results]
 
-    return classify, f"{model_path} (in process, model {model.version})"
+    return classify_batch, f"{model.path} (in process, model {model.version})"
 
 
 def over_http(base_url: str, concurrency: int, timeout: float) -> tuple[Classifier, str]:
@@ -97,10 +82,10 @@ def over_http(base_url: str, concurrency: int, timeout: float) -> tuple[Classifi
         code = error.get("code") or ("server_error" if status >= 500 else f"http_{status}")
         return error_row("server_error" if status >= 500 else code, f"HTTP {status}: {error.get('message', body)}")
 
-    def classify(batch: list[tuple[Path, bytes]]) -> list[Row]:
+    def classify_batch(batch: list[tuple[Path, bytes]]) -> list[Row]:
         return list(pool.map(one, batch))
 
-    return classify, f"{base_url} (over HTTP, {concurrency} at a time)"
+    return classify_batch, f"{base_url} (over HTTP, {concurrency} at a time)"
 
 
 # --- output ---------------------------------------------------------------------------------------------------------
@@ -122,8 +107,8 @@ def columns_for(row: Row) -> list[str]:
     return [*FIRST_COLUMNS, *middle, *LAST_COLUMNS]
 
 
-class Output:
-    """CSV or JSON lines by extension; appends, and knows which paths are already done."""
+class ResultsFile:
+    """The predictions file: CSV or JSON lines by extension; appends, and knows which paths are already done."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -193,7 +178,7 @@ def batches(items: list[Path], size: int) -> Iterator[list[Path]]:
         yield items[start : start + size]
 
 
-def run(root: Path, output: Output, classify: Classifier, batch_size: int) -> list[Row]:
+def run(root: Path, output: ResultsFile, classify_batch: Classifier, batch_size: int) -> list[Row]:
     """Classify the images under root not yet in output; returns the new rows."""
     todo = [path for path in find_images(root) if path.relative_to(root).as_posix() not in output.done]
     new: list[Row] = []
@@ -207,7 +192,7 @@ def run(root: Path, output: Output, classify: Classifier, batch_size: int) -> li
                     row = {"path": path.relative_to(root).as_posix(), **error_row("unreadable", str(error))}
                     output.write(row)
                     new.append(row)
-            for (path, _), result in zip(loaded, classify(loaded) if loaded else [], strict=True):
+            for (path, _), result in zip(loaded, classify_batch(loaded) if loaded else [], strict=True):
                 row = {"path": path.relative_to(root).as_posix(), **result}
                 output.write(row)
                 new.append(row)
@@ -216,23 +201,32 @@ def run(root: Path, output: Output, classify: Classifier, batch_size: int) -> li
     return new
 
 
-def other_files(root: Path) -> int:
-    """Files under root that are not images by extension (Thumbs.db, .txt): left out, counted in the summary."""
-    return sum(1 for path in root.rglob("*") if path.is_file() and path.suffix.lower() not in IMAGE_SUFFIXES)
+def left_out(root: Path) -> list[Path]:
+    """Files under root that are not images by name (Thumbs.db, notes.txt): not classified, named in the summary."""
+    return sorted(path for path in root.rglob("*") if path.is_file() and not is_image_file(path))
 
 
-def summary(rows: list[Row], new: int, seconds: float, output: Path, others: int = 0) -> str:
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def summary(rows: list[Row], new: int, seconds: float, output: Path, root: Path, others: list[Path]) -> str:
+    """Rows, labels, not-a-pet rows, errors by code and the files left out, as a few lines for the terminal."""
     labels = Counter(str(row["label"]) for row in rows if row.get("label") not in (None, ""))
     errors = Counter(str(row["error_code"]) for row in rows if row.get("error_code"))
+    not_pets = sum(str(row.get("is_pet")) == "False" for row in rows)  # a CSV row holds "False", JSON lines false
     rate = f", {new / seconds:.1f} images/s" if seconds > 0 and new else ""
     lines = [
-        f"{len(rows)} rows in {output} ({new} new, {len(rows) - new} already there) in {seconds:.1f} s{rate}",
+        f"{plural(len(rows), 'row')} in {output} ({new} new, {len(rows) - new} already there) in {seconds:.1f} s{rate}",
         "labels: " + (", ".join(f"{label} {n}" for label, n in sorted(labels.items())) or "none"),
+        f"not a pet (is_pet false, label not to be trusted): {plural(not_pets, 'row')}",
         f"errors: {sum(errors.values())}"
         + (" (" + ", ".join(f"{code} {n}" for code, n in sorted(errors.items())) + ")" if errors else ""),
     ]
     if others:
-        lines.append(f"left out, without an image extension: {others} files")
+        names = ", ".join(path.relative_to(root).as_posix() for path in others[:MAX_NAMED])
+        more = f" and {len(others) - MAX_NAMED} more" if len(others) > MAX_NAMED else ""
+        lines.append(f"left out, not an image by name: {plural(len(others), 'file')} ({names}{more})")
     return "\n".join(lines)
 
 
@@ -255,24 +249,25 @@ def main(argv: list[str] | None = None) -> None:
     if not args.input.is_dir():
         sys.exit(f"deploy.classify: no such folder: {args.input}")
     if args.url:
-        classify, source = over_http(args.url.rstrip("/"), args.concurrency, args.timeout)
+        classify_batch, source = over_http(args.url.rstrip("/"), args.concurrency, args.timeout)
     else:
         from server.config import Settings, available_cpus
         from server.model import ModelError
 
         try:
             settings = Settings.from_env()
-            model_path = args.model or settings.model_path
-            classify, source = in_process(model_path, args.threads or available_cpus(), settings)
+            if args.model:
+                settings = dataclasses.replace(settings, model_path=args.model)
+            classify_batch, source = in_process(settings, args.threads or available_cpus())
         except (ValueError, ModelError) as error:
             sys.exit(f"deploy.classify: {error}")
-    output = Output(args.output)
+    output = ResultsFile(args.output)
     print(f"classifying {args.input} with {source} into {args.output}", file=sys.stderr)
     started = time.perf_counter()
-    new = run(args.input, output, classify, args.batch_size)
+    new = run(args.input, output, classify_batch, args.batch_size)
     rows = [*output.done.values(), *new]
-    print(summary(rows, len(new), time.perf_counter() - started, args.output, other_files(args.input)))
-
+    seconds = time.perf_counter() - started
+    print(summary(rows, len(new), seconds, args.output, args.input, left_out(args.input)))
 
 if __name__ == "__main__":
     main()

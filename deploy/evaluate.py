@@ -18,23 +18,13 @@ from typing import Any
 import numpy as np
 
 from deploy.client import predict, request, wait_ready
+from imaging import is_image_file, label_for_name
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 DEFAULT_OUT = Path("build/eval-deployed.json")
 
 
 class UsageError(Exception):
     """Something the user can fix before any photo is sent; reported as one line."""
-
-
-def match_label(folder: str, labels: list[str]) -> str | None:
-    """The model label a class folder stands for: same name ignoring case, or its plural (`Cats` -> `cat`)."""
-    by_name = {label.lower(): label for label in labels}
-    name = folder.lower()
-    for candidate in (name, name[:-1] if name.endswith("s") else None, name[:-2] if name.endswith("es") else None):
-        if candidate in by_name:
-            return by_name[candidate]
-    return None
 
 
 def labelled_photos(root: Path, labels: list[str]) -> list[tuple[Path, str]]:
@@ -43,8 +33,8 @@ def labelled_photos(root: Path, labels: list[str]) -> list[tuple[Path, str]]:
         raise UsageError(f"no such folder: {root}")
     photos: list[tuple[Path, str]] = []
     for folder in sorted(path for path in root.iterdir() if path.is_dir()):
-        images = sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
-        label = match_label(folder.name, labels)
+        images = sorted(path for path in folder.iterdir() if is_image_file(path))
+        label = label_for_name(folder.name, labels)
         if images and label is None:
             raise UsageError(f"folder {folder} matches none of the model's labels ({', '.join(labels)})")
         photos += [(path, label) for path in images if label]
@@ -93,27 +83,43 @@ def evaluate(base_url: str, photos: list[tuple[Path, str]], labels: list[str], c
         answers = list(pool.map(ask, photos))
     index = {label: i for i, label in enumerate(labels)}
     size = len(labels)
-    matrix = np.zeros((size, size + 1), dtype=int)  # the last column counts failed requests
-    for (_, truth), (predicted, _, _) in zip(photos, answers, strict=True):
-        matrix[index[truth], index[predicted] if predicted else size] += 1
-    correct = np.diag(matrix[:, :size])
-    predicted_totals = matrix[:, :size].sum(0)
+    failed = size  # the last column counts failed requests
+    truths = np.array([index[truth] for _, truth in photos], dtype=int)
+    answered = np.array([index[label] if label else failed for label, _, _ in answers], dtype=int)
+    matrix = confusion_matrix(truths, answered, size + 1)[:size]
+    precision, recall = precision_recall(matrix[:, :size], matrix.sum(1))
     latencies = np.array([elapsed for _, elapsed, _ in answers]) * 1000
     errors = [error for _, _, error in answers if error]
-    assert len(errors) == matrix[:, size].sum(), "every failed request sits in the failed column"
+    assert len(errors) == matrix[:, failed].sum(), "every failed request sits in the failed column"
     return {
         "url": base_url,
         "images": len(photos),
-        "accuracy": float(correct.sum() / max(len(photos), 1)),
-        "precision": {
-            lbl: float(correct[i] / predicted_totals[i]) if predicted_totals[i] else 0.0 for lbl, i in index.items()
-        },
-        "recall": {lbl: float(correct[i] / matrix[i].sum()) if matrix[i].sum() else 0.0 for lbl, i in index.items()},
+        "accuracy": float(np.trace(matrix[:, :size]) / max(len(photos), 1)),
+        "precision": {label: float(precision[i]) for label, i in index.items()},
+        "recall": {label: float(recall[i]) for label, i in index.items()},
         "confusion_matrix": {"rows_true": labels, "columns_predicted": [*labels, "failed"], "counts": matrix.tolist()},
         "latency_ms": {"p50": float(np.percentile(latencies, 50)), "p95": float(np.percentile(latencies, 95))},
         "errors": len(errors),
         "error_samples": errors[:10],
     }
+
+
+def confusion_matrix(truths: np.ndarray, predictions: np.ndarray, classes: int) -> np.ndarray:
+    """Counts with true classes as rows and predictions as columns (scikit-learn's layout; the serve side has no
+    scikit-learn: tests/test_deploy.py checks the two agree)."""
+    matrix = np.zeros((classes, classes), dtype=int)
+    np.add.at(matrix, (truths, predictions), 1)
+    return matrix
+
+
+def precision_recall(matrix: np.ndarray, row_totals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per class, from a square confusion matrix: precision over the predictions, recall over `row_totals` (every
+    photo of the class, failed requests included); 0 where nothing was predicted or there is no photo."""
+    hits = np.diag(matrix).astype(float)
+    predicted = matrix.sum(0)
+    precision = np.divide(hits, predicted, out=np.zeros_like(hits), where=predicted > 0)
+    recall = np.divide(hits, row_totals, out=np.zeros_like(hits), where=row_totals > 0)
+    return precision, recall
 
 
 def summary(report: dict[str, Any]) -> str:

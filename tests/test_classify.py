@@ -64,7 +64,10 @@ def test_every_image_in_process_with_errors_recorded(folder, tmp_path, onnx_mode
             assert row["label"] == max(probabilities, key=probabilities.get)
     assert sum(row["label"] == expected_label(row["path"]) for row in rows) >= 8  # the seeded model is ~94%
     summary = capsys.readouterr().out
-    assert "12 rows" in summary and "errors: 3" in summary and "without an image extension: 1 files" in summary
+    assert "12 rows" in summary and "errors: 3" in summary
+    assert "left out, not an image by name: 1 file (2024/Thumbs.db)" in summary
+    not_pets = sum(row.get("is_pet") == "False" for row in rows)
+    assert f"not a pet (is_pet false, label not to be trusted): {not_pets} row" in summary
 
 
 def test_in_process_and_the_service_agree(folder, tmp_path, onnx_model, service):
@@ -128,7 +131,7 @@ def test_extra_prediction_fields_become_columns(tmp_path):
            "pet_score": 0.97, "model_version": "v1"}  # fmt: skip
     assert classify.columns_for(row) == ["path", "label", "probabilities.cat", "probabilities.dog", "is_pet",
                                          "pet_score", "model_version", "error_code", "error"]  # fmt: skip
-    output = classify.Output(tmp_path / "out.csv")
+    output = classify.ResultsFile(tmp_path / "out.csv")
     output.write({"path": "bad.jpg", **classify.error_row("empty_image", "empty")})  # before any prediction
     output.write(row)
     output.flush()
@@ -170,4 +173,4 @@ def test_make_classify(onnx_model, tmp_path):
     command = ["make", "--no-print-directory", "classify", f"INPUT={tmp_path / 'in'}", f"OUTPUT={tmp_path / 'p.csv'}"]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "1 rows" in result.stdout and read_csv(tmp_path / "p.csv")[0]["label"] == "cat"
+    assert "1 row in" in result.stdout and read_csv(tmp_path / "p.csv")[0]["label"] == "cat"

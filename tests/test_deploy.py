@@ -7,6 +7,7 @@ import json
 import shutil
 import time
 
+import numpy as np
 import pytest
 
 from deploy import evaluate
@@ -57,13 +58,19 @@ def test_evaluation_counts_failed_requests_as_wrong(service, tmp_path):
     assert report["latency_ms"]["p95"] >= report["latency_ms"]["p50"] > 0
 
 
-def test_class_folders_match_the_model_labels_whatever_their_case_and_number():
-    labels = ["cat", "dog"]
-    assert [evaluate.match_label(name, labels) for name in ("cat", "cats", "Cat", "CATS", "Dogs", "dog")] == [
-        "cat", "cat", "cat", "cat", "dog", "dog",
-    ]  # fmt: skip
-    assert evaluate.match_label("birds", labels) is None and evaluate.match_label("ca", labels) is None
-    assert evaluate.match_label("Boxes", ["box"]) == "box"
+def test_the_serve_side_confusion_matrix_and_rates_equal_scikit_learns():
+    from sklearn.metrics import confusion_matrix, precision_score, recall_score
+
+    rng = np.random.default_rng(0)
+    truths, answers = rng.integers(0, 3, 500), rng.integers(0, 4, 500)  # 3 classes and a "failed" column
+    answers[truths == 2] = np.where(answers[truths == 2] == 2, 0, answers[truths == 2])  # class 2 never predicted
+    matrix = evaluate.confusion_matrix(truths, answers, 4)
+    np.testing.assert_array_equal(matrix, confusion_matrix(truths, answers, labels=range(4)))
+    precision, recall = evaluate.precision_recall(matrix[:3, :3], matrix[:3].sum(1))  # a failed answer is a miss
+    rates = {"labels": range(3), "average": None, "zero_division": 0}
+    np.testing.assert_allclose(precision, precision_score(truths, answers, **rates))
+    np.testing.assert_allclose(recall, recall_score(truths, answers, **rates))
+    assert precision[2] == 0 and recall[2] == 0
 
 
 def test_plural_capitalised_folders_are_scored_like_the_model_labels(service, tmp_path, monkeypatch, capsys):

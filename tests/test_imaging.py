@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imaging import DEFAULT_MAX_DECODE_BYTES, Decoder, ImageError
+from imaging import DEFAULT_MAX_DECODE_BYTES, Decoder, ImageError, find_images, label_for_name
 from tests.conftest import LARGE, ROOT
 from tests.images import (
     animated,
@@ -123,7 +123,8 @@ def test_formats_outside_the_list_and_4_bit_rle_bmps_are_refused(decode):
 
 MEASURE = """
 import json, sys
-from server.preprocess import ImageError, Preprocessor
+from imaging import ImageError
+from server.preprocess import Preprocessor
 from tests.images import flat_png
 def peak():
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024
@@ -164,3 +165,20 @@ def test_extreme_aspect_ratios_and_batches_stay_within_the_budget():
     assert measured["3000x1"] == [[3, 224, 224], pytest.approx(0, abs=16)]
     assert measured["batch"][0] == [3, 224, 224]
     assert measured["batch"][1] < budget_mib + 32 * 0.6 + 16  # one decode + 32 float32 arrays + slack
+
+
+def test_a_folder_or_file_name_names_a_label_whatever_its_case_and_number():
+    labels = ["cat", "dog"]
+    names = ("cat", "cats", "Cat", "CATS", "Dogs", "dog")
+    assert [label_for_name(name, labels) for name in names] == ["cat", "cat", "cat", "cat", "dog", "dog"]
+    assert label_for_name("birds", labels) is None and label_for_name("ca", labels) is None
+    assert label_for_name("Boxes", ["box"]) == "box" and label_for_name("Foxes", ["Fox"]) == "Fox"
+
+
+def test_images_are_found_by_name_hidden_files_left_out(tmp_path):
+    for name in ("a/cat.1.JPG", "a/b/dog.2.png", "a/notes.txt", "a/.hidden.jpg", ".cache/x.jpg", "c.webp"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    assert [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)] == [
+        "a/b/dog.2.png", "a/cat.1.JPG", "c.webp",
+    ]  # fmt: skip

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from sklearn.model_selection import StratifiedKFold
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -50,12 +51,11 @@ def subset(images: list[Any], targets: list[int], indices: np.ndarray, transform
 
 
 def stratified_folds(targets: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """Fold number per sample, each class dealt round-robin over the folds in a seeded order."""
-    rng = np.random.default_rng(seed)
+    """Fold number per sample: scikit-learn's StratifiedKFold, shuffled with the seed (as training.pet_methods)."""
     assignment = np.empty(len(targets), dtype=np.int64)
-    for label in np.unique(targets):
-        members = rng.permutation(np.flatnonzero(targets == label))
-        assignment[members] = np.arange(len(members)) % folds
+    splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    for fold, (_, held_out) in enumerate(splitter.split(np.zeros((len(targets), 1)), targets)):
+        assignment[held_out] = fold
     return assignment
 
 

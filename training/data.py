@@ -15,7 +15,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from imaging import EXTENSIONS, Decoder, ImageError
+from imaging import EXTENSIONS, Decoder, ImageError, label_for_name
 from training.config import DEFAULT_PARAMS, SplitParams, load_params
 from training.utils import sha256_bytes, write_json
 
@@ -39,21 +39,12 @@ class Record:
     format: str
 
 
-def normalize_label(name: str, labels: tuple[str, ...]) -> str | None:
-    """'Cats', 'cat', 'CAT' -> 'cat'; None when the name is no known class."""
-    name = name.lower()
-    for label in labels:
-        if name in (label, f"{label}s"):
-            return label
-    return None
-
-
 def infer_label(path: Path, root: Path, labels: tuple[str, ...]) -> str | None:
     """Class from the nearest class-named folder (cats/, Cat/), else from a 'cat.123.jpg' file name."""
     for parent in reversed(path.relative_to(root).parent.parts):
-        if label := normalize_label(parent, labels):
+        if label := label_for_name(parent, labels):
             return label
-    return normalize_label(path.name.split(".", 1)[0], labels)
+    return label_for_name(path.name.split(".", 1)[0], labels)
 
 
 def discover(root: Path, labels: tuple[str, ...]) -> list[tuple[Path, str | None]]:

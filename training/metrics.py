@@ -5,25 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
-
-def confusion_matrix(targets: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
-    """Rows are true classes, columns predicted classes."""
-    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(matrix, (targets, predictions), 1)
-    return matrix
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 
 def classification_report(targets: np.ndarray, predictions: np.ndarray, labels: list[str]) -> dict[str, Any]:
-    """Accuracy, per-class and macro precision/recall/F1, and the confusion matrix."""
-    matrix = confusion_matrix(targets, predictions, len(labels))
-    true_positive = np.diag(matrix).astype(float)
-    precision = np.divide(true_positive, matrix.sum(0), out=np.zeros_like(true_positive), where=matrix.sum(0) > 0)
-    recall = np.divide(true_positive, matrix.sum(1), out=np.zeros_like(true_positive), where=matrix.sum(1) > 0)
-    denominator = precision + recall
-    f1 = np.divide(2 * precision * recall, denominator, out=np.zeros_like(denominator), where=denominator > 0)
+    """Accuracy, per-class and macro precision/recall/F1 (0 where undefined), and the confusion matrix."""
+    classes = list(range(len(labels)))
+    matrix = confusion_matrix(targets, predictions, labels=classes)
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        targets, predictions, labels=classes, average=None, zero_division=0
+    )
     report: dict[str, Any] = {
-        "accuracy": float(true_positive.sum() / max(matrix.sum(), 1)),
+        "accuracy": float(np.trace(matrix) / max(matrix.sum(), 1)),
         "precision": float(precision.mean()),
         "recall": float(recall.mean()),
         "f1": float(f1.mean()),
