@@ -1,7 +1,7 @@
 """`python -m bench.capacity`: requests per second per CPU through the real service, for the capacity plan.
 
 The service runs pinned to `--cpus` cores (its own sizing then follows: 2 inferences in flight per core), the load
-generator (bench.serve's single-threaded keep-alive client) on the remaining core. Both APIs are measured in one
+generator (bench.loadgen's single-threaded keep-alive client) on the remaining core. Both APIs are measured in one
 run: /predict (multipart) and the Open Inference Protocol infer (binary tensor data, one image per request).
 
 Two rates per API: wall-clock requests/s per pinned core, and requests per CPU-second the service process used
@@ -15,57 +15,31 @@ import argparse
 import json
 import os
 import signal
-import socket
 import struct
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from bench.common import add_model_argument, cpu_info
-from bench.serve import ROOT, load, multipart_request
+from bench.loadgen import load, prepare
+from bench.serve import predict_request, start_server
 from deploy.client import free_port
 
 BATCH = 8
 
 
 def v2_request(port: int, image: bytes, count: int = 1) -> bytes:
+    """V2 infer with `count` copies of the image in the binary tensor data extension."""
     data = (struct.pack("<I", len(image)) + image) * count
     tensor = {"name": "image", "datatype": "BYTES", "shape": [count], "parameters": {"binary_data_size": len(data)}}
     header = json.dumps({"inputs": [tensor], "outputs": [{"name": "label"}, {"name": "probabilities"}]}).encode()
-    body = header + data
-    head = (
-        f"POST /v2/models/catsdogs/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-        f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {len(header)}\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    )
-    return head.encode() + body
+    headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))}
+    return prepare("POST", f"http://127.0.0.1:{port}/v2/models/catsdogs/infer", content=header + data, headers=headers)
 
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process, all threads."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def start(model: Path, port: int, cores: set[int]) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "MODEL_PATH": str(model), "PORT": str(port), "HOST": "127.0.0.1", "ORT_THREADS": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "server"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-        preexec_fn=lambda: os.sched_setaffinity(0, cores),
-    )  # fmt: skip
-    deadline = time.perf_counter() + 60
-    while time.perf_counter() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as connection:
-                connection.sendall(b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n")
-                if connection.recv(64).startswith(b"HTTP/1.1 200"):
-                    return process
-        except OSError:
-            time.sleep(0.02)
-    process.kill()
-    raise TimeoutError("the service did not become ready")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,12 +58,12 @@ def main(argv: list[str] | None = None) -> None:
     os.sched_setaffinity(0, client_cores)
     image = args.image.read_bytes()
     port = free_port()
-    process = start(args.model, port, cores)
+    process, _ = start_server(args.model, port, env={"ORT_THREADS": "1"}, cores=cores)
     report: dict[str, Any] = {"cpu": cpu_info(), "model": str(args.model), "image": args.image.name,
                               "service_cpus": args.cpus, "clients": args.clients, "seconds": args.seconds}  # fmt: skip
     try:
         requests = {
-            "/predict": (multipart_request(port, image), 1),
+            "/predict": (predict_request(port, image), 1),
             "/v2/models/catsdogs/infer": (v2_request(port, image), 1),
             f"/v2/models/catsdogs/infer, {BATCH} images": (v2_request(port, image, BATCH), BATCH),
         }

@@ -1,6 +1,6 @@
 """`make bench`: the service's latency, throughput, memory and start-up against its in-process floor, in one run.
 
-A tiny keep-alive HTTP client on raw sockets generates the load, so the client costs the shared cores little.
+The load comes from bench.loadgen: prepared requests on keep-alive connections, all driven by one thread.
 """
 
 from __future__ import annotations
@@ -9,10 +9,7 @@ import argparse
 import io
 import json
 import os
-import re
-import selectors
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,94 +21,28 @@ import numpy as np
 from PIL import Image
 
 from bench.common import add_model_argument, cpu_info, percentiles, time_ms
+from bench.loadgen import Client, load, one_shot, prepare
 from deploy.client import free_port
 from server.config import Settings, available_cpus
 from server.model import Model
 
 ROOT = Path(__file__).resolve().parents[1]
-BOUNDARY = "catsdogsbench"
 
 
-def multipart_request(port: int, image: bytes) -> bytes:
-    body = (
-        (
-            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="photo.jpg"\r\n'
-            f"Content-Type: image/jpeg\r\n\r\n"
-        ).encode()
-        + image
-        + f"\r\n--{BOUNDARY}--\r\n".encode()
-    )
-    head = (
-        f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-        f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {len(body)}\r\n\r\n"
-    )
-    return head.encode() + body
+def predict_request(port: int, image: bytes) -> bytes:
+    """POST /predict with the photo as multipart field `file`, as `curl -F file=@photo.jpg` sends it."""
+    files = {"file": ("photo.jpg", image, "image/jpeg")}
+    return prepare("POST", f"http://127.0.0.1:{port}/predict", files=files)
 
 
-class Client:
-    """One keep-alive connection sending a prepared request and reading each response whole."""
-
-    def __init__(self, port: int, request: bytes) -> None:
-        self.connection = socket.create_connection(("127.0.0.1", port))
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.request = request
-
-    def send(self) -> int:
-        self.connection.sendall(self.request)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = self.connection.recv(65536)
-            if not chunk:
-                raise ConnectionError("server closed the connection")
-            data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
-        lines = head.split(b"\r\n")
-        length = next(int(v.split(b":")[1]) for v in lines if v.lower().startswith(b"content-length"))
-        while len(body) < length:
-            body += self.connection.recv(65536)
-        return int(lines[0].split()[1])
-
-    def close(self) -> None:
-        self.connection.close()
+def batch_request(port: int, images: list[tuple[str, bytes, str]]) -> bytes:
+    """A /predict/batch request: one `files` part per (filename, bytes, content type)."""
+    files = [("files", image) for image in images]
+    return prepare("POST", f"http://127.0.0.1:{port}/predict/batch", files=files)
 
 
-def load(port: int, request: bytes, clients: int, seconds: float) -> dict[str, float]:
-    """Closed-loop load from `clients` keep-alive connections for `seconds`, driven by one thread with a selector
-    so the load generator takes as little of the shared cores as possible: requests per second and errors."""
-    selector = selectors.DefaultSelector()
-    for _ in range(clients):
-        connection = socket.create_connection(("127.0.0.1", port))
-        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        connection.sendall(request)
-        selector.register(connection, selectors.EVENT_READ, data=bytearray())
-    done = errors = 0
-    started = time.perf_counter()
-    stop = started + seconds
-    while selector.get_map():
-        for key, _ in selector.select(timeout=1):
-            connection, buffer = key.fileobj, key.data
-            chunk = connection.recv(65536)  # type: ignore[union-attr]
-            if not chunk:
-                raise ConnectionError("server closed the connection")
-            buffer += chunk
-            head_end = buffer.find(b"\r\n\r\n")
-            if head_end < 0:
-                continue
-            length = int(re.search(rb"(?i)content-length: *(\d+)", bytes(buffer[:head_end])).group(1))  # type: ignore[union-attr]
-            if len(buffer) < head_end + 4 + length:
-                continue
-            if buffer.startswith(b"HTTP/1.1 200"):
-                done += 1
-            else:
-                errors += 1
-            buffer.clear()
-            if time.perf_counter() < stop:
-                connection.sendall(request)  # type: ignore[union-attr]
-            else:
-                selector.unregister(connection)
-                connection.close()  # type: ignore[union-attr]
-    elapsed = time.perf_counter() - started
-    return {"clients": clients, "requests": done, "errors": errors, "rps": round(done / elapsed, 2)}
+def ready_request(port: int) -> bytes:
+    return prepare("GET", f"http://127.0.0.1:{port}/ready")
 
 
 def rss_mb(pid: int) -> float:
@@ -129,25 +60,32 @@ def peak_rss_mb(pid: int) -> float:
     raise RuntimeError("no VmHWM")
 
 
-def start_server(model: Path, port: int, root: Path = ROOT) -> tuple[subprocess.Popen[bytes], float]:
-    """`python -m server` (from `root`: another checkout's code for a before/after run) with the given model;
-    returns the process and the seconds from spawn to /ready = 200."""
-    env = {**os.environ, "MODEL_PATH": str(model.resolve()), "PORT": str(port), "HOST": "127.0.0.1"}
+def start_server(
+    model: Path, port: int, root: Path = ROOT, env: dict[str, str] | None = None, cores: set[int] | None = None
+) -> tuple[subprocess.Popen[bytes], float]:
+    """`python -m server` (from `root`: another checkout's code for a before/after run) with the given model, extra
+    environment and CPU affinity; returns the process and the seconds from spawn to /ready = 200."""
+    environment = {
+        **os.environ,
+        "MODEL_PATH": str(model.resolve()),
+        "PORT": str(port),
+        "HOST": "127.0.0.1",
+        **(env or {}),
+    }
     started = time.perf_counter()
     # The service logs as in production (a JSON line per request), into the void.
-    process = subprocess.Popen([sys.executable, "-m", "server"], cwd=root, env=env, stdout=subprocess.DEVNULL)
-    probe = b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n"
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError("the server exited during start-up")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as connection:
-                connection.sendall(probe)
-                if connection.recv(64).startswith(b"HTTP/1.1 200"):
-                    return process, time.perf_counter() - started
-        except OSError:
-            pass
+    process = subprocess.Popen(
+        [sys.executable, "-m", "server"], cwd=root, env=environment, stdout=subprocess.DEVNULL,
+        preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None,
+    )  # fmt: skip
+    probe = ready_request(port)
+    deadline = started + 120
+    while one_shot(port, probe, timeout=1)[0] != 200:
+        if process.poll() is not None or time.perf_counter() > deadline:
+            process.kill()
+            raise RuntimeError("the server exited or did not become ready during start-up")
         time.sleep(0.005)
+    return process, time.perf_counter() - started
 
 
 def in_process(model_path: Path, image: bytes, seconds: float) -> dict[str, Any]:
@@ -186,47 +124,6 @@ def in_process(model_path: Path, image: bytes, seconds: float) -> dict[str, Any]
         options[name] = round(sum(done) / (time.perf_counter() - started), 2)
     return {"floor": floor, "floors": list(floors.values()), "throughput_ips": options,
             "best_throughput_ips": max(options.values())}  # fmt: skip
-
-
-def batch_request(port: int, images: list[tuple[str, bytes, str]]) -> bytes:
-    """A /predict/batch request: one `files` part per (filename, bytes, content type)."""
-    parts = b"".join(
-        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
-        f"Content-Type: {mime}\r\n\r\n".encode()
-        + data
-        + b"\r\n"
-        for name, data, mime in images
-    )
-    body = parts + f"--{BOUNDARY}--\r\n".encode()
-    head = (
-        f"POST /predict/batch HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-        f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {len(body)}\r\n\r\n"
-    )
-    return head.encode() + body
-
-
-def one_shot(port: int, request: bytes) -> tuple[int, float]:
-    """One request on a fresh connection: (status, seconds); status 0 when the connection was dropped."""
-    started = time.perf_counter()
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=120) as connection:
-            connection.sendall(request)
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = connection.recv(65536)
-                if not chunk:
-                    return 0, time.perf_counter() - started
-                data += chunk
-            head, _, body = data.partition(b"\r\n\r\n")
-            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
-            while len(body) < length:
-                chunk = connection.recv(65536)
-                if not chunk:
-                    return 0, time.perf_counter() - started
-                body += chunk
-            return int(head.split()[1]), time.perf_counter() - started
-    except OSError:
-        return 0, time.perf_counter() - started
 
 
 def flood(port: int, request: bytes, total: int = 256, parallel: int = 64) -> dict[str, Any]:
@@ -310,7 +207,7 @@ def worst_requests(port: int, image: bytes, settings: Settings, pixels: int) -> 
     Image.new("RGBA", (side, side), (120, 80, 40, 128)).save(buffer, format="PNG")  # small on the wire
     flat = buffer.getvalue()
     return {
-        f"/predict, {len(padded) >> 20} MiB body (MAX_UPLOAD_BYTES)": multipart_request(port, padded),
+        f"/predict, {len(padded) >> 20} MiB body (MAX_UPLOAD_BYTES)": predict_request(port, padded),
         f"/predict/batch, {settings.max_batch_files} photos (MAX_BATCH_FILES)": batch_request(
             port, [(f"{i}.jpg", image, "image/jpeg") for i in range(settings.max_batch_files)]
         ),
@@ -337,7 +234,7 @@ def measure_service(root: Path, model: Path, image: bytes, args: argparse.Namesp
         "median": round(float(np.median(startups)), 3),
     }
     try:
-        request = multipart_request(port, image)
+        request = predict_request(port, image)
         warmup = load(port, request, 4, 2.0)  # warm every inference slot, not just one
         report["rss_mb_after_warmup"] = rss_mb(process.pid)
         client = Client(port, request)
@@ -360,7 +257,7 @@ def measure_service(root: Path, model: Path, image: bytes, args: argparse.Namesp
         if args.worst:
             settings = Settings.from_env()
             report["flood"] = flood(port, request)
-            report["ready_after_flood"] = one_shot(port, b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 200
+            report["ready_after_flood"] = one_shot(port, ready_request(port))[0] == 200
             capacity = settings.inference_concurrency + settings.max_queue
             pixels = args.worst_pixels or largest_accepted_side(model, settings) ** 2
             report["worst_mix"] = [
@@ -368,7 +265,7 @@ def measure_service(root: Path, model: Path, image: bytes, args: argparse.Namesp
                 for name, body in worst_requests(port, image, settings, pixels).items()
             ]
             report["peak_rss_mb"] = max(row["peak_rss_mb"] for row in report["worst_mix"])
-            report["ready_after_worst_mix"] = one_shot(port, b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 200
+            report["ready_after_worst_mix"] = one_shot(port, ready_request(port))[0] == 200
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait()
@@ -412,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
         "model": str(args.model),
         "image": args.image.name,
         "settings": {name: getattr(settings, name) for name in (
-            "workers", "ort_threads", "ort_solo_threads", "inference_concurrency", "max_queue", "max_queue_bytes",
+            "workers", "ort_threads", "ort_solo_threads", "inference_concurrency", "max_queue", "max_admitted_bytes",
             "queue_timeout", "decode_concurrency", "max_upload_bytes", "max_image_pixels", "max_batch_files")},
     }  # fmt: skip
     report["in_process"] = in_process(args.model, image, args.seconds)

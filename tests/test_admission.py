@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import socket
 import threading
 import time
@@ -15,12 +14,12 @@ import httpx2 as httpx
 import pytest
 from starlette.testclient import TestClient
 
-from bench.serve import multipart_request
+from bench.loadgen import read_response
+from bench.serve import predict_request
 from server.app import create_app
 from tests.images import photo_bytes
 from tests.service import Service
 from tests.test_app import CAT, assert_error, metric, post_file, settings_for
-from tests.test_server_process import read_response
 
 
 @pytest.fixture
@@ -52,7 +51,7 @@ def test_past_the_bound_requests_get_503_with_retry_after_at_once(small):
 
 def test_bodies_held_by_admitted_requests_are_bounded_in_bytes(onnx_model):
     photo = photo_bytes(CAT)
-    app = create_app(settings_for(onnx_model, max_queue=8, max_queue_bytes=len(photo) * 3))
+    app = create_app(settings_for(onnx_model, max_queue=8, max_admitted_bytes=len(photo) * 3))
     with TestClient(app) as client:
         admission = client.app.state.admission
         client.portal.call(admission.enter, len(photo) * 2)  # a request holding two photos' worth of body
@@ -60,7 +59,7 @@ def test_bodies_held_by_admitted_requests_are_bounded_in_bytes(onnx_model):
         assert post_file(client, photo[: len(photo) // 2], mime="image/jpeg").status_code == 400  # half fits
         client.portal.call(admission.leave, len(photo) * 2)
         assert admission.held_bytes == 0 and post_file(client, photo).status_code == 200
-    with TestClient(create_app(settings_for(onnx_model, max_queue_bytes=10))) as alone:
+    with TestClient(create_app(settings_for(onnx_model, max_admitted_bytes=10))) as alone:
         assert post_file(alone, photo).status_code == 200  # a lone request is admitted whatever its size
 
 
@@ -92,20 +91,17 @@ def test_a_flood_gets_only_200s_and_fast_503s_and_the_service_stays_ready(onnx_m
         service.wait_ready()
         photo = photo_bytes(CAT)
 
-        request = multipart_request(service.port, photo)
+        request = predict_request(service.port, photo)
 
         def send(_: int) -> tuple[int, float, str, str]:
-            """One request on a fresh connection, on a raw socket (a thin client: the cores are shared)."""
+            """One request on a fresh connection (bench.loadgen: a thin client, the cores are shared)."""
             started = time.perf_counter()
             with socket.create_connection(("127.0.0.1", service.port), timeout=60) as connection:
                 connection.sendall(request)
-                response = read_response(connection)
+                response = read_response(connection, timeout=60)
             seconds = time.perf_counter() - started
-            head, _, body = response.partition(b"\r\n\r\n")
-            status = int(head.split()[1])
-            retry = re.search(rb"(?im)^retry-after: *(\S+)", head)
-            code = json.loads(body)["error"]["code"] if status != 200 else ""
-            return status, seconds, code, retry.group(1).decode() if retry else ""
+            code = json.loads(response.body)["error"]["code"] if response.status != 200 else ""
+            return response.status, seconds, code, response.headers.get("retry-after", "")
 
         with ThreadPoolExecutor(64) as pool:
             results = list(pool.map(send, range(256)))  # a transport error would raise here
@@ -117,8 +113,8 @@ def test_a_flood_gets_only_200s_and_fast_503s_and_the_service_stays_ready(onnx_m
         assert {retry for *_, retry in refused} == {"1"}
         refusal_seconds = sorted(seconds for seconds, *_ in refused)
         served_seconds = sorted(seconds for status, seconds, *_ in results if status == 200)
-        time.sleep(0.2)
-        refusal_ms = sorted(r["latency_ms"] for r in service.records() if r.get("status") == 503)
+        refused_lines = service.wait_for_records(lambda r: r.get("status") == 503, count=len(refused))
+        refusal_ms = sorted(r["latency_ms"] for r in refused_lines)
         assert len(refusal_ms) == len(refused) and refusal_ms[len(refusal_ms) // 2] < 50, refusal_ms
         median_200, median_503 = served_seconds[len(served_seconds) // 2], refusal_seconds[len(refusal_seconds) // 2]
         print(f"flood: {statuses.count(200)} x 200, {len(refused)} x 503; client-side median 200 {median_200:.3f} s, "

@@ -9,6 +9,7 @@ import time
 
 import httpx2 as httpx
 
+from bench.loadgen import prepare, read_response
 from tests.images import photo_bytes
 from tests.service import Service
 
@@ -23,26 +24,12 @@ def test_real_uvicorn_serves_predictions_with_request_ids(service):
     assert response.status_code == 200 and response.json()["label"] == "cat"
     assert response.headers["x-request-id"] == "req-42"
     assert "server" not in response.headers  # no version banner
-    time.sleep(0.2)
-    [line] = [r for r in service.records() if r.get("request_id") == "req-42"]
+    [line] = service.wait_for_records(lambda r: r.get("request_id") == "req-42")
     assert line["message"] == "request" and line["path"] == "/predict" and line["status"] == 200
     assert line["label"] == "cat" and 0.5 < line["confidence"] <= 1 and line["latency_ms"] > 0
     assert line["ts"].endswith("Z") and line["method"] == "POST"
     startup = [r for r in service.records() if r["message"] == "startup"]
     assert startup and startup[0]["model_version"] == "seeded-imagenet-head" and startup[0]["load_seconds"] > 0
-
-
-def read_response(connection: socket.socket, received: bytes = b"") -> bytes:
-    """Read one HTTP response (headers and a Content-Length body) from a raw socket."""
-    while b"\r\n\r\n" not in received:
-        received += connection.recv(65536)
-    head, _, body = received.partition(b"\r\n\r\n")
-    length = next(
-        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
-    )
-    while len(body) < length:
-        body += connection.recv(65536)
-    return head + b"\r\n\r\n" + body
 
 
 def test_oversized_streamed_body_is_refused_while_it_streams(service):
@@ -67,9 +54,8 @@ def test_oversized_streamed_body_is_refused_while_it_streams(service):
                     break
         except (BrokenPipeError, ConnectionResetError):
             pass
-        response = read_response(connection, response)
-    assert response.startswith(b"HTTP/1.1 413"), response[:200]
-    assert b"payload_too_large" in response
+        answer = read_response(connection, timeout=30, received=response)
+    assert answer.status == 413 and b"payload_too_large" in answer.body, answer
     assert sent < 20 * 1024 * 1024 and sent <= limit + 2 * len(chunk)
 
 
@@ -78,8 +64,8 @@ def test_declared_oversized_body_is_refused_before_it_is_sent(service):
         connection.sendall(
             b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 20971520\r\n\r\n"
         )
-        response = read_response(connection)
-    assert response.startswith(b"HTTP/1.1 413") and b"payload_too_large" in response
+        response = read_response(connection, timeout=30)
+    assert response.status == 413 and b"payload_too_large" in response.body
 
 
 def test_health_only_mode_starts_without_a_model(tmp_path):
@@ -114,25 +100,21 @@ def test_graceful_shutdown_finishes_in_flight_requests(onnx_model):
     service = Service(onnx_model)
     service.wait_ready()
     files = [("files", (f"{i}.jpg", photo_bytes(f"dogs/dog.{i}.jpg"), "image/jpeg")) for i in range(1, 33)]
-    request = httpx.Request("POST", f"{service.url}/predict/batch", files=files)
-    body = request.read()
-    head = "".join(f"{k}: {v}\r\n" for k, v in request.headers.items() if k.lower() != "host")
+    request = prepare("POST", f"{service.url}/predict/batch", files=files)
     with socket.create_connection(("127.0.0.1", service.port), timeout=60) as connection:
-        connection.sendall(f"POST /predict/batch HTTP/1.1\r\nHost: x\r\n{head}\r\n".encode() + body[:1000])
+        connection.sendall(request[:2000])  # the head and the start of the body
         deadline = time.perf_counter() + 30
         while metric_value(service.url, "catsdogs_http_requests_in_flight") < 2:  # ours and this scrape
             assert time.perf_counter() < deadline
             time.sleep(0.02)
         service.process.send_signal(signal.SIGTERM)
-        while not any(r["message"] == "Shutting down" for r in service.records()):
-            assert time.perf_counter() < deadline and service.process.poll() is None
-            time.sleep(0.02)
-        connection.sendall(body[1000:])
-        response = read_response(connection)
+        service.wait_for_records(lambda r: r["message"] == "Shutting down", timeout=30)
+        assert service.process.poll() is None
+        connection.sendall(request[2000:])
+        response = read_response(connection, timeout=60)
     service.stop()
-    head, _, payload = response.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200"), response[:300]
-    assert json.loads(payload)["count"] == 32 and json.loads(payload)["errors"] == 0
+    assert response.status == 200, response
+    assert json.loads(response.body)["count"] == 32 and json.loads(response.body)["errors"] == 0
 
 
 def test_error_request_lines_carry_the_error_code(service):
@@ -143,7 +125,8 @@ def test_error_request_lines_carry_the_error_code(service):
         )  # fmt: skip
         assert response.status_code == 400
     httpx.get(f"{service.url}/nowhere", headers={"X-Request-ID": "req-404"}, timeout=30)
-    time.sleep(0.2)
-    codes = {r["request_id"]: r.get("error_code") for r in service.records() if r.get("message") == "request"}
+    ours = {"req-empty", "req-corrupt", "req-404"}
+    lines = service.wait_for_records(lambda r: r.get("message") == "request" and r["request_id"] in ours, count=3)
+    codes = {r["request_id"]: r.get("error_code") for r in lines}
     assert codes["req-empty"] != codes["req-corrupt"]
     assert codes["req-empty"] == "empty_image" and codes["req-404"] == "not_found"
