@@ -17,7 +17,8 @@ endif
 export PRETRAINED
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: help setup setup-serve data prepare train cv pet-methods export pipeline serve classify test test-fast lint format \
+.PHONY: help setup setup-serve data prepare train cv pet-methods export pipeline serve fetch-model classify test test-fast \
+	lint format \
 	mlflow-ui bench bench-model bench-hostile image image-train smoke-image smoke-compose eval-deployed screenshots drift-demo clean \
 	bench-capacity lint-k8s
 
@@ -77,6 +78,14 @@ export: data ## models/model.onnx + gated int8 models/model.int8.onnx, the one s
 
 serve: $(SERVE_SETUP) ## Serve models/ (int8 if current, else float32; MODEL_PATH) on PORT 8000; python -m server --help
 	$(SERVE_PYTHON) -m server
+
+# A published model without training: the file at URL, refused unless its sha256 is SHA256 (server.fetch_model, the
+# same download the Kubernetes pods' init container runs), into MODEL_DIR/model.onnx.
+SHA256 ?=
+fetch-model: $(SERVE_SETUP) ## Download a published model pinned by its sha256: URL=https://... SHA256=hex [MODEL_DIR=models]
+	@test -n "$(filter command line environment,$(origin URL))" -a -n "$(SHA256)" || \
+	  { echo "set URL=https://.../model.onnx and SHA256=its sha256 (64 hex digits)" >&2; exit 2; }
+	$(SERVE_PYTHON) -m server.fetch_model --url "$(URL)" --sha256 "$(SHA256)" --out "$(MODEL_DIR)"
 
 # Classify every image under INPUT into OUTPUT (.csv or .jsonl), in process; URL=... asks a running service.
 INPUT ?=

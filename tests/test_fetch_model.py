@@ -67,3 +67,16 @@ def test_a_models_folder_as_model_path_gets_model_onnx_inside(model_server, onnx
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "model.onnx").read_bytes() == onnx_model.read_bytes()
+
+
+def test_make_fetch_model_puts_the_pinned_file_in_the_models_folder(model_server, onnx_model, tmp_path):
+    sha256 = hashlib.sha256(onnx_model.read_bytes()).hexdigest()
+    command = ["make", "--no-print-directory", "fetch-model", f"URL={model_server}", f"SHA256={sha256}",
+               f"MODEL_DIR={tmp_path / 'models'}"]  # fmt: skip
+    (tmp_path / "models").mkdir()
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "models" / "model.onnx").read_bytes() == onnx_model.read_bytes()
+    missing = subprocess.run(["make", "--no-print-directory", "fetch-model", f"SHA256={sha256}"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert missing.returncode == 2 and "set URL=" in missing.stderr
