@@ -125,7 +125,9 @@ def test_int8_model_is_kept_only_within_the_accuracy_drop(workspace, monkeypatch
     run_convert(workspace, write_params(workspace, min_accuracy=0.5), fp32)
     run_id = with_run(fp32, tracking_uri)
     int8 = tmp_path / "model.int8.onnx"
-    accepting = write_params(workspace, calibration_images=16, int8_max_accuracy_drop=0.1)
+    # a loose limit: this checks the mechanics of acceptance; on 44 photos one flip bounds the loss at 12%, and a CPU
+    # without VNNI flips more than one with it (8-bit saturation, docs/not-a-pet.md)
+    accepting = write_params(workspace, calibration_images=16, int8_max_accuracy_drop=0.3)
     quantize.main(["--model", str(fp32), "--params", str(accepting), "--data", str(workspace / "processed"),
                    "--report", str(tmp_path / "q.json")])  # fmt: skip
     report = json.loads((tmp_path / "q.json").read_text())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -63,3 +64,68 @@ def test_dvc_repro_runs_every_stage_then_only_what_a_param_change_touches(tmp_pa
     second = dvc(workspace, "repro").stdout
     assert "Running stage 'train_final'" in second and "Running stage 'prepare'" not in second
     assert "Running stage 'train_baseline'" not in second
+
+
+def runtime_nodes(tree: ast.AST) -> list[ast.AST]:
+    """Every node except those under `if TYPE_CHECKING:` (imports for type hints only)."""
+    found, pending = [], [tree]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            pending += node.orelse
+            continue
+        found.append(node)
+        pending += ast.iter_child_nodes(node)
+    return found
+
+
+def local_imports(module: str) -> set[Path]:
+    """The repository's Python files that running `python -m module` can import, followed transitively (imports
+    inside functions too: they run as well)."""
+    seen: set[Path] = set()
+    pending = [module]
+    while pending:
+        name = pending.pop()
+        candidates = [ROOT / f"{name.replace('.', '/')}.py", ROOT / name.replace(".", "/") / "__init__.py"]
+        path = next((c for c in candidates if c.is_file()), None)
+        if path is None or path in seen:
+            continue
+        seen.add(path)
+        for node in runtime_nodes(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                pending += [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            elif isinstance(node, ast.Import):
+                pending += [alias.name for alias in node.names]
+    return seen
+
+
+@pytest.mark.parametrize("stage", list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]))
+def test_every_stage_depends_on_all_the_code_it_runs(stage):
+    """Otherwise a code change leaves `dvc status` saying up to date, and the committed lock lies about the code."""
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]
+    module = spec["cmd"].split("python -m ")[1].split()[0]
+    deps = [ROOT / (dep if isinstance(dep, str) else next(iter(dep))) for dep in spec["deps"]]
+    missing = sorted(
+        path.relative_to(ROOT).as_posix()
+        for path in local_imports(module)
+        if path.name != "__init__.py" and not any(path == dep or dep in path.parents for dep in deps)
+    )
+    assert not missing, f"{stage} runs code that is not among its deps: {missing}"
+
+
+def test_the_committed_lock_records_the_committed_code_and_params():
+    """`dvc status` may find the data and models missing or different (they live where training ran), but never a
+    code or params change: then dvc.lock and reports/ would describe a run of other code."""
+    result = subprocess.run([str(BIN / "dvc"), "status", "--json"], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "DVC_NO_ANALYTICS": "1"}, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    stale = {}
+    for stage, changes in json.loads(result.stdout or "{}").items():
+        for change in changes:
+            if not isinstance(change, dict):
+                continue
+            code = {path: state for path, state in change.get("changed deps", {}).items()
+                    if not path.startswith(("data/", "models/"))}  # fmt: skip
+            if code or change.get("changed params"):
+                stale[stage] = {**code, **change.get("changed params", {})}
+    assert not stale, f"dvc.lock is stale for the committed code or params (run make train export): {stale}"
