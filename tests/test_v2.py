@@ -16,12 +16,14 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
+from tests.conftest import ROOT
 from tests.images import photo_bytes
 from tests.service import Service
 from tests.test_app import metric
 
 PHOTOS = ["cats/cat.1.jpg", "dogs/dog.1.jpg", "cats/cat.2.jpg", "dogs/dog.2.jpg", "cats/cat.90004.jpg"]
 MAX_FILES, MAX_BYTES = 8, 400_000
+NOT_A_PET = ROOT.parent / "shared" / "datasets" / "not-pets-dev" / "imagenet_002_great_white_shark.jpg"
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +226,7 @@ def test_not_ready_without_a_model(tmp_path):
 
 
 def test_pet_outputs_equal_predicts_on_the_real_model(client, service):
-    images = [photo_bytes(name) for name in PHOTOS]
+    images = [photo_bytes(name) for name in PHOTOS] + [NOT_A_PET.read_bytes()]
     result = client.infer("catsdogs", [image_input(images)])
     scores, flags = result.as_numpy("pet_score"), result.as_numpy("is_pet")
     assert scores.dtype == np.float32 and scores.shape == (len(images),) and flags.dtype == np.bool_
@@ -232,6 +234,7 @@ def test_pet_outputs_equal_predicts_on_the_real_model(client, service):
         expected = predict_endpoint(service, image)
         assert expected["pet_score"] is not None and bool(flag) is expected["is_pet"]
         assert float(score) == pytest.approx(expected["pet_score"], rel=1e-6, abs=1e-7)
+    assert set(flags.tolist()) == {True, False}  # the photos are pets, the shark is not
     json_result = client.infer("catsdogs", [image_input(images, binary=False)],
                                outputs=[triton.InferRequestedOutput("is_pet", binary_data=False)])  # fmt: skip
     assert json_result.as_numpy("is_pet").tolist() == flags.tolist()
