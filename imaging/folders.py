@@ -15,11 +15,8 @@ def is_image_file(path: Path) -> bool:
 
 def find_images(root: Path) -> list[Path]:
     """Every image file under root, recursively, hidden files and folders left out, sorted."""
-    return sorted(
-        path
-        for path in root.rglob("*")
-        if path.is_file() and is_image_file(path) and not any(part.startswith(".") for part in path.relative_to(root).parts)
-    )
+    hidden = lambda path: any(part.startswith(".") for part in path.relative_to(root).parts)  # noqa: E731
+    return sorted(path for path in root.rglob("*") if path.is_file() and is_image_file(path) and not hidden(path))
 
 
 def label_for_name(name: str, labels: Iterable[str]) -> str | None:
