@@ -269,5 +269,6 @@ def main(argv: list[str] | None = None) -> None:
     seconds = time.perf_counter() - started
     print(summary(rows, len(new), seconds, args.output, args.input, left_out(args.input)))
 
+
 if __name__ == "__main__":
     main()
