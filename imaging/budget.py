@@ -56,6 +56,9 @@ def decode_cost(mode: str, size: tuple[int, int], *, alpha: bool, factor: int) -
     """
     pixels = size[0] * size[1]
     full = bytes_per_pixel(mode)
+    if mode.startswith("I"):  # 16/32-bit greyscale, scaled to 8 bits first: a copy of the values and the result
+        full += bytes_per_pixel(mode) + 2
+        mode = "L"
     converted = mode not in REDUCIBLE_MODES or (alpha and mode not in ("RGBA", "LA"))
     if factor >= 2:
         full += 4 * converted + 4 * alpha

@@ -7,6 +7,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from imaging.budget import (
@@ -22,6 +23,9 @@ from imaging.budget import (
 ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "MPO"})  # MPO: phone JPEGs with a depth frame
 EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif"}
 IMAGE_SUFFIXES = frozenset({*EXTENSIONS.values(), ".jpeg"})  # file names taken for images in a folder
+HIGH_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})  # scaled to 8 bits by to_8_bits
+# Modes the accepted formats open in that the decoder reads correctly; any other (32-bit float "F", say) is refused.
+READABLE_MODES = HIGH_BIT_MODES | {"1", "L", "P", "LA", "PA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"}
 DRAFT_FORMATS = frozenset({"JPEG", "MPO"})
 BMP_RLE4 = 2
 EXIF_ORIENTATION = 0x0112
@@ -103,18 +107,21 @@ class Decoder:
         )
 
     def __call__(self, data: bytes) -> Image.Image:
-        """Bytes to an upright RGB image (raises ImageError)."""
+        """Bytes to an upright RGB image (raises ImageError, and only ImageError, whatever the bytes)."""
         image = self.open(data)
-        factor = self.check(image, scans=data.count(b"\xff\xda") if image.format in DRAFT_FORMATS else 1)
         try:
+            factor = self.check(image, scans=data.count(b"\xff\xda") if image.format in DRAFT_FORMATS else 1)
             image.load()
             transpose = TRANSPOSE.get(image.getexif().get(EXIF_ORIENTATION, 1))
+            image = to_8_bits(image)
             if factor >= 2:
                 image = self.reducible(image).reduce(factor)
             image = self.to_rgb(image)
             return image.transpose(transpose) if transpose is not None else image
-        except (OSError, SyntaxError, ValueError, EOFError) as error:
-            raise ImageError(400, "corrupt_image", f"the image is corrupt or truncated: {error}") from None
+        except ImageError:
+            raise
+        except Exception as error:  # hostile bytes: a failure of Pillow's is the image's, never the service's
+            raise undecodable(error) from None
 
     def open(self, data: bytes) -> Image.Image:
         """The image's header: format and declared size, no pixel decoded yet."""
@@ -126,13 +133,15 @@ class Decoder:
             raise ImageError(400, "invalid_image", "the file is not an image in a format Pillow recognises") from None
         except Image.DecompressionBombError:  # Pillow's own, process-wide limit (Image.MAX_IMAGE_PIXELS)
             raise too_many_pixels(self.max_pixels) from None
-        except (OSError, SyntaxError, ValueError, EOFError) as error:
-            raise ImageError(400, "corrupt_image", f"the image is corrupt or truncated: {error}") from None
+        except Exception as error:  # as in __call__
+            raise undecodable(error) from None
         if image.format not in ACCEPTED_FORMATS:
             accepted = ", ".join(sorted(ACCEPTED_FORMATS - {"MPO"}))
             raise ImageError(415, "unsupported_format", f"{image.format} images are not accepted; use {accepted}")
         if image.format == "BMP" and image.info.get("compression") == BMP_RLE4:  # Pillow decodes it pixel by pixel
             raise ImageError(415, "unsupported_format", "4-bit run-length-encoded BMPs are not accepted")
+        if image.mode not in READABLE_MODES:
+            raise ImageError(415, "unsupported_format", f"{image.mode} {image.format} images are not accepted")
         return image
 
     def check(self, image: Image.Image, scans: int = 1) -> int:
@@ -179,6 +188,28 @@ class Decoder:
             background = Image.new("RGBA", rgba.size, (*self.background, 255))
             return Image.alpha_composite(background, rgba).convert("RGB")
         return image.convert("RGB")
+
+
+def undecodable(error: Exception) -> ImageError:
+    """Any failure of Pillow on the bytes (the errors Pillow's own fuzzers expect: OSError, SyntaxError, ValueError,
+    EOFError, MemoryError, NotImplementedError, OverflowError, and any other) as the image's client error."""
+    if isinstance(error, MemoryError):
+        return ImageError(413, "image_too_large", "decoding this image ran out of memory")
+    detail = str(error) or type(error).__name__
+    return ImageError(400, "corrupt_image", f"the image is corrupt or truncated: {detail}")
+
+
+def to_8_bits(image: Image.Image) -> Image.Image:
+    """A 16-bit greyscale image scaled to 8 bits (the top byte of each value), as its 8-bit copy would be; Pillow's
+    own conversion clips every value above 255 to white. 32-bit integer images ("I") are read as 16-bit values
+    and refused when a value does not fit."""
+    if image.mode not in HIGH_BIT_MODES:
+        return image
+    values = np.array(image)  # a copy, shifted in place: at most two 16-bit buffers at once
+    if image.mode == "I" and (values.min(initial=0) < 0 or values.max(initial=0) > 0xFFFF):
+        raise ImageError(415, "unsupported_format", "32-bit greyscale with values beyond 16 bits is not accepted")
+    np.right_shift(values, 8, out=values)
+    return Image.fromarray(values.astype(np.uint8), mode="L")
 
 
 def has_alpha(image: Image.Image) -> bool:

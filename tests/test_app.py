@@ -7,6 +7,7 @@ import io
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from starlette.testclient import TestClient
@@ -233,3 +234,15 @@ def test_a_file_that_is_not_a_model_is_health_only_too(tmp_path):
     with TestClient(create_app(settings_for(junk))) as bare:
         assert bare.get("/health").json()["model_loaded"] is False
         assert_error(bare.get("/ready"), 503, "model_not_loaded")
+
+
+def test_a_16_bit_greyscale_copy_is_the_same_picture(client):
+    """Pillow's own conversion clips 16-bit values to white: the copy used to come back as another picture."""
+    with Image.open(io.BytesIO(photo_bytes(CAT))) as photo:
+        grey = np.asarray(photo.convert("L"))
+    eight, sixteen = encode(Image.fromarray(grey), "PNG"), encode(Image.fromarray(grey.astype(np.uint16) * 257), "PNG")
+    assert Image.open(io.BytesIO(sixteen)).mode == "I;16"
+    a = post_file(client, eight, "grey.png", mime="image/png").json()
+    b = post_file(client, sixteen, "grey16.png", mime="image/png").json()
+    assert a["label"] == b["label"] == "cat"
+    assert abs(a["probabilities"]["cat"] - b["probabilities"]["cat"]) < 0.01

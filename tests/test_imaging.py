@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from imaging import DEFAULT_MAX_DECODE_BYTES, Decoder, ImageError, find_images, label_for_name
+from imaging.decode import to_8_bits
 from tests.conftest import LARGE, ROOT
 from tests.images import (
     animated,
@@ -182,3 +183,13 @@ def test_images_are_found_by_name_hidden_files_left_out(tmp_path):
     assert [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)] == [
         "a/b/dog.2.png", "a/cat.1.JPG", "c.webp",
     ]  # fmt: skip
+
+
+def test_high_bit_depth_is_scaled_to_8_bits_or_refused():
+    values = np.arange(0, 65536, 64, dtype=np.uint16).reshape(32, 32)
+    scaled = to_8_bits(Image.fromarray(values))
+    assert scaled.mode == "L" and np.array_equal(np.asarray(scaled), (values >> 8).astype(np.uint8))
+    assert np.asarray(to_8_bits(Image.fromarray(values.astype(np.int32)))).max() == 255  # "I" within 16 bits
+    with pytest.raises(ImageError) as refused:
+        to_8_bits(Image.fromarray(values.astype(np.int32) * 4))  # values past 16 bits: no honest way to read it
+    assert refused.value.status == 415
