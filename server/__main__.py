@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging.config
 import sys
 
@@ -10,6 +11,7 @@ import uvicorn
 
 from server.config import Settings, settings_help
 from server.logs import get_logger, logging_config
+from server.protocol import HeaderDeadlineProtocol
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -34,9 +36,16 @@ def main(argv: list[str] | None = None) -> None:
     if warning:
         logging.config.dictConfig(log_config)
         get_logger().warning(warning)
+    http = functools.partial(
+        HeaderDeadlineProtocol,
+        timeout=settings.header_timeout,
+        max_timeout=settings.header_timeout_max,
+        min_rate=settings.read_min_rate,
+    )
     uvicorn.run(
         "server.app:create_app",
         factory=True,
+        http=http,
         host=settings.host,
         port=settings.port,
         workers=settings.workers,

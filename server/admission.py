@@ -1,12 +1,14 @@
-"""Backpressure: a bounded number of inference requests per process, refused at once past the bound.
+"""Backpressure: what requests really hold, bounded, and refused at once past the bound.
 
-A request is admitted before its body is read: every admitted request may hold a body of up to MAX_UPLOAD_BYTES
-(twice over while a multipart part spools to /tmp), so counting after the read would leave the memory held by
-bodies unbounded. `slots` requests run (INFERENCE_CONCURRENCY) and up to `queue` more wait for a slot (MAX_QUEUE);
-one more is answered 503 with Retry-After without its body being kept, as is one whose body (its Content-Length, or
-MAX_UPLOAD_BYTES when it has none) would take the admitted requests' bodies past MAX_ADMITTED_BYTES (a lone request
-is always admitted). A request that waits for a slot longer than `timeout` seconds (QUEUE_TIMEOUT) is answered 503 too.
-See docs/capacity.md, "Backpressure" and "Memory budget".
+Two budgets, each counting what is held, never what a header declares:
+- bytes of request bodies received and still held (being received, waiting or running), at most `max_bytes`
+  (MAX_ADMITTED_BYTES); the chunk that would pass it ends its request with 503 `overloaded`, unless that request is
+  the only one holding bytes (so the largest legal upload works on an idle service);
+- inference requests admitted once their body is complete: `slots` running (INFERENCE_CONCURRENCY) and `queue`
+  waiting for a slot (MAX_QUEUE); one more is 503 `overloaded`, and one that waits `timeout` seconds for a slot
+  (QUEUE_TIMEOUT) is 503 `queue_timeout`.
+A request still receiving its body holds no inference place, so slow uploads cannot starve the requests whose body
+has arrived; how long a body may take is bounded in server.bodies. See docs/capacity.md.
 """
 
 from __future__ import annotations
@@ -24,36 +26,67 @@ from server.errors import Overloaded
 from server.metrics import Metrics
 
 T = TypeVar("T")
+DISCARD_SECONDS = 1.0  # how long a refused request's body is read and dropped, so the client reads a clean 503
 
 
 class Admission:
-    """Admits at most `slots + queue` inference requests; runs their inference `slots` at a time, in FIFO order."""
+    """The two budgets of one process, and the inference slots, taken in arrival order."""
 
     def __init__(self, slots: int, queue: int, timeout: float, metrics: Metrics, max_bytes: int = 2**62) -> None:
         self.slots, self.queue, self.timeout, self.metrics = slots, queue, timeout, metrics
         self.capacity = slots + queue
-        self.max_bytes = max_bytes  # the bodies admitted requests may hold, in all
-        self.admitted = 0
-        self.held_bytes = 0
+        self.max_bytes = max_bytes
+        self.admitted = 0  # inference requests running or waiting for a slot
+        self.held_bytes = 0  # body bytes received and not yet let go
+        self.holders = 0  # requests holding any body bytes
         self.limiter = anyio.CapacityLimiter(slots)  # the inference slots, waited for in arrival order
         self.threads = anyio.CapacityLimiter(slots)  # worker threads: always free for a slot holder
 
-    def enter(self, size: int = 0) -> None:
-        """Count one more admitted request that may hold `size` body bytes, or raise Overloaded past a bound."""
-        if self.admitted >= self.capacity or (self.admitted and self.held_bytes + size > self.max_bytes):
-            self.metrics.rejected.labels("overloaded").inc()
-            raise Overloaded(
-                "overloaded",
-                f"the service is at capacity ({self.slots} running, {self.queue} waiting); retry shortly",
-            )
-        self.admitted += 1
+    def overloaded(self) -> Overloaded:
+        self.metrics.rejected.labels("overloaded").inc()
+        return Overloaded(
+            "overloaded", f"the service is at capacity ({self.slots} running, {self.queue} waiting); retry"
+        )
+
+    def full(self, declared: int = 0) -> bool:
+        """Whether a request that declares a `declared`-byte body would be refused now: every inference place taken,
+        or its body past the bytes the others hold (a lone request always fits)."""
+        return self.admitted >= self.capacity or (self.holders > 0 and self.held_bytes + declared > self.max_bytes)
+
+    def hold(self, scope: Scope, size: int) -> None:
+        """Count `size` more body bytes held by the request, or raise Overloaded past max_bytes."""
+        state = scope.setdefault("state", {})
+        held = state.get("held_bytes", 0)
+        alone = self.holders == (1 if held else 0)
+        if not alone and self.held_bytes + size > self.max_bytes:
+            raise self.overloaded()
+        self.holders += 0 if held else 1
         self.held_bytes += size
+        state["held_bytes"] = held + size
+        self.metrics.held_bytes.set(self.held_bytes)
+
+    def enter(self, scope: Scope) -> None:
+        """Admit the request for inference (once), or raise Overloaded when every place is taken."""
+        state = scope.setdefault("state", {})
+        if state.get("admitted"):
+            return
+        if self.admitted >= self.capacity:
+            raise self.overloaded()
+        self.admitted += 1
+        state["admitted"] = True
         self.metrics.admitted.set(self.admitted)
 
-    def leave(self, size: int = 0) -> None:
-        self.admitted -= 1
-        self.held_bytes -= size
-        self.metrics.admitted.set(self.admitted)
+    def release(self, scope: Scope) -> None:
+        """Let go of all the request holds (the middleware, once the response is sent or the request ended)."""
+        state = scope.get("state", {})
+        if state.pop("admitted", False):
+            self.admitted -= 1
+            self.metrics.admitted.set(self.admitted)
+        held = state.pop("held_bytes", 0)
+        if held:
+            self.held_bytes -= held
+            self.holders -= 1
+            self.metrics.held_bytes.set(self.held_bytes)
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         """fn(*args) in a worker thread once an inference slot is free; Overloaded after waiting `timeout` s."""
@@ -74,32 +107,21 @@ class Admission:
             self.limiter.release()
 
 
-async def admit(request: Request) -> None:
-    """Admit the request once (the middleware lets it go when the response is sent); past the bound, discard the
-    body it is sending, without keeping it, and raise Overloaded, so the client reads a clean 503."""
-    state = request.scope.setdefault("state", {})
-    if state.get("admission") is not None:
-        return
+async def refuse_early(request: Request) -> None:
+    """Before any of its body is read: 503 at once when every inference place is taken, or when the body it
+    declares would not fit beside what the others hold (a check, not a reservation: the bytes are counted as they
+    arrive). The body the client is sending is read for at most DISCARD_SECONDS and dropped, so the client reads a
+    clean 503, not a reset."""
     admission: Admission = request.app.state.admission
     limit = request.app.state.settings.max_upload_bytes
     declared = request.headers.get("content-length", "")
-    size = min(int(declared), limit) if declared.isdigit() else limit  # a chunked body may grow to the limit
-    try:
-        admission.enter(size)
-    except Overloaded:
-        with anyio.move_on_after(1.0), contextlib.suppress(ClientDisconnect):
-            received = 0
-            async for chunk in request.stream():
-                received += len(chunk)
-                if received > limit:
-                    break
-        raise
-    state["admission"] = (admission, size)
-
-
-def release(scope: Scope) -> None:
-    """Let the request's admission go, if it was admitted (server.middleware, once the response is sent)."""
-    admitted = scope.get("state", {}).pop("admission", None)
-    if admitted is not None:
-        admission, size = admitted
-        admission.leave(size)
+    if not admission.full(min(int(declared), limit) if declared.isascii() and declared.isdigit() else 0):
+        return
+    error = admission.overloaded()
+    with anyio.move_on_after(DISCARD_SECONDS), contextlib.suppress(ClientDisconnect):
+        received = 0
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:
+                break
+    raise error

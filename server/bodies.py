@@ -1,21 +1,24 @@
-"""Request bodies: the declared media type, the body read under a byte limit, and uploaded images.
+"""Request bodies: the declared media type, the body read under a byte limit and a deadline, and uploaded images.
 
-An inference request is admitted (server.admission) before any of its body is read: a waiting request holds its
-body, so the bound on admitted requests is also the bound on the bodies held.
+A body holds what it has sent (counted against MAX_ADMITTED_BYTES) and only until its deadline: a client that sends
+a byte every few seconds is answered 408 and closed, as by Apache's mod_reqtimeout (a timeout between reads alone,
+like nginx's client_body_timeout, would let it hold on forever).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
+import anyio
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
-from server.admission import admit
-from server.errors import ClientError
+from server.admission import refuse_early
+from server.errors import BodyTimeout, ClientClosed, ClientError
 
 
 def media_type(headers: Mapping[str, str]) -> str:
@@ -23,21 +26,43 @@ def media_type(headers: Mapping[str, str]) -> str:
     return headers.get("content-type", "").split(";")[0].strip().lower()
 
 
+def body_deadline(received: int, timeout: float, max_timeout: float, min_rate: float) -> float:
+    """Seconds a body may take once `received` bytes have arrived: `timeout`, one more second for every `min_rate`
+    bytes, at most `max_timeout` (Apache's RequestReadTimeout body=20-60,MinRate=500 with the defaults)."""
+    return min(timeout + received / min_rate, max_timeout)
+
+
 async def limited_stream(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
-    """The raw body, refused with 413 as soon as it grows past the limit (nothing beyond it is buffered)."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    """The raw body as it arrives: 413 past `limit` bytes (nothing beyond it is buffered), 408 when it takes longer
+    than its deadline (BODY_TIMEOUT, extended by READ_MIN_RATE, at most BODY_TIMEOUT_MAX), 499 when the client hangs
+    up; every chunk is held against MAX_ADMITTED_BYTES (server.admission) until the request ends."""
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise ClientError(413, "payload_too_large", f"the body is {declared} bytes; the limit is {limit}")
-    received = 0
-    async for chunk in request.stream():
+    settings = request.app.state.settings
+    admission = request.app.state.admission
+    started, received = time.monotonic(), 0
+    while True:
+        allowed = body_deadline(received, settings.body_timeout, settings.body_timeout_max, settings.read_min_rate)
+        with anyio.move_on_after(started + allowed - time.monotonic()) as waiting:
+            message = await request.receive()
+        if waiting.cancelled_caught:
+            raise BodyTimeout(f"the body did not arrive in time: {received} bytes in {allowed:g} s")
+        if message["type"] == "http.disconnect":
+            raise ClientClosed
+        chunk = message.get("body", b"")
         received += len(chunk)
         if received > limit:
             raise ClientError(413, "payload_too_large", f"the body exceeds the {limit} byte limit")
-        yield chunk
+        if chunk:
+            admission.hold(request.scope, len(chunk))
+            yield chunk
+        if not message.get("more_body", False):
+            return
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, at most `limit` bytes (413 past it)."""
+    """The whole body, at most `limit` bytes (as limited_stream)."""
     return b"".join([chunk async for chunk in limited_stream(request, limit)])
 
 
@@ -60,13 +85,13 @@ class UploadParser(MultiPartParser):
 
 async def read_uploads(request: Request, field: str, max_files: int) -> list[tuple[str, bytes]]:
     """(filename, bytes) of each uploaded image: multipart parts named `field`, or a raw image/* body.
-    The request is admitted before any of its body is read."""
+    Refused at once when every inference place is taken; admitted for inference only once the body is here."""
     declared = media_type(request.headers)
     if not declared.startswith("image/") and declared != "multipart/form-data":
         raise ClientError(
             415, "unsupported_media_type", f"send multipart/form-data with a '{field}' field, or an image/* body"
         )
-    await admit(request)
+    await refuse_early(request)
     body = limited_stream(request, request.app.state.settings.max_upload_bytes)
     if declared.startswith("image/"):
         return [("body", b"".join([chunk async for chunk in body]))]

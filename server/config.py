@@ -121,6 +121,18 @@ SETTINGS: tuple[Setting, ...] = (
             "waiting, may hold in all; past it 503 `overloaded`"),
     Setting("QUEUE_TIMEOUT", integer(1), fixed(10), "10",
             "seconds a request may wait for an inference slot before 503 `queue_timeout`"),
+    Setting("HEADER_TIMEOUT", integer(1), fixed(20), "20",
+            "seconds for a request's line and headers, one more for every `READ_MIN_RATE` bytes received, at most "
+            "`HEADER_TIMEOUT_MAX`; then 408 and the connection closed (Apache's header=20-40,MinRate=500)"),
+    Setting("HEADER_TIMEOUT_MAX", integer(1), fixed(40), "40", "the longest `HEADER_TIMEOUT` may grow to"),
+    Setting("BODY_TIMEOUT", integer(1), fixed(20), "20",
+            "seconds for a request's body, one more for every `READ_MIN_RATE` bytes received, at most "
+            "`BODY_TIMEOUT_MAX`; then 408 and the connection closed (Apache's body=20,MinRate=500, capped)"),
+    Setting("BODY_TIMEOUT_MAX", integer(1), fixed(60), "60",
+            "the longest `BODY_TIMEOUT` may grow to: a `MAX_UPLOAD_BYTES` body must come at `MAX_UPLOAD_BYTES` / 60 "
+            "bytes/s on average"),
+    Setting("READ_MIN_RATE", integer(1), fixed(500), "500",
+            "bytes per second that earn a slow client one more second (headers and body)"),
     Setting("DECODE_CONCURRENCY", integer(1), per_worker, "CPUs / `WORKERS`",
             "images decoded at once (each decode has its own memory peak)"),
     Setting("MAX_UPLOAD_BYTES", integer(1), fixed(10 * MIB), str(10 * MIB),
@@ -146,6 +158,12 @@ SETTINGS: tuple[Setting, ...] = (
             "JSON-lines file of predictions and feedback, joinable by request id (no image bytes)"),
     Setting("PREDICTION_LOG_SAMPLE_EVERY", integer(0), fixed(0), "0",
             "save every Nth image next to the prediction log (0: never)"),
+    Setting("PREDICTION_LOG_MAX_BYTES", integer(1), fixed(8 * MIB), str(8 * MIB),
+            "the prediction log rotates at this size"),
+    Setting("PREDICTION_LOG_BACKUPS", integer(0), fixed(3), "3",
+            "rotated prediction logs kept (the log holds at most (1 + this) x `PREDICTION_LOG_MAX_BYTES`)"),
+    Setting("PREDICTION_SAMPLES_MAX_BYTES", integer(1), fixed(32 * MIB), str(32 * MIB),
+            "sampled images kept next to the log, oldest deleted first past this size"),
 )  # fmt: skip
 RENAMED = {"MAX_QUEUE_BYTES": "MAX_ADMITTED_BYTES"}
 WRITTEN_FILES = ("FEEDBACK_DB", "PREDICTION_LOG")  # checked before the service starts: a bad one is exit code 2
@@ -178,6 +196,11 @@ class Settings:
     max_queue: int
     max_admitted_bytes: int
     queue_timeout: int
+    header_timeout: int
+    header_timeout_max: int
+    body_timeout: int
+    body_timeout_max: int
+    read_min_rate: int
     decode_concurrency: int
     max_upload_bytes: int
     max_image_pixels: int
@@ -192,6 +215,9 @@ class Settings:
     drift_window: int
     prediction_log: Path | None
     prediction_log_sample_every: int
+    prediction_log_max_bytes: int
+    prediction_log_backups: int
+    prediction_samples_max_bytes: int
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, cpus: int | None = None) -> Settings:

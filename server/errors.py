@@ -15,6 +15,7 @@ from imaging import ImageError
 from server.logs import get_logger
 
 RETRY_AFTER_S = 1
+CLIENT_CLOSED = 499  # nginx's status for a request the client abandoned
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 V2_PREFIX = "/v2"
 
@@ -22,16 +23,31 @@ V2_PREFIX = "/v2"
 class ClientError(Exception):
     """A request the service refuses: an HTTP status, a stable code and a message saying what to change."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code, self.message, self.headers = status, code, message, headers
 
 
 class Overloaded(ClientError):
     """No room for the request now: 503 with Retry-After; `code` says which bound (overloaded, queue_timeout)."""
 
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(503, code, message)
+        super().__init__(503, code, message, {"Retry-After": str(RETRY_AFTER_S)})
+
+
+class BodyTimeout(ClientError):
+    """The body did not arrive in time (server.bodies): 408, and the connection is closed, as Apache does."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(408, "body_timeout", message, {"Connection": "close"})
+
+
+class ClientClosed(ClientError):
+    """The client hung up before its request was complete: no one reads the answer. Logged and counted with
+    nginx's 499, never as a server error."""
+
+    def __init__(self) -> None:
+        super().__init__(CLIENT_CLOSED, "client_closed", "the client closed the connection before the request ended")
 
 
 def note_error(scope: Scope, code: str) -> None:
@@ -59,7 +75,7 @@ async def refused(request: Request, exc: Exception) -> Response:
         code = HTTP_CODES.get(exc.status_code, "http_error")
         return error_response(request.scope, exc.status_code, code, str(exc.detail), exc.headers)
     assert isinstance(exc, ClientError | ImageError), exc
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if isinstance(exc, Overloaded) else None
+    headers = exc.headers if isinstance(exc, ClientError) else None
     return error_response(request.scope, exc.status, exc.code, exc.message, headers)
 
 

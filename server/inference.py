@@ -5,7 +5,6 @@ from __future__ import annotations
 from starlette.requests import Request
 
 from imaging import ImageError
-from server.admission import admit
 from server.errors import ClientError
 from server.metrics import Metrics
 from server.model import Model, Prediction
@@ -35,9 +34,9 @@ def classify_counted(model: Model, metrics: Metrics, images: list[bytes]) -> lis
 
 async def predict_images(request: Request, images: list[bytes]) -> list[Prediction | ImageError]:
     """Each image's prediction or ImageError, off the event loop, at most `inference_concurrency` at a time so the
-    cores are not oversubscribed. The request is admitted first (a no-op when its body was read through
-    server.bodies) and waits at most QUEUE_TIMEOUT for a slot."""
+    cores are not oversubscribed. The request, its body read, is admitted (server.admission: 503 when every place
+    is taken) and waits at most QUEUE_TIMEOUT for a slot."""
     model = require_model(request)
     state = request.app.state
-    await admit(request)
+    state.admission.enter(request.scope)
     return await state.admission.run(classify_counted, model, state.metrics, images)

@@ -55,6 +55,10 @@ class Metrics:
         self.admitted = Gauge(
             "catsdogs_inference_requests_admitted", "Inference requests admitted (running or waiting)", registry=r
         )
+        self.held_bytes = Gauge(
+            "catsdogs_request_body_bytes_held", "Request body bytes received and held (bounded by MAX_ADMITTED_BYTES)",
+            registry=r,
+        )  # fmt: skip
         self.queued = Gauge("catsdogs_inference_requests_queued", "Requests waiting for an inference slot", registry=r)
         self.model_loaded = Gauge("catsdogs_model_loaded", "1 when a model is loaded and warm", registry=r)
         self.model_info = Gauge(
@@ -64,6 +68,12 @@ class Metrics:
             "catsdogs_feedback", "Feedback by true label and whether the prediction was right", ["label", "correct"],
             registry=r,
         )  # fmt: skip
+        self.observations_lost = Counter(
+            "catsdogs_observations_lost", "Predictions answered but not recorded (store, drift, log), by reason",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        for reason in ("queue_full", "write_failed"):
+            self.observations_lost.labels(reason)
         self.drift_psi = Gauge(
             "catsdogs_drift_psi", "PSI of a signal over the drift window vs the model's reference", ["signal"],
             registry=r,

@@ -8,7 +8,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.admission import release
+from server.admission import Admission
 from server.errors import note_error
 from server.logs import get_logger
 from server.metrics import Metrics
@@ -50,7 +50,9 @@ class RequestMiddleware:
             raise
         finally:
             self.metrics.in_flight.dec()
-            release(scope)
+            admission: Admission | None = getattr(scope["app"].state, "admission", None)
+            if admission is not None:  # None only before the lifespan has started
+                admission.release(scope)
             elapsed = time.perf_counter() - started
             endpoint = getattr(scope.get("route"), "path", "unmatched")
             self.metrics.requests.labels(scope["method"], endpoint, str(status)).inc()

@@ -17,13 +17,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import numpy as np
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from imaging import ImageError
-from server.admission import admit
+from server.admission import refuse_early
 from server.bodies import read_body
 from server.errors import ClientError
 from server.inference import predict_images, require_model
@@ -34,6 +36,7 @@ MODEL_NAME = "catsdogs"
 INPUT_NAME = "image"
 HEADER_LENGTH = "inference-header-content-length"
 LENGTH_PREFIX = struct.Struct("<I")
+MAX_INT_DIGITS = 18  # an integer in a request is a count or a size: anything longer is malformed
 
 
 @dataclass(frozen=True)
@@ -82,25 +85,43 @@ def model_outputs(model: Model) -> list[OutputTensor]:
 # --- request ------------------------------------------------------------------------------------------------------
 
 
-def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
-    """The JSON inference header and the binary tensor data after it."""
+def no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of more than {MAX_INT_DIGITS} digits")
+    return int(text)
+
+
+def strict_json(data: bytes) -> object:
+    """JSON as RFC 8259 has it: NaN and Infinity (which Python's json accepts) and absurdly long integers refused."""
+    return json.loads(data, parse_constant=no_constant, parse_int=bounded_int)
+
+
+def split_body(body: memoryview, header_length: str | None) -> tuple[dict[str, Any], memoryview]:
+    """The JSON inference header and a view of the binary tensor data after it (no copy of the data)."""
     size = len(body)
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
             raise bad_request(f"Inference-Header-Content-Length {header_length!r} is not a length within the body")
         size = int(header_length)
     try:
-        header = json.loads(body[:size])
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        header = strict_json(body[:size].tobytes())
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:  # JSONDecodeError is a ValueError
         raise bad_request(f"the inference header is not JSON: {error}") from None
     if not isinstance(header, dict):
         raise bad_request("the inference header must be a JSON object")
-    return header, body[size:]
+    if "id" in header and not isinstance(header["id"], str):
+        raise bad_request(f"the request 'id' must be a string, not {header['id']!r}")
+    return header, body[size:] if size < len(body) else memoryview(b"")  # an empty view must not keep the body
 
 
-def bytes_elements(data: bytes, count: int) -> list[bytes]:
+def bytes_elements(data: memoryview, count: int) -> list[bytes]:
     """BYTES tensor data in the binary extension: each element a 4-byte little-endian length, then its bytes."""
-    elements, offset = [], 0
+    elements: list[bytes] = []
+    offset = 0
     while offset < len(data):
         if len(elements) == count:
             raise bad_request(f"binary data for '{INPUT_NAME}' holds more than the {count} elements of its shape")
@@ -110,7 +131,7 @@ def bytes_elements(data: bytes, count: int) -> list[bytes]:
         offset += LENGTH_PREFIX.size
         if offset + length > len(data):
             raise bad_request(f"binary element {len(elements)} of '{INPUT_NAME}' claims {length} bytes past the end")
-        elements.append(data[offset : offset + length])
+        elements.append(data[offset : offset + length].tobytes())
         offset += length
     return elements
 
@@ -126,7 +147,11 @@ def base64_elements(data: object) -> list[bytes]:
         raise bad_request(f"'{INPUT_NAME}' data holds a string that is not base64") from None
 
 
-def image_input(header: dict[str, Any], binary: bytes, max_elements: int) -> list[bytes]:
+def is_count(value: object) -> bool:
+    return type(value) is int and value > 0  # type(): a JSON true is not a count
+
+
+def image_input(header: dict[str, Any], binary: memoryview, max_elements: int) -> list[bytes]:
     """The encoded images of the request's one input, checked against its datatype, shape and the limits."""
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
@@ -136,7 +161,7 @@ def image_input(header: dict[str, Any], binary: bytes, max_elements: int) -> lis
         raise bad_request(f"the input must be '{INPUT_NAME}' with datatype BYTES, not {tensor.get('name')!r} "
                           f"{tensor.get('datatype')!r}")  # fmt: skip
     shape = tensor.get("shape")
-    if not (isinstance(shape, list) and len(shape) in (1, 2) and all(isinstance(d, int) and d > 0 for d in shape)
+    if not (isinstance(shape, list) and len(shape) in (1, 2) and all(is_count(d) for d in shape)
             and shape[1:] in ([], [1])):  # fmt: skip
         raise bad_request(f"'{INPUT_NAME}' shape must be [N] (or [N, 1]), not {shape!r}")
     if shape[0] > max_elements:
@@ -146,22 +171,48 @@ def image_input(header: dict[str, Any], binary: bytes, max_elements: int) -> lis
         raise bad_request(f"'{INPUT_NAME}' parameters must be an object")
     size = parameters.get("binary_data_size")
     if size is not None:
-        if not isinstance(size, int) or size != len(binary):
+        if type(size) is not int or size != len(binary):
             raise bad_request(f"binary_data_size {size!r} does not match the {len(binary)} bytes after the header")
         images = bytes_elements(binary, shape[0])
     elif binary:
         raise bad_request("binary data follows the header but no input declares binary_data_size")
     else:
-        images = base64_elements(tensor.get("data"))
+        images = base64_elements(tensor.pop("data", None))  # the strings go as soon as they are decoded
     if len(images) != shape[0]:
         raise bad_request(f"'{INPUT_NAME}' has shape {shape} but {len(images)} elements")
     return images
 
 
+def flag(options: dict[str, Any], name: str, default: bool) -> bool:
+    """A boolean parameter: absent is the default, anything but a JSON boolean is refused."""
+    value = options.get(name, default)
+    if not isinstance(value, bool):
+        raise bad_request(f"parameter {name!r} must be true or false, not {value!r}")
+    return value
+
+
+def parse_request(
+    holder: list[bytes], header_length: str | None, model: Model, max_elements: int
+) -> tuple[dict[str, Any], list[bytes], list[tuple[OutputTensor, bool]]]:
+    """The inference header, the images and the requested outputs, every field checked before any inference. Runs
+    in a worker thread (a 10 MiB JSON body takes a while). The body is taken out of `holder`, so nothing else keeps
+    it: at most about twice the body is held while it is parsed, then the images alone."""
+    body = memoryview(holder.pop())
+    header, binary = split_body(body, header_length)
+    del body  # JSON: the body is freed before its base64 strings are decoded; binary: once the images are copied out
+    images = image_input(header, binary, max_elements)
+    del binary
+    outputs = requested_outputs(header, model_outputs(model))
+    header.pop("inputs", None)
+    return header, images, outputs
+
+
 def requested_outputs(header: dict[str, Any], available: list[OutputTensor]) -> list[tuple[OutputTensor, bool]]:
     """(output, as binary) for each output the request asks for; all of them when it names none."""
-    parameters = header.get("parameters") or {}
-    binary_default = bool(parameters.get("binary_data_output", False)) if isinstance(parameters, dict) else False
+    parameters = header.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise bad_request("the request 'parameters' must be an object")
+    binary_default = flag(parameters, "binary_data_output", False)
     requested = header.get("outputs")
     if requested is None:
         return [(output, binary_default) for output in available]
@@ -174,7 +225,7 @@ def requested_outputs(header: dict[str, Any], available: list[OutputTensor]) -> 
         options = item.get("parameters", {})
         if not isinstance(options, dict):
             raise bad_request(f"output {name!r} parameters must be an object")
-        chosen.append((by_name[name], bool(options.get("binary_data", binary_default))))
+        chosen.append((by_name[name], flag(options, "binary_data", binary_default)))
     return chosen
 
 
@@ -273,13 +324,13 @@ async def infer(request: Request) -> Response:
     """POST /v2/models/catsdogs/infer: the same budgets, preprocessing, inference and metrics as /predict."""
     model = served_model(request)
     settings = request.app.state.settings
-    await admit(request)  # before the body is read, as /predict does: a waiting request holds its body
-    body = await read_body(request, settings.max_upload_bytes)
-    header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
-    images = image_input(header, binary, settings.max_batch_files)
-    outputs = requested_outputs(header, model_outputs(model))
-    header.pop("inputs", None)  # the base64 strings: only the decoded images are needed from here on
-    del body, binary
+    await refuse_early(request)  # every inference place taken: 503 before the body is read
+    holder = [await read_body(request, settings.max_upload_bytes)]
+    # parsing holds the body a second time (its JSON strings, or the images copied out): count it (503 past the bound)
+    request.app.state.admission.hold(request.scope, len(holder[0]))
+    header, images, outputs = await anyio.to_thread.run_sync(
+        parse_request, holder, request.headers.get(HEADER_LENGTH), model, settings.max_batch_files
+    )
     results = await predict_images(request, images)
     request.scope["state"]["log"] = {"protocol": "v2", "images": len(images)}
     predictions: list[Prediction] = []

@@ -32,33 +32,37 @@ def small(onnx_model: Path) -> Iterator[TestClient]:
 
 def test_past_the_bound_requests_get_503_with_retry_after_at_once(small):
     admission = small.app.state.admission
-    for _ in range(admission.capacity):  # two requests hold the slot and the waiting place
-        small.portal.call(admission.enter)
+    holders = [{"state": {}} for _ in range(admission.capacity)]
+    for scope in holders:  # two requests hold the slot and the waiting place
+        small.portal.call(admission.enter, scope)
     started = time.perf_counter()
     response = post_file(small, photo_bytes(CAT))
     assert time.perf_counter() - started < 1.0
     assert_error(response, 503, "overloaded")
     assert response.headers["retry-after"] == "1" and response.headers["x-request-id"]
-    for endpoint in ("/predict/batch",):
-        files = [("files", ("cat.jpg", photo_bytes(CAT), "image/jpeg"))]
-        assert_error(small.post(endpoint, files=files), 503, "overloaded")
+    files = [("files", ("cat.jpg", photo_bytes(CAT), "image/jpeg"))]
+    assert_error(small.post("/predict/batch", files=files), 503, "overloaded")
     assert metric(small.get("/metrics").text, "catsdogs_requests_rejected_total", reason="overloaded") == 2
-    small.portal.call(admission.leave)
+    small.portal.call(admission.release, holders.pop())
     assert post_file(small, photo_bytes(CAT)).status_code == 200  # one place free again
-    small.portal.call(admission.leave)
-    assert admission.admitted == 0  # every admitted request was let go
+    small.portal.call(admission.release, holders.pop())
+    assert admission.admitted == 0 and admission.held_bytes == 0  # every request let go of what it held
 
 
-def test_bodies_held_by_admitted_requests_are_bounded_in_bytes(onnx_model):
+def test_bodies_held_are_bounded_in_bytes_received(onnx_model):
     photo = photo_bytes(CAT)
     app = create_app(settings_for(onnx_model, max_queue=8, max_admitted_bytes=len(photo) * 3))
     with TestClient(app) as client:
         admission = client.app.state.admission
-        client.portal.call(admission.enter, len(photo) * 2)  # a request holding two photos' worth of body
+        other = {"state": {}}
+        client.portal.call(admission.hold, other, len(photo) * 2)  # a request holding two photos' worth of body
         assert_error(post_file(client, photo), 503, "overloaded")  # a third and its multipart framing do not fit
         assert post_file(client, photo[: len(photo) // 2], mime="image/jpeg").status_code == 400  # half fits
-        client.portal.call(admission.leave, len(photo) * 2)
+        big = {"content-length": str(len(photo) * 100)}  # what a header declares is not what is held
+        assert client.post("/predict", content=photo[:100], headers={**big, "content-type": "image/jpeg"}).status_code
+        client.portal.call(admission.release, other)
         assert admission.held_bytes == 0 and post_file(client, photo).status_code == 200
+        assert metric(client.get("/metrics").text, "catsdogs_request_body_bytes_held") == 0
     with TestClient(create_app(settings_for(onnx_model, max_admitted_bytes=10))) as alone:
         assert post_file(alone, photo).status_code == 200  # a lone request is admitted whatever its size
 

@@ -24,6 +24,11 @@ BAD_VALUES = {
     "MAX_QUEUE": ["-1", "long"],
     "MAX_ADMITTED_BYTES": ["0", "64MiB"],
     "QUEUE_TIMEOUT": ["0", "10s"],
+    "HEADER_TIMEOUT": ["0", "20s"],
+    "HEADER_TIMEOUT_MAX": ["0", "-1"],
+    "BODY_TIMEOUT": ["0", "1.5"],
+    "BODY_TIMEOUT_MAX": ["0", "a minute"],
+    "READ_MIN_RATE": ["0", "500B"],
     "DECODE_CONCURRENCY": ["0", "-2", "x"],
     "MAX_IMAGE_PIXELS": ["0", "lots"],
     "MAX_DECODE_BYTES": ["0", "64MiB"],
@@ -35,6 +40,9 @@ BAD_VALUES = {
     "PET_THRESHOLD": ["1.5", "-0.1", "high"],
     "DRIFT_WINDOW": ["0", "x"],
     "PREDICTION_LOG_SAMPLE_EVERY": ["-1", "often"],
+    "PREDICTION_LOG_MAX_BYTES": ["0", "8MiB"],
+    "PREDICTION_LOG_BACKUPS": ["-1", "some"],
+    "PREDICTION_SAMPLES_MAX_BYTES": ["0", "lots"],
 }
 FREE_FORM = {"MODEL_PATH", "HOST", "FEEDBACK_DB", "PREDICTION_LOG"}  # any string is a valid path or host name
 

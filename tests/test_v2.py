@@ -250,8 +250,10 @@ def test_v2_predictions_take_feedback_and_feed_drift_like_predict(client, servic
     result = client.infer("catsdogs", [image_input(images)], headers={"X-Request-ID": "v2-feedback"})
     ids = result.get_response()["parameters"]["request_ids"]
     assert ids == ["v2-feedback/0", "v2-feedback/1"]
-    window_after = metrics_value(service, "catsdogs_drift_window_predictions", signal="label")
-    assert window_after == window + 2  # both predictions entered the drift window
+    deadline = time.perf_counter() + 10  # predictions reach the drift windows off the event loop
+    while metrics_value(service, "catsdogs_drift_window_predictions", signal="label") < window + 2:
+        assert time.perf_counter() < deadline, "the two predictions never reached the drift window"
+        time.sleep(0.05)
     labels = [x.decode() for x in result.as_numpy("label")]
     right = metrics_value(service, "catsdogs_feedback_total", correct="true", label=labels[1])
     answer = httpx.post(f"{service.url}/feedback", json={"request_id": ids[1], "label": labels[1]}, timeout=10)
@@ -259,3 +261,39 @@ def test_v2_predictions_take_feedback_and_feed_drift_like_predict(client, servic
     assert metrics_value(service, "catsdogs_feedback_total", correct="true", label=labels[1]) == right + 1
     single = client.infer("catsdogs", [image_input(images[:1])], headers={"X-Request-ID": "v2-one"})
     assert single.get_response()["parameters"]["request_ids"] == ["v2-one"]
+
+
+def image_tensor(**extra: object) -> dict:
+    return {"name": "image", "datatype": "BYTES", "shape": [1], "data": ["aa=="], **extra}
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "message"),
+    [
+        # headers arrive as latin-1: "²" and "¹²" are str.isdigit() but not int()-able
+        (b'{"inputs": []}', {"Inference-Header-Content-Length": "\u00b2".encode("latin-1")},
+         "Inference-Header-Content-Length"),
+        (b'{"inputs": []}', {"Inference-Header-Content-Length": "\u00b9\u00b2".encode("latin-1")},
+         "Inference-Header-Content-Length"),
+        (b'{"id": ' + b"9" * 5000 + b', "inputs": []}', {}, "more than 18 digits"),
+        (b'{"id": NaN, "inputs": []}', {}, "NaN is not a JSON number"),
+        (json.dumps({"inputs": [image_tensor(shape=[1])]}).replace('"shape": [1]', '"shape": [Infinity]').encode(), {},
+         "Infinity is not a JSON number"),
+        (json.dumps({"id": 7, "inputs": [image_tensor()]}).encode(), {}, "'id' must be a string"),
+        (json.dumps({"inputs": [image_tensor(shape=[True])]}).encode(), {}, "shape must be [N]"),
+        (json.dumps({"inputs": [image_tensor(shape=[10**30])]}).encode(), {}, "more than 18 digits"),
+        (json.dumps({"inputs": [image_tensor()], "parameters": {"binary_data_output": "yes"}}).encode(), {},
+         "'binary_data_output' must be true or false"),
+        (json.dumps({"inputs": [image_tensor()], "parameters": []}).encode(), {}, "'parameters' must be an object"),
+        (json.dumps({"inputs": [image_tensor()], "outputs": [{"name": "label", "parameters": {"binary_data": 1}}]})
+         .encode(), {}, "'binary_data' must be true or false"),
+        (json.dumps({"inputs": [image_tensor(shape=[2])]}).encode(), {}, "has shape [2] but 1 elements"),
+    ],
+    ids=["superscript-length", "superscripts-length", "huge-int", "nan-id", "infinity", "id-not-string", "bool-shape",
+         "huge-shape", "string-flag", "list-parameters", "int-binary-data", "shape-mismatch"],
+)  # fmt: skip
+def test_malformed_inference_requests_are_4xx_naming_the_field_before_any_inference(service, body, headers, message):
+    before = metrics_value(service, "catsdogs_inference_duration_seconds_count")
+    response = httpx.post(f"{service.url}/v2/models/catsdogs/infer", content=body, headers=headers, timeout=30)
+    assert response.status_code == 400 and message in response.json()["error"], response.text
+    assert metrics_value(service, "catsdogs_inference_duration_seconds_count") == before

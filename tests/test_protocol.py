@@ -1,0 +1,57 @@
+"""The head of a request has a deadline too (uvicorn has none): half-open connections are closed, honest users
+are served meanwhile."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bench.clients import half_open, honest
+from bench.loadgen import read_response
+from tests.images import photo_bytes
+from tests.service import Service
+from tests.test_app import CAT
+
+HEADER = {"HEADER_TIMEOUT": "2", "HEADER_TIMEOUT_MAX": "3", "READ_MIN_RATE": "500"}
+
+
+@pytest.fixture(scope="module")
+def service(onnx_model: Path) -> Iterator[Service]:
+    running = Service(onnx_model, **HEADER)
+    running.wait_ready()
+    yield running
+    running.stop()
+
+
+def test_three_hundred_half_open_connections_neither_stop_honest_users_nor_stay_open(service):
+    with half_open(service.port, 300) as stalled:
+        served = honest(service.url, photo_bytes(CAT), 5)
+        deadline = time.perf_counter() + 15
+        while len(stalled.outcomes) < 300 and time.perf_counter() < deadline:
+            time.sleep(0.1)
+    assert served["statuses"] == {"200": 5}, served
+    print(f"honest beside 300 half-open connections: p50 {served['p50_ms']} ms, worst {served['max_ms']} ms")
+    summary = stalled.summary()
+    assert summary["outcomes"] == {"408": 300}, summary
+    assert summary["ended_after_s"]["max"] <= 3 + 2, summary
+
+
+def test_a_head_that_keeps_coming_slowly_gets_more_time_but_not_for_ever(service):
+    with socket.create_connection(("127.0.0.1", service.port), timeout=10) as connection:
+        started = time.perf_counter()
+        connection.sendall(b"GET /health HTTP/1.1\r\nX-Padding: " + b"a" * 1000)  # 1,000 bytes: 2 s more, capped at 3
+        answer = connection.recv(65536)
+        waited = time.perf_counter() - started
+    assert answer.startswith(b"HTTP/1.1 408") and 2.5 < waited < 3 + 2, (answer[:100], waited)
+
+
+def test_a_kept_alive_connection_gets_a_new_clock_for_each_request(service):
+    with socket.create_connection(("127.0.0.1", service.port), timeout=10) as connection:
+        for _ in range(2):
+            time.sleep(1.2)  # together longer than HEADER_TIMEOUT, each request well within it
+            connection.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_response(connection, timeout=5).status == 200
