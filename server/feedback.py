@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+import sqlite3
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+import anyio.to_thread
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from server.bodies import media_type, read_body
-from server.errors import ClientError
+from server.errors import RETRY_AFTER_S, ClientError
 from server.inference import require_model
 from server.observer import Observer
 
 MAX_FEEDBACK_BYTES = 4096
+T = TypeVar("T")
 EXAMPLE = '{"request_id": "...", "label": "..."}'
 
 
@@ -33,6 +37,16 @@ def parse_feedback(body: bytes) -> tuple[str, str]:
     return request_id, label
 
 
+async def store_call(fn: Callable[..., T], *args: object) -> T:
+    """A call to the prediction store, off the event loop; a store that fails (a locked or full database) is a 503
+    the client may retry, never a 500."""
+    try:
+        return await anyio.to_thread.run_sync(fn, *args)
+    except (OSError, sqlite3.Error) as error:
+        raise ClientError(503, "store_unavailable", f"the prediction store failed: {error}; retry",
+                          {"Retry-After": str(RETRY_AFTER_S)}) from None  # fmt: skip
+
+
 async def feedback(request: Request) -> JSONResponse:
     """POST /feedback {"request_id", "label"}: the true label of a recent prediction."""
     model = require_model(request)
@@ -45,14 +59,14 @@ async def feedback(request: Request) -> JSONResponse:
     if label not in model.labels:
         raise ClientError(422, "unknown_label", f"{label!r} is not a label of the model: {', '.join(model.labels)}")
     observer: Observer = request.app.state.observer
-    record = observer.store.get(request_id)
+    record = await store_call(observer.find, request_id)
     if record is None:
         raise ClientError(404, "unknown_request_id", f"no recent prediction has request id {request_id!r}")
     if record.feedback not in (None, label):
         raise ClientError(409, "feedback_conflict", f"this prediction already has the feedback {record.feedback!r}")
     correct = label == record.label
     if record.feedback is None:  # a repeat of the same answer is accepted and counted once
-        observer.record_feedback(record, label, correct)
+        await store_call(observer.record_feedback, record, label, correct)
     request.scope["state"]["log"] = {"feedback": label, "correct": correct}
     return JSONResponse(
         {"request_id": request_id, "label": label, "predicted": record.label, "correct": correct,

@@ -3,9 +3,13 @@ prediction log. `observe` is the one hook every predicting route calls; the Obse
 
 from __future__ import annotations
 
+import contextlib
 import mimetypes
+import queue
+import threading
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from starlette.requests import Request
 
@@ -19,13 +23,26 @@ from server.model import Model, Prediction
 from server.predlog import PredictionLog
 from server.store import PredictionRecord, PredictionStore, open_store
 
+QUEUE_SIZE = 1000  # predictions waiting to be recorded: about a minute of full load; past it they are dropped
+
 
 class Observer:
+    """Records each prediction off the event loop: the request puts it on a bounded queue and goes on; one worker
+    thread writes the store, the drift windows and the prediction log. A full queue or a failed write (a locked
+    database, a full disk) loses that record, counts it in catsdogs_observations_lost_total and logs it once per
+    reason, and never delays or fails the answer."""
+
     def __init__(self, settings: Settings, metrics: Metrics, model: Model | None) -> None:
         self.metrics = metrics
         self.store: PredictionStore = open_store(settings.feedback_store_size, settings.feedback_db)
         self.prediction_log = (
-            PredictionLog(settings.prediction_log, settings.prediction_log_sample_every)
+            PredictionLog(
+                settings.prediction_log,
+                settings.prediction_log_sample_every,
+                max_bytes=settings.prediction_log_max_bytes,
+                backups=settings.prediction_log_backups,
+                samples_max_bytes=settings.prediction_samples_max_bytes,
+            )
             if settings.prediction_log
             else None
         )
@@ -33,32 +50,93 @@ class Observer:
         if model and not reference:
             get_logger().warning("the model carries no reference distributions: no drift metrics")
         self.drift = DriftMonitor(reference, settings.drift_window, metrics.drift_psi, metrics.drift_window)
+        self.queue: queue.Queue[Observation | None] = queue.Queue(QUEUE_SIZE)
+        self.pending: set[str] = set()  # ids queued, not yet in the store
+        self.written = threading.Condition()
+        self.reported: set[str] = set()
+        self.worker = threading.Thread(target=self.drain, name="observer", daemon=True)
+        self.worker.start()
 
     def record(
         self, request_id: str, model_version: str, prediction: Prediction, data: bytes, content_type: str
     ) -> None:
-        self.store.add(
-            PredictionRecord(request_id, time.time(), model_version, prediction.label, prediction.probabilities,
-                             prediction.pet_score)
-        )  # fmt: skip
-        self.drift.observe(prediction)
+        """Queue one prediction to be recorded; never blocks."""
+        record = PredictionRecord(request_id, time.time(), model_version, prediction.label, prediction.probabilities,
+                                  prediction.pet_score)  # fmt: skip
+        try:
+            self.queue.put_nowait(Observation(record, prediction, data, content_type))
+        except queue.Full:
+            self.lose("queue_full", "the observer's queue is full: predictions are answered but not recorded")
+            return
+        self.pending.add(request_id)
+
+    def drain(self) -> None:
+        while (item := self.queue.get()) is not None:
+            try:
+                self.write(item)
+            except Exception as error:  # a side effect failing must never reach a request
+                self.lose("write_failed", f"recording a prediction failed: {type(error).__name__}: {error}")
+            finally:
+                with self.written:
+                    self.pending.discard(item.record.request_id)
+                    self.written.notify_all()
+
+    def write(self, item: Observation) -> None:
+        self.store.add(item.record)
+        self.drift.observe(item.prediction)
         if self.prediction_log:
-            fields = {"request_id": request_id, "model_version": model_version, "label": prediction.label,
-                      "probabilities": prediction.probabilities}  # fmt: skip
+            prediction = item.prediction
+            fields = {"request_id": item.record.request_id, "model_version": item.record.model_version,
+                      "label": prediction.label, "probabilities": prediction.probabilities}  # fmt: skip
             if prediction.pet_score is not None:
                 fields.update(pet_score=prediction.pet_score, is_pet=prediction.is_pet)
-            self.prediction_log.prediction(fields, data, content_type)
+            self.prediction_log.prediction(fields, item.data, item.content_type)
+
+    def lose(self, reason: str, message: str) -> None:
+        self.metrics.observations_lost.labels(reason).inc()
+        if reason not in self.reported:  # once per reason: a full disk must not flood the log as well
+            self.reported.add(reason)
+            get_logger().warning(message, extra={"reason": reason})
+
+    def find(self, request_id: str, timeout: float = 5) -> PredictionRecord | None:
+        """The stored prediction with this id, once it is out of the queue (at most `timeout` seconds: a feedback
+        sent right after its prediction must see it). Blocking: call it from a worker thread."""
+        with self.written:
+            self.written.wait_for(lambda: request_id not in self.pending, timeout)
+        return self.store.get(request_id)
+
+    def wait_idle(self, timeout: float = 5) -> bool:
+        """Whether every queued prediction was recorded within `timeout` seconds (for tests and tools that read the
+        metrics or the store right after predicting)."""
+        with self.written:
+            return self.written.wait_for(lambda: not self.pending, timeout)
 
     def record_feedback(self, record: PredictionRecord, label: str, correct: bool) -> None:
+        """Store the feedback (blocking: from a worker thread); the metric and the log line follow it."""
         self.store.set_feedback(record.request_id, label)
         self.metrics.feedback.labels(label, str(correct).lower()).inc()
         if self.prediction_log:
-            self.prediction_log.feedback(record.request_id, record.model_version, label, record.label, correct)
+            try:
+                self.prediction_log.feedback(record.request_id, record.model_version, label, record.label, correct)
+            except OSError as error:
+                self.lose("write_failed", f"writing the prediction log failed: {error}")
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10) -> None:
+        """Record what is queued (for at most `timeout` seconds), then close the store and the log."""
+        with contextlib.suppress(queue.Full):
+            self.queue.put(None, timeout=timeout)
+        self.worker.join(timeout)
         self.store.close()
         if self.prediction_log:
             self.prediction_log.close()
+
+
+@dataclass(frozen=True)
+class Observation:
+    record: PredictionRecord
+    prediction: Prediction
+    data: bytes
+    content_type: str
 
 
 def upload_type(headers: Mapping[str, str], filename: str) -> str:

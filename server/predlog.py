@@ -1,44 +1,88 @@
 """The optional prediction log: one JSON line per prediction and per feedback, to be joined offline by request id.
 
-Image bytes are never written, except that with PREDICTION_LOG_SAMPLE_EVERY=N every Nth image is saved as a file
-next to the log (`<log>.samples/`) and its name goes into the line.
+The log rotates at PREDICTION_LOG_MAX_BYTES and keeps PREDICTION_LOG_BACKUPS old files (the standard library's
+RotatingFileHandler), so it never holds more than (1 + backups) x max bytes. Image bytes are never written, except
+that with PREDICTION_LOG_SAMPLE_EVERY=N every Nth image is saved next to the log (`<log>.samples/`), named by its
+sha256 (the same photo is kept once), oldest deleted first past PREDICTION_SAMPLES_MAX_BYTES.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import logging.handlers
 import mimetypes
-import re
+import os
+from collections import OrderedDict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-
-UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
+class Samples:
+    """Sampled images in one folder, content-addressed, at most `max_bytes` in all (oldest deleted first)."""
+
+    def __init__(self, folder: Path, max_bytes: int) -> None:
+        self.folder, self.max_bytes = folder, max_bytes
+        folder.mkdir(parents=True, exist_ok=True)
+        kept = sorted((p for p in folder.iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime)
+        self.sizes: OrderedDict[str, int] = OrderedDict((p.name, p.stat().st_size) for p in kept)
+        self.bytes = sum(self.sizes.values())
+        self.trim()
+
+    def save(self, data: bytes, content_type: str) -> str:
+        """The file's name; the image is written unless it is there already."""
+        name = hashlib.sha256(data).hexdigest() + (mimetypes.guess_extension(content_type) or ".bin")
+        if name in self.sizes:
+            self.sizes.move_to_end(name)
+            return name
+        path = self.folder / name
+        partial = path.with_name(f".{name}.partial")
+        partial.write_bytes(data)
+        partial.replace(path)
+        self.sizes[name] = len(data)
+        self.bytes += len(data)
+        self.trim()
+        return name
+
+    def trim(self) -> None:
+        while self.bytes > self.max_bytes and self.sizes:
+            name, size = self.sizes.popitem(last=False)
+            (self.folder / name).unlink(missing_ok=True)
+            self.bytes -= size
+
+
 class PredictionLog:
-    def __init__(self, path: Path, sample_every: int = 0) -> None:
+    def __init__(
+        self, path: Path, sample_every: int = 0, *, max_bytes: int, backups: int, samples_max_bytes: int
+    ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = path.open("a", buffering=1, encoding="utf-8")  # line-buffered: each line is one write
+        self.handler = logging.handlers.RotatingFileHandler(
+            path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
+        )
+        self.handler.setFormatter(logging.Formatter("%(message)s"))
         self.sample_every = sample_every
-        self.samples = path.with_name(f"{path.name}.samples")
+        self.samples = Samples(path.with_name(f"{path.name}.samples"), samples_max_bytes) if sample_every else None
         self.seen = 0
 
     def write(self, line: dict[str, Any]) -> None:
-        self.file.write(json.dumps(line, separators=(",", ":")) + "\n")
+        """One JSON line, written through at once (a write error raises, for the observer to count, and leaves
+        nothing buffered to fail again later)."""
+        record = logging.makeLogRecord({"msg": json.dumps(line, separators=(",", ":")), "levelno": logging.INFO})
+        if self.handler.shouldRollover(record):
+            self.handler.doRollover()
+        os.write(self.handler.stream.fileno(), (self.handler.format(record) + "\n").encode())
 
     def prediction(self, fields: dict[str, Any], data: bytes, content_type: str) -> None:
         """fields: request id, model version, label, probabilities (and pet score); plus the upload's size and type."""
         line = {"event": "prediction", "time": now(), **fields, "bytes": len(data), "content_type": content_type}
-        if self.sample_every and self.seen % self.sample_every == 0:
-            self.samples.mkdir(exist_ok=True)
-            name = UNSAFE.sub("_", fields["request_id"]) + (mimetypes.guess_extension(content_type) or ".bin")
-            (self.samples / name).write_bytes(data)
-            line["sample"] = name
+        if self.samples and self.seen % self.sample_every == 0:
+            line["sample"] = self.samples.save(data, content_type)
         self.seen += 1
         self.write(line)
 
@@ -47,4 +91,4 @@ class PredictionLog:
                     "label": label, "predicted": predicted, "correct": correct})  # fmt: skip
 
     def close(self) -> None:
-        self.file.close()
+        self.handler.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -58,4 +59,5 @@ def test_samples_are_written_only_when_asked(onnx_model, tmp_path):
     assert [e["request_id"] for e in sampled] == [events[0]["request_id"], "b-1/0"]
     samples = tmp_path / "predictions.jsonl.samples"
     assert (samples / sampled[0]["sample"]).read_bytes() == sent[0]
-    assert (samples / "b-1_0.jpg").read_bytes() == sent[2]
+    assert sampled[1]["sample"] == hashlib.sha256(sent[2]).hexdigest() + ".jpg"  # named by content, not by client id
+    assert (samples / sampled[1]["sample"]).read_bytes() == sent[2]

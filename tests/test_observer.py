@@ -1,0 +1,92 @@
+"""What a prediction feeds (store, drift, prediction log) never breaks or delays the prediction."""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from starlette.testclient import TestClient
+
+from server.app import create_app
+from server.config import Settings
+from tests.images import photo_bytes
+from tests.test_app import CAT, DOG, metric
+
+
+def client_for(model: Path, **overrides: object) -> TestClient:
+    settings = dataclasses.replace(Settings.from_env(), model_path=model, ort_threads=1, **overrides)
+    return TestClient(create_app(settings))
+
+
+def predict(client: TestClient, data: bytes) -> float:
+    started = time.perf_counter()
+    response = client.post("/predict", content=data, headers={"content-type": "image/jpeg"})
+    assert response.status_code == 200, response.text
+    return time.perf_counter() - started
+
+
+def lost(client: TestClient, reason: str) -> float:
+    return metric(client.get("/metrics").text, "catsdogs_observations_lost_total", reason=reason)
+
+
+def test_a_locked_database_neither_delays_nor_fails_a_prediction(onnx_model, tmp_path, caplog):
+    db = tmp_path / "feedback.db"
+    with client_for(onnx_model, feedback_db=db) as client:
+        predict(client, photo_bytes(CAT))  # the table exists
+        client.app.state.observer.wait_idle()
+        locker = sqlite3.connect(db, timeout=0, check_same_thread=False)
+        locker.execute("BEGIN EXCLUSIVE")  # another process writing: inserts wait 5 s, then fail
+        try:
+            seconds = [predict(client, photo_bytes(name)) for name in (CAT, DOG)]
+        finally:
+            threading.Timer(6.5, locker.rollback).start()
+        assert max(seconds) < 2.5, seconds  # answered while the store waits for its lock
+        assert client.app.state.observer.wait_idle(timeout=15)
+        assert lost(client, "write_failed") >= 1
+        warnings = [r for r in caplog.records if "recording a prediction failed" in r.getMessage()]
+        assert len(warnings) == 1  # logged once, however many are lost
+        predict(client, photo_bytes(CAT))  # the lock is gone: recorded again
+        assert client.app.state.observer.wait_idle()
+
+
+def test_a_full_queue_drops_the_record_not_the_prediction(onnx_model, caplog):
+    with client_for(onnx_model) as client:
+        observer = client.app.state.observer
+        release = threading.Event()
+        original = observer.store.add
+        observer.store.add = lambda record: (release.wait(10), original(record))  # a store that hangs
+        observer.queue.maxsize = 2
+        try:
+            for _ in range(5):
+                predict(client, photo_bytes(CAT))
+        finally:
+            release.set()
+        assert lost(client, "queue_full") >= 2
+        assert len([r for r in caplog.records if "queue is full" in r.getMessage()]) == 1
+        assert observer.wait_idle()
+
+
+def test_a_full_disk_under_the_prediction_log_is_counted_not_raised(onnx_model):
+    with client_for(onnx_model, prediction_log=Path("/dev/full")) as client:  # every write: ENOSPC
+        for _ in range(3):
+            predict(client, photo_bytes(CAT))
+        assert client.app.state.observer.wait_idle()
+        assert lost(client, "write_failed") == 3
+
+
+def test_the_prediction_log_and_samples_stay_within_their_limits(onnx_model, tmp_path):
+    log = tmp_path / "predictions.jsonl"
+    photos = [photo_bytes(f"cats/cat.{i}.jpg") for i in range(1, 16)]
+    limits = {"prediction_log_max_bytes": 1500, "prediction_log_backups": 2, "prediction_samples_max_bytes": 120_000}
+    with client_for(onnx_model, prediction_log=log, prediction_log_sample_every=1, **limits) as client:
+        for data in photos:
+            predict(client, data)
+        assert client.app.state.observer.wait_idle()
+    logs = sorted(p.name for p in tmp_path.iterdir() if p.is_file())
+    assert logs == ["predictions.jsonl", "predictions.jsonl.1", "predictions.jsonl.2"]  # rotated, 2 kept
+    assert all((tmp_path / name).stat().st_size <= 1500 + 600 for name in logs)
+    samples = [p for p in (tmp_path / "predictions.jsonl.samples").iterdir()]
+    assert 0 < sum(p.stat().st_size for p in samples) <= 120_000 and len(samples) < 16
