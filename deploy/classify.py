@@ -133,12 +133,23 @@ class ResultsFile:
         if self.columns == [*FIRST_COLUMNS, *LAST_COLUMNS]:  # errors only so far: the next prediction sets columns
             self.columns = None
         if len(kept) != len(rows) or text != original or (self.columns is None and not self.jsonl):
+            self.rewrite(kept)
+        return {row["path"]: row for row in kept}
+
+    def rewrite(self, rows: list[Row]) -> None:
+        """The file with only `rows`, written beside it and renamed into place: an interrupt before the rename leaves
+        the old file whole, after it the new one."""
+        final, self.path = self.path, self.path.with_name(f".{self.path.name}.partial")
+        try:
             self.path.write_text("")
             if self.columns:
                 self.write_header(self.columns)
-            for row in kept:
+            for row in rows:
                 self.write(row)
-        return {row["path"]: row for row in kept}
+            self.path.replace(final)
+        finally:
+            self.path.unlink(missing_ok=True)
+            self.path = final
 
     def write_header(self, columns: list[str]) -> None:
         self.columns = columns

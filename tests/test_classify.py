@@ -116,6 +116,32 @@ def test_resume_skips_rows_already_written_and_cuts_a_half_written_line(folder, 
     assert "0 new, 12 already there" in capsys.readouterr().out and len(read_csv(out)) == 12
 
 
+def test_an_interrupt_while_resuming_loses_no_row_already_written(tmp_path, monkeypatch):
+    out = tmp_path / "predictions.csv"
+    rows = [{"path": f"{i}.jpg", "label": "cat", "probabilities": {"cat": 0.9, "dog": 0.1}} for i in range(5)]
+    results = classify.ResultsFile(out)
+    for row in rows:
+        results.write(row)
+    results.write({"path": "x.jpg", **classify.error_row("server_error", "HTTP 500")})  # retried on resume
+    before = out.read_text()
+    written = []
+
+    def interrupted(self: classify.ResultsFile, row: dict) -> None:
+        written.append(row)
+        if len(written) == 3:
+            raise KeyboardInterrupt  # Ctrl-C halfway through rewriting the file without the failed row
+        original(self, row)
+
+    original = classify.ResultsFile.write
+    monkeypatch.setattr(classify.ResultsFile, "write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        classify.ResultsFile(out)
+    assert out.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["predictions.csv"]
+    monkeypatch.undo()
+    resumed = classify.ResultsFile(out)
+    assert sorted(resumed.done) == [f"{i}.jpg" for i in range(5)] and len(read_csv(out)) == 5
+
+
 def test_an_unreachable_service_is_recorded_then_retried_on_resume(folder, tmp_path, service):
     out = tmp_path / "predictions.jsonl"
     classify.main([str(folder), str(out), "--url", f"http://127.0.0.1:{free_port()}"])
