@@ -20,7 +20,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 .PHONY: help setup setup-serve data prepare train cv pet-methods export pipeline serve fetch-model classify test test-fast \
 	lint format \
 	mlflow-ui bench bench-model bench-hostile image image-train smoke-image smoke-compose eval-deployed screenshots drift-demo clean \
-	bench-capacity lint-k8s
+	bench-capacity bench-clients lint-k8s
 
 help: ## List the targets with one line each (this is the default goal)
 	@echo "Usage: make TARGET [VARIABLE=value ...]"
@@ -77,7 +77,7 @@ export: data ## models/model.onnx + gated int8 models/model.int8.onnx, the one s
 	$(if $(filter int8,$(QUANTIZE)),dvc repro --force --single-item quantize,python -m export.served)
 
 serve: $(SERVE_SETUP) ## Serve models/ (int8 if current, else float32; MODEL_PATH) on PORT 8000; python -m server --help
-	$(SERVE_PYTHON) -m server
+	MALLOC_ARENA_MAX=$${MALLOC_ARENA_MAX:-2} $(SERVE_PYTHON) -m server
 
 # A published model without training: the file at URL, refused unless its sha256 is SHA256 (server.fetch_model, the
 # same download the Kubernetes pods' init container runs), into MODEL_DIR/model.onnx.
@@ -113,6 +113,10 @@ bench-hostile: setup ## Cost (outcome, CPU, peak RSS) of each class of hostile i
 bench-capacity: setup ## Requests/s per CPU through the service (/predict and V2 infer), for the capacity plan
 	@test -n "$(BENCH_IMAGE)" || { echo "set BENCH_IMAGE=path/to/photo.jpg (or run make prepare)" >&2; exit 2; }
 	python -m bench.capacity --image "$(BENCH_IMAGE)"
+
+bench-clients: setup ## Honest users' latency beside 40 slow uploads and 300 half-open connections (BENCH_IMAGE)
+	@test -n "$(BENCH_IMAGE)" || { echo "set BENCH_IMAGE=path/to/photo.jpg (or run make prepare)" >&2; exit 2; }
+	python -m bench.clients --image "$(BENCH_IMAGE)"
 
 drift-demo: setup ## The drift PSI gauges for photos like the reference, dogs only and non-pets (MODEL_PATH, DRIFT_WINDOW)
 	python -m bench.drift --model "$${MODEL_PATH:-models}" --window "$${DRIFT_WINDOW:-200}"

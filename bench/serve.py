@@ -6,6 +6,7 @@ The load comes from bench.loadgen: prepared requests on keep-alive connections, 
 from __future__ import annotations
 
 import argparse
+import base64
 import io
 import json
 import os
@@ -66,6 +67,7 @@ def start_server(
     """`python -m server` (from `root`: another checkout's code for a before/after run) with the given model, extra
     environment and CPU affinity; returns the process and the seconds from spawn to /ready = 200."""
     environment = {
+        "MALLOC_ARENA_MAX": "2",  # as the serve image sets it (Dockerfile.serve)
         **os.environ,
         "MODEL_PATH": str(model.resolve()),
         "PORT": str(port),
@@ -206,6 +208,9 @@ def worst_requests(port: int, image: bytes, settings: Settings, pixels: int) -> 
     buffer = io.BytesIO()
     Image.new("RGBA", (side, side), (120, 80, 40, 128)).save(buffer, format="PNG")  # small on the wire
     flat = buffer.getvalue()
+    # V2 with JSON base64 data: the largest JSON body that fits, the body and its parsed strings both held a while
+    base64_image = image + b"\0" * ((settings.max_upload_bytes - 4096) * 3 // 4 - len(image))
+    v2_json = v2_json_request(port, base64_image)
     return {
         f"/predict, {len(padded) >> 20} MiB body (MAX_UPLOAD_BYTES)": predict_request(port, padded),
         f"/predict/batch, {settings.max_batch_files} photos (MAX_BATCH_FILES)": batch_request(
@@ -214,7 +219,14 @@ def worst_requests(port: int, image: bytes, settings: Settings, pixels: int) -> 
         f"/predict/batch, 2 x {side}x{side} RGBA PNG ({len(flat) >> 10} KiB each)": batch_request(
             port, [(f"{i}.png", flat, "image/png") for i in range(2)]
         ),
+        f"V2 infer, {len(v2_json) >> 20} MiB JSON body (base64 data, MAX_UPLOAD_BYTES)": v2_json,
     }
+
+
+def v2_json_request(port: int, image: bytes) -> bytes:
+    """V2 infer with the image as base64 in the JSON `data` (the costlier of the protocol's two encodings)."""
+    tensor = {"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(image).decode()]}
+    return prepare("POST", f"http://127.0.0.1:{port}/v2/models/catsdogs/infer", json={"inputs": [tensor]})
 
 
 def measure_service(root: Path, model: Path, image: bytes, args: argparse.Namespace) -> dict[str, Any]:
