@@ -19,7 +19,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from bench.common import add_model_argument, cpu_info
+from bench.common import add_model_argument, cpu_info, write_report
 from bench.loadgen import load, prepare
 from bench.serve import predict_request, start_server
 from deploy.client import free_port
@@ -84,9 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

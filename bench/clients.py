@@ -22,7 +22,7 @@ from typing import Any
 import httpx2 as httpx
 import numpy as np
 
-from bench.common import add_model_argument, cpu_info
+from bench.common import add_model_argument, cpu_info, write_report
 from bench.loadgen import ResponseReader, connect
 from bench.serve import ROOT, start_server
 from deploy.client import free_port
@@ -110,6 +110,12 @@ class Hostile:
         selector.unregister(connection)
         connection.close()
 
+    def wait_ended(self, timeout: float) -> None:
+        """Until the server has answered or closed every connection, or `timeout` seconds."""
+        deadline = time.perf_counter() + timeout
+        while len(self.outcomes) < self.count and time.perf_counter() < deadline:
+            time.sleep(0.1)
+
     def summary(self) -> dict[str, Any]:
         seconds = [o["seconds"] for o in self.outcomes if o["status"] != "open"]
         return {"connections": self.count, "outcomes": dict(Counter(str(o["status"]) for o in self.outcomes)),
@@ -154,18 +160,14 @@ def main(argv: list[str] | None = None) -> None:
                               ("half_open", half_open(port, args.half_open))):  # fmt: skip
             with hostile:
                 report[f"with_{name}"] = honest(url, image, args.requests)
-                deadline = time.perf_counter() + args.hold
-                while len(hostile.outcomes) < hostile.count and time.perf_counter() < deadline:
-                    time.sleep(0.2)
+                hostile.wait_ended(args.hold)
             report[name] = hostile.summary()
             print(name, json.dumps(report[name]), flush=True)
         report["alone_after"] = honest(url, image, args.requests)
     finally:
         process.terminate()
         process.wait()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

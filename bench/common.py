@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -23,6 +24,13 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
         help="default: the float32 file, the one every version of the service can serve (a --baseline checkout "
         "too); models/model.int8.onnx or the models folder measures what make export serves",
     )
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    """The benchmark's report as indented JSON, written and printed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
 
 
 def time_ms(fn: Callable[[], object], repeats: int, warmup: int = 5) -> list[float]:

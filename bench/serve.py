@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from bench.common import add_model_argument, cpu_info, percentiles, time_ms
+from bench.common import add_model_argument, cpu_info, percentiles, time_ms, write_report
 from bench.loadgen import Client, load, one_shot, prepare
 from deploy.client import free_port
 from server.config import Settings, available_cpus
@@ -331,9 +331,7 @@ def main(argv: list[str] | None = None) -> None:
         args.worst = False
         report["baseline"] = measure_service(args.baseline, args.model, image, args)
         report["baseline_verdict"] = verdict(report["in_process"], report["baseline"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

@@ -92,12 +92,17 @@ def int8_model(onnx_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return path
 
 
-@pytest.fixture(scope="module")
-def service(onnx_model: Path) -> Iterator:
-    """`python -m server` on a free port with the real model, ready, shared by one test module."""
+def running_service(model: Path, **env: str) -> Iterator:
+    """`python -m server` on a free port with `model` and extra environment, ready until the generator ends."""
     from tests.service import Service
 
-    running = Service(onnx_model)
+    running = Service(model, **env)
     running.wait_ready()
     yield running
     running.stop()
+
+
+@pytest.fixture(scope="module")
+def service(onnx_model: Path) -> Iterator:
+    """`python -m server` on a free port with the real model, ready, shared by one test module."""
+    yield from running_service(onnx_model)

@@ -12,6 +12,7 @@ import pytest
 
 from bench.clients import half_open, honest
 from bench.loadgen import read_response
+from tests.conftest import running_service
 from tests.images import photo_bytes
 from tests.service import Service
 from tests.test_app import CAT
@@ -21,18 +22,13 @@ HEADER = {"HEADER_TIMEOUT": "2", "HEADER_TIMEOUT_MAX": "3", "READ_MIN_RATE": "50
 
 @pytest.fixture(scope="module")
 def service(onnx_model: Path) -> Iterator[Service]:
-    running = Service(onnx_model, **HEADER)
-    running.wait_ready()
-    yield running
-    running.stop()
+    yield from running_service(onnx_model, **HEADER)
 
 
 def test_three_hundred_half_open_connections_neither_stop_honest_users_nor_stay_open(service):
     with half_open(service.port, 300) as stalled:
         served = honest(service.url, photo_bytes(CAT), 5)
-        deadline = time.perf_counter() + 15
-        while len(stalled.outcomes) < 300 and time.perf_counter() < deadline:
-            time.sleep(0.1)
+        stalled.wait_ended(15)
     assert served["statuses"] == {"200": 5}, served
     print(f"honest beside 300 half-open connections: p50 {served['p50_ms']} ms, worst {served['max_ms']} ms")
     summary = stalled.summary()
