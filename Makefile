@@ -101,7 +101,7 @@ BENCH_ARGS ?=
 BENCH_IMAGE ?= $(firstword $(wildcard data/processed/test/cat/*.jpg))
 bench: setup ## The service's latency, throughput, memory and start-up vs its in-process floor
 	@test -n "$(BENCH_IMAGE)" || { echo "set BENCH_IMAGE=path/to/photo.jpg (or run make prepare)" >&2; exit 2; }
-	python -m bench.serve --image "$(BENCH_IMAGE)" $(BENCH_ARGS)
+	python -m bench.serve --image "$(BENCH_IMAGE)" --model "$${MODEL_PATH:-models}" --torch-reference $(BENCH_ARGS)
 
 bench-model: setup ## PyTorch eager vs onnxruntime float32 vs int8 at batch 1 and 8
 	python -m bench.model

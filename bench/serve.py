@@ -306,6 +306,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seconds", type=float, default=8.0, help="per throughput measurement")
     parser.add_argument("--rss-requests", type=int, default=5000)
     parser.add_argument("--baseline", type=Path, help="another checkout (e.g. the previous release) measured too")
+    parser.add_argument("--torch-reference", type=Path, nargs="?", const=Path("models/final.pt"), default=None,
+                        help="also measure bench/torch_server.py (FastAPI + PyTorch) with this checkpoint")  # fmt: skip
     parser.add_argument("--no-worst", dest="worst", action="store_false", help="skip the flood and worst mixes")
     parser.add_argument("--worst-pixels", type=int, default=0, help="pixels of the worst PNG (MAX_IMAGE_PIXELS)")
     parser.add_argument("--out", type=Path, default=Path("reports/bench-serve.json"))
@@ -331,7 +333,37 @@ def main(argv: list[str] | None = None) -> None:
         args.worst = False
         report["baseline"] = measure_service(args.baseline, args.model, image, args)
         report["baseline_verdict"] = verdict(report["in_process"], report["baseline"])
+    if args.torch_reference:
+        report["torch_reference"] = measure_torch_reference(args.torch_reference, image, args.seconds)
+        ours, theirs = report["service"]["throughput"][-1]["rps"], report["torch_reference"]["throughput"][-1]["rps"]
+        report["verdict"]["throughput16_over_torch_reference"] = round(ours / theirs, 2)
+        report["verdict"]["torch_reference_target"] = ">= 5"
     write_report(args.out, report)
+
+
+def measure_torch_reference(checkpoint: Path, image: bytes, seconds: float) -> dict[str, Any]:
+    """The seed-style FastAPI + PyTorch server (bench/torch_server.py) under the same load as the service."""
+    port = free_port()
+    env = {**os.environ, "TORCH_CHECKPOINT": str(checkpoint.resolve())}
+    process = subprocess.Popen([sys.executable, "-m", "uvicorn", "bench.torch_server:app", "--port", str(port),
+                                "--log-level", "warning"], cwd=ROOT, env=env)  # fmt: skip
+    try:
+        request = predict_request(port, image)
+        deadline = time.perf_counter() + 120
+        while one_shot(port, request, timeout=5)[0] != 200:
+            if process.poll() is not None or time.perf_counter() > deadline:
+                raise RuntimeError("the torch reference server did not start")
+            time.sleep(0.2)
+        load(port, request, 4, 2.0)  # warm-up
+        client = Client(port, request)
+        single = percentiles(time_ms(client.send, repeats=100, warmup=0))
+        client.close()
+        rows = [load(port, request, clients, seconds) for clients in (1, 4, 16)]
+        return {"checkpoint": str(checkpoint), "http_single_client": single, "throughput": rows,
+                "rss_mb": rss_mb(process.pid)}  # fmt: skip
+    finally:
+        process.terminate()
+        process.wait()
 
 
 if __name__ == "__main__":

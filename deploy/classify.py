@@ -45,25 +45,30 @@ def error_row(code: str, message: str) -> Row:
 # --- two ways to classify: in process, or over HTTP -----------------------------------------------------------------
 
 
-def in_process(settings: Settings, threads: int) -> tuple[Classifier, str]:
-    """Batches through server.model.Model built as the service builds it (its limits, decode budget and pet
-    threshold), one inference at a time on `threads` onnxruntime threads."""
+def in_process(settings: Settings, workers: int) -> tuple[Classifier, str]:
+    """Batches through server.model.Model built as the service builds it (its limits, decode budget, pet threshold
+    and mirror view), `workers` images at a time, each on one onnxruntime thread: the service's own setting,
+    which gives the most images per second (bench/serve.py's in-process capacity), in the files' order."""
     from imaging import limit_pillow
     from server.model import Model, Prediction
 
     limit_pillow(settings.max_image_pixels)
-    model = Model.from_settings(settings, threads=threads)
+    model = Model.from_settings(settings, threads=1)
+    pool = ThreadPoolExecutor(max_workers=workers)
 
     def to_row(result: Prediction | ImageError) -> Row:
         if isinstance(result, ImageError):
             return error_row(result.code, result.message)
         return {**asdict(result), "model_version": model.version}
 
-    def classify_batch(batch: list[tuple[Path, bytes]]) -> list[Row]:
-        results, _ = model.classify_all([data for _, data in batch])  # a bad file is its own ImageError row
-        return [to_row(result) for result in results]
+    def classify_one(data: bytes) -> Row:
+        [result], _ = model.classify_all([data])  # a bad file is its own ImageError row
+        return to_row(result)
 
-    return classify_batch, f"{model.path} (in process, model {model.version})"
+    def classify_batch(batch: list[tuple[Path, bytes]]) -> list[Row]:
+        return list(pool.map(classify_one, [data for _, data in batch]))
+
+    return classify_batch, f"{model.path} (in process, model {model.version}, {workers} at a time)"
 
 
 def over_http(base_url: str, concurrency: int, timeout: float) -> tuple[Classifier, str]:
@@ -248,7 +253,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("output", type=Path, help="predictions .csv, or .jsonl for JSON lines; resumed if it exists")
     parser.add_argument("--url", help="classify with a running service at this URL instead of in process")
     parser.add_argument("--model", type=Path, help="the ONNX model or its folder (default: MODEL_PATH, else models)")
-    parser.add_argument("--threads", type=int, help="onnxruntime threads in process (default: the CPUs)")
+    parser.add_argument("--workers", type=int, help="images classified at once in process (default: the CPUs)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per batch (default: 16)")
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight with --url (default: 4)")
     parser.add_argument("--timeout", type=float, default=60, help="seconds per request with --url (default: 60)")
@@ -269,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
             settings = Settings.from_env()
             if args.model:
                 settings = dataclasses.replace(settings, model_path=args.model)
-            classify_batch, source = in_process(settings, args.threads or available_cpus())
+            classify_batch, source = in_process(settings, args.workers or available_cpus())
         except (ValueError, ModelError) as error:
             sys.exit(f"deploy.classify: {error}")
     output = ResultsFile(args.output)

@@ -15,12 +15,15 @@ import numpy as np
 import onnx
 import torch
 
-from export import not_a_pet
+from export import mirror, not_a_pet
 from export.evaluate import METADATA_KEY, evaluate_onnx, load_split, make_session, predict, torch_probabilities
 from export.reference import reference_for_split
 from export.served import tag_served
+from imaging import DEFAULT_MAX_PIXELS
+from server.mirror import ALWAYS, MirrorGate
+from server.preprocess import Preprocessor
 from training import tracking
-from training.config import DEFAULT_PARAMS, load_params
+from training.config import DEFAULT_PARAMS, Params, load_params
 from training.model import Predictor, load_predictor
 from training.presets import PreprocessSpec
 from training.stats import proportion
@@ -77,6 +80,26 @@ def write_metadata(path: Path, metadata: dict[str, Any]) -> dict[str, Any]:
     return sidecar
 
 
+def single_view(predictor: Predictor) -> Predictor:
+    """The predictor without its in-graph flip averaging (the mirror view is server.mirror's)."""
+    return Predictor(predictor.model, hflip_average=False, pet_head=predictor.pet_head).eval()
+
+
+def choose_mirror_gate(
+    path: Path, data_dir: Path, spec: PreprocessSpec, params: Params, metadata: dict[str, Any]
+) -> tuple[MirrorGate, dict[str, Any]]:
+    """export.mirror's gate for the model at `path`, on development data; its report holds the held-out check."""
+    dev = [load_split(data_dir, split, spec) for split in ("train", "val")]
+    test = load_split(data_dir, "test", spec)
+    preprocess = Preprocessor(spec.to_dict(), max_pixels=DEFAULT_MAX_PIXELS)
+    not_pets = not_a_pet.not_pet_sets(params.pet)
+    arrays = {name: np.stack([preprocess(f.read_bytes()) for f in files]) if files else np.empty((0,))
+              for name, files in not_pets.items()}  # fmt: skip
+    threshold = metadata["pet"]["threshold"] if metadata.get("pet") else None
+    return mirror.study(path, (np.concatenate([d[0] for d in dev]), np.concatenate([d[1] for d in dev])), test,
+                        arrays["dev"], arrays["held_out"], threshold, params.train.seed)  # fmt: skip
+
+
 def accuracy_gate(path: Path, inputs: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
     """The exported model's accuracy on the given photos with its Wilson 95% interval (what the gate reads)."""
     session = make_session(path)
@@ -126,28 +149,15 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / args.out.name
-        export_onnx(predictor, spec.input_size, staged, settings.opset)
-        drift_reference = reference_for_split(staged, data_dir, spec)  # drift monitoring's baseline (server.drift)
-        metadata = {**model_metadata(checkpoint, "float32"), "reference": drift_reference}
+        # The graph runs one view; flip averaging is the runtime's (server.mirror), always averaged until the gate
+        # is chosen below, so the parity and the pet threshold are those of flip averaging, as trained.
+        export_onnx(single_view(predictor), spec.input_size, staged, settings.opset)
+        metadata = model_metadata(checkpoint, "float32")
+        if predictor.hflip_average:
+            metadata["mirror"] = {"gate": ALWAYS.to_dict()}
         write_metadata(staged, metadata)
-        fp32, fp32_probabilities = evaluate_onnx(staged, inputs, targets, labels)
         reference = torch_probabilities(predictor, inputs)
-        gate = accuracy_gate(staged, np.concatenate([val_inputs, inputs]), np.concatenate([val_targets, targets]))
-        report: dict[str, Any] = {
-            "test_images": len(targets),
-            "torch_accuracy": float((reference.argmax(1) == targets).mean()),
-            "float32": fp32,
-            "test_accuracy_ci95": proportion(int((fp32_probabilities.argmax(1) == targets).sum()), len(targets)),
-            "gate": {**gate, "min_accuracy": settings.min_accuracy},
-            "max_abs_probability_diff_vs_torch": float(np.abs(reference - fp32_probabilities).max()),
-        }
-        low = gate["ci95"][0]
-        if low < settings.min_accuracy:
-            raise SystemExit(
-                f"export refused: the ONNX accuracy on val+test is {gate['rate']:.4f} ({gate['count']} of "
-                f"{gate['n']}), 95% interval {low:.4f}-{gate['ci95'][1]:.4f}: its lower bound is below "
-                f"export.min_accuracy {settings.min_accuracy:.4f}"
-            )
+        parity = float(np.abs(reference - predict(make_session(staged), inputs)).max())
         pet = None
         if metadata["pet"] is not None:
             if params.pet is None:
@@ -156,9 +166,36 @@ def main(argv: list[str] | None = None) -> None:
                 )
             pet_metadata, pet_report, pet_sets = not_a_pet.calibrate(staged, data_dir, params.pet)
             metadata["pet"].update(pet_metadata)
-            write_metadata(staged, metadata)
             pet = (pet_report, pet_sets)
-            report["pet_threshold"] = pet_metadata["threshold"]
+        mirror_report = None
+        if predictor.hflip_average and settings.mirror_gate:
+            gate, mirror_report = choose_mirror_gate(staged, data_dir, spec, params, metadata)
+            metadata["mirror"] = {"gate": gate.to_dict(), "rule": mirror_report["rule"],
+                                  "chosen_on": "train+val photos and the development not-pets"}  # fmt: skip
+        write_metadata(staged, metadata)
+        metadata["reference"] = reference_for_split(staged, data_dir, spec)  # drift's baseline (server.drift)
+        write_metadata(staged, metadata)
+        fp32, fp32_probabilities = evaluate_onnx(staged, inputs, targets, labels)
+        gate = accuracy_gate(staged, np.concatenate([val_inputs, inputs]), np.concatenate([val_targets, targets]))
+        report: dict[str, Any] = {
+            "test_images": len(targets),
+            "torch_accuracy": float((reference.argmax(1) == targets).mean()),
+            "float32": fp32,
+            "test_accuracy_ci95": proportion(int((fp32_probabilities.argmax(1) == targets).sum()), len(targets)),
+            "gate": {**gate, "min_accuracy": settings.min_accuracy},
+            "max_abs_probability_diff_vs_torch": parity,
+        }
+        if pet is not None:
+            report["pet_threshold"] = metadata["pet"]["threshold"]
+        if mirror_report is not None:
+            report["mirror"] = mirror_report
+        low = gate["ci95"][0]
+        if low < settings.min_accuracy:
+            raise SystemExit(
+                f"export refused: the ONNX accuracy on val+test is {gate['rate']:.4f} ({gate['count']} of "
+                f"{gate['n']}), 95% interval {low:.4f}-{gate['ci95'][1]:.4f}: its lower bound is below "
+                f"export.min_accuracy {settings.min_accuracy:.4f}"
+            )
         args.out.parent.mkdir(parents=True, exist_ok=True)
         for suffix in (".onnx", ".json"):
             shutil.move(staged.with_suffix(suffix), args.out.with_suffix(suffix))

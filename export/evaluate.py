@@ -12,6 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from server.mirror import MirrorGate, Run, with_mirror
 from server.model_file import METADATA_KEY, read_metadata
 from training.config import DEFAULT_PARAMS, load_params
 from training.metrics import classification_report
@@ -21,10 +22,11 @@ from training.utils import write_json
 
 
 def make_session(path: Path, threads: int = 0) -> ort.InferenceSession:
-    """A CPU session; threads=0 lets onnxruntime choose."""
+    """A CPU session with every graph optimisation, as the service's; threads=0 lets onnxruntime choose."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -35,18 +37,28 @@ def load_split(data_dir: Path, split: str, spec: PreprocessSpec) -> tuple[np.nda
     return inputs, np.asarray(dataset.targets)
 
 
-def output_name(session: ort.InferenceSession) -> str:
-    """The probabilities output, by the name the model's metadata gives (a model may have more outputs)."""
+def runner(session: ort.InferenceSession) -> tuple[Run, list[str], MirrorGate | None]:
+    """A session as the service runs it: the outputs its metadata names (probabilities first, then the pet score
+    when it has one), and its mirror view's gate (server.mirror)."""
     metadata = json.loads(session.get_modelmeta().custom_metadata_map.get(METADATA_KEY, "{}"))
-    return str(metadata.get("output_name", session.get_outputs()[0].name))
+    names = [str(metadata.get("output_name", session.get_outputs()[0].name))]
+    if (metadata.get("pet") or {}).get("output_name"):
+        names.append(metadata["pet"]["output_name"])
+    input_name = session.get_inputs()[0].name
+    return (lambda batch: session.run(names, {input_name: batch})), names, MirrorGate.from_metadata(metadata)
+
+
+def outputs(session: ort.InferenceSession, inputs: np.ndarray, batch_size: int = 32) -> dict[str, np.ndarray]:
+    """Every output the model's metadata names, for a stack of inputs, with the mirror view where its gate says so
+    (server.mirror.with_mirror decides photo by photo, so the batch size does not change an answer)."""
+    run, names, gate = runner(session)
+    chunks = [with_mirror(run, inputs[i : i + batch_size], gate)[0] for i in range(0, len(inputs), batch_size)]
+    return {name: np.concatenate([chunk[k] for chunk in chunks]) for k, name in enumerate(names)}
 
 
 def predict(session: ort.InferenceSession, inputs: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """Probabilities for a stack of inputs, batch by batch."""
-    name, output = session.get_inputs()[0].name, [output_name(session)]
-    return np.concatenate(
-        [session.run(output, {name: inputs[i : i + batch_size]})[0] for i in range(0, len(inputs), batch_size)]
-    )
+    """Probabilities for a stack of inputs, batch by batch, as the service computes them."""
+    return next(iter(outputs(session, inputs, batch_size).values()))
 
 
 def latency_ms(session: ort.InferenceSession, inputs: np.ndarray, repeats: int = 50) -> dict[str, float]:

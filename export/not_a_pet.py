@@ -109,6 +109,16 @@ def read_all(files: Sequence[Path]) -> list[bytes]:
     return [file.read_bytes() for file in files]
 
 
+def not_pet_sets(settings: PetParams) -> dict[str, list[Path]]:
+    """The not-pet images: development, held out, and the audited ones that show a pet; none when the folder is
+    missing (the threshold rule reads only the pets; the ImageNet non-pets are reported when present)."""
+    not_pets_dir = Path(settings.not_pets_dir)
+    if not_pets_dir.is_dir():
+        return not_pet_files(not_pets_dir, settings.shows_pet)
+    print(f"warning: no not-pet images at {not_pets_dir} (pet.not_pets_dir): their rates are not reported")
+    return {"dev": [], "held_out": [], "shows_pet": []}
+
+
 def calibrate(
     model_path: Path, data_dir: Path, settings: PetParams
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]]]:
@@ -118,11 +128,7 @@ def calibrate(
     """
     not_pets_dir, keep_target = Path(settings.not_pets_dir), settings.keep_target
     model = Model(model_path, threads=0, max_pixels=DEFAULT_MAX_PIXELS, pet_threshold=0.5)  # chosen below
-    if not_pets_dir.is_dir():
-        not_pets = not_pet_files(not_pets_dir, settings.shows_pet)
-    else:  # the rule reads only the pets; the ImageNet non-pets are reported when present
-        print(f"warning: no not-pet images at {not_pets_dir} (pet.not_pets_dir): their rates are not reported")
-        not_pets = {"dev": [], "held_out": [], "shows_pet": []}
+    not_pets = not_pet_sets(settings)
     generated = synthetic.generate(settings.synthetic_per_kind)
     scores = {
         "dev_pets": pet_scores(model, read_all(pet_files(data_dir, ("train", "val")))),

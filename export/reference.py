@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from export.evaluate import load_split, make_session
+from export.evaluate import load_split, make_session, outputs
 from training.presets import PreprocessSpec
 
 # Dense near 1: a good model's confidence is mostly above 0.99, and a drop shows first in the top bins.
@@ -52,13 +52,9 @@ def reference_distributions(
     }
 
 
-def model_outputs(path: Path, inputs: np.ndarray, batch_size: int = 32) -> dict[str, np.ndarray]:
-    """Every named output of an ONNX model for a stack of inputs."""
-    session = make_session(path)
-    name = session.get_inputs()[0].name
-    outputs = [output.name for output in session.get_outputs()]
-    chunks = [session.run(None, {name: inputs[i : i + batch_size]}) for i in range(0, len(inputs), batch_size)]
-    return {output: np.concatenate([chunk[k] for chunk in chunks]) for k, output in enumerate(outputs)}
+def model_outputs(path: Path, inputs: np.ndarray) -> dict[str, np.ndarray]:
+    """Every named output of an exported model for a stack of inputs, as the service computes them."""
+    return outputs(make_session(path), inputs)
 
 
 def reference_for(path: Path, inputs: np.ndarray, targets: np.ndarray, labels: list[str], source: str) -> dict:

@@ -16,6 +16,9 @@ IMAGENET_CATS = range(281, 286)
 IMAGENET_DOGS = range(151, 269)
 # the pipeline's choice on the development data (reports/not-a-pet.json), fixed here because CI never calibrates
 SEEDED_PET_THRESHOLD = 0.05
+# the mirror view's gate (server/mirror.py), fixed for the same reason: about the pipeline's, so that some test
+# photos take the second view and most do not
+SEEDED_MIRROR_GATE = {"confidence": 0.99, "pet_low": 0.03, "pet_high": 0.08}
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "mobilenet_v2_imagenet.pt"
 # Reference distributions for drift monitoring: photos the tests do not send (they use the low numbers).
 REFERENCE_PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cats-vs-dogs-2k"
@@ -53,7 +56,7 @@ def export_seeded_model(out_dir: Path, weights: Path = DEFAULT_WEIGHTS) -> Path:
     """Write out_dir/model.onnx and its sidecar; returns the .onnx path."""
     import torch
 
-    from export.convert import export_onnx, model_metadata, write_metadata
+    from export.convert import export_onnx, model_metadata, single_view, write_metadata
     from training.model import load_predictor
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -61,8 +64,12 @@ def export_seeded_model(out_dir: Path, weights: Path = DEFAULT_WEIGHTS) -> Path:
     torch.save(seeded_checkpoint(weights), checkpoint_path)
     predictor, checkpoint = load_predictor(checkpoint_path)
     path = out_dir / "model.onnx"
-    export_onnx(predictor, checkpoint["preprocess"]["input_size"], path, opset=18)
-    metadata = {**model_metadata(checkpoint, "float32"), "reference": seeded_reference(path, checkpoint["preprocess"])}
+    export_onnx(single_view(predictor), checkpoint["preprocess"]["input_size"], path, opset=18)
+    metadata = model_metadata(checkpoint, "float32")
+    if predictor.hflip_average:
+        metadata["mirror"] = {"gate": SEEDED_MIRROR_GATE, "rule": "fixed for the seeded test model"}
+    write_metadata(path, metadata)  # the drift reference is computed as the service runs the model
+    metadata["reference"] = seeded_reference(path, checkpoint["preprocess"])
     metadata["pet"].update(
         threshold=SEEDED_PET_THRESHOLD, chosen_on={"rule": "fixed for the seeded test model (tests/seeded_model.py)"}
     )

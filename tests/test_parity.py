@@ -13,6 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
+from export.evaluate import make_session, outputs, read_metadata
+from server.mirror import MirrorGate
 from server.model import Model
 from server.preprocess import Preprocessor
 from tests.conftest import AWKWARD, DATASET, LARGE, WEIGHTS, photos
@@ -72,40 +74,55 @@ def torch_inputs(spec: PreprocessSpec, files: list[Path]) -> torch.Tensor:
     return torch.stack([transform(load(f)) for f in files])
 
 
+def torch_views(predictor: Predictor, inputs: torch.Tensor) -> tuple[np.ndarray, ...]:
+    """PyTorch's single view and its mirror image: probabilities and pet scores of each."""
+    single = Predictor(predictor.model, pet_head=predictor.pet_head).eval()
+    with torch.inference_mode():
+        (plain, plain_pet), (mirrored, mirrored_pet) = single(inputs), single(inputs.flip(3))
+    return plain.numpy(), plain_pet.numpy(), mirrored.numpy(), mirrored_pet.numpy()
+
+
 @pytest.mark.parametrize("batch_size", [1, 8])
 def test_onnxruntime_matches_pytorch_probabilities(exported, batch_size):
+    """The graph is one view: equal to PyTorch's single view, at batch sizes other than the export's."""
     path, model, spec = exported
     inputs = torch_inputs(spec, PHOTOS)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
+    expected, expected_pet, _, _ = torch_views(model, inputs)
     pet_scores = []
     for start in range(0, len(inputs), batch_size):
         batch = inputs[start : start + batch_size]
-        with torch.inference_mode():
-            expected, expected_pet = (output.numpy() for output in model(batch))
         actual, actual_pet = session.run(["probabilities", "pet_score"], {name: batch.numpy()})
-        np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-5)
-        assert (actual.argmax(1) == expected.argmax(1)).all()
+        np.testing.assert_allclose(actual, expected[start : start + batch_size], rtol=0, atol=1e-5)
+        assert (actual.argmax(1) == expected[start : start + batch_size].argmax(1)).all()
         assert actual_pet.shape == (len(batch),)
-        np.testing.assert_allclose(actual_pet, expected_pet, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(actual_pet, expected_pet[start : start + batch_size], rtol=0, atol=1e-5)
         pet_scores.extend(actual_pet)
     assert min(pet_scores) > 0.05  # real cats and dogs: the pet head sees pets
 
 
-def test_exported_model_averages_each_photo_with_its_mirror_image(exported):
+@pytest.mark.parametrize("batch_size", [1, 8])
+def test_the_mirror_view_averages_exactly_the_photos_its_gate_names(exported, batch_size):
+    """server.mirror on the ONNX model against PyTorch's two views: averaged where the gate says, else the single
+    view, photo by photo whatever the batch, and both kinds present among the real photos."""
     path, predictor, spec = exported
     assert predictor.hflip_average and json.loads(path.with_suffix(".json").read_text())["hflip_average"]
-    inputs = torch_inputs(spec, PHOTOS[:3] + PHOTOS[-3:])
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    single_view = Predictor(predictor.model, pet_head=predictor.pet_head).eval()
+    inputs = torch_inputs(spec, PHOTOS)
+    plain, plain_pet, mirrored, mirrored_pet = torch_views(predictor, inputs)
+    assert np.abs(plain - mirrored).max() > 1e-3  # the two views really differ, so the average is visible
+    gate = MirrorGate.from_metadata(read_metadata(path))
+    need = gate.needs(plain, plain_pet)
+    assert 0 < need.sum() < len(need), need  # some photos take the second view, most do not
+    expected = np.where(need[:, None], (plain + mirrored) / 2, plain)
+    expected_pet = np.where(need, (plain_pet + mirrored_pet) / 2, plain_pet)
+    served = outputs(make_session(path), inputs.numpy(), batch_size=batch_size)
+    np.testing.assert_allclose(served["probabilities"], expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(served["pet_score"], expected_pet, rtol=0, atol=1e-5)
     with torch.inference_mode():
-        (plain, plain_pet), (mirrored, mirrored_pet) = single_view(inputs), single_view(inputs.flip(3))
-    assert np.abs(plain - mirrored).numpy().max() > 1e-3  # the two views really differ, so the average is visible
-    served, served_pet = session.run(["probabilities", "pet_score"], {name: inputs.numpy()})
-    np.testing.assert_allclose(served, (plain + mirrored) / 2, rtol=0, atol=1e-5)
-    np.testing.assert_allclose(served_pet, (plain_pet + mirrored_pet) / 2, rtol=0, atol=1e-5)
-    np.testing.assert_allclose(session.run(None, {name: inputs.flip(3).numpy()})[0], served, rtol=0, atol=1e-5)
+        averaged, averaged_pet = (output.numpy() for output in predictor(inputs))  # PyTorch's flip averaging
+    np.testing.assert_allclose(expected[need], averaged[need], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(expected_pet[need], averaged_pet[need], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("source", SOURCES)
@@ -130,8 +147,10 @@ def test_server_code_path_matches_pytorch_end_to_end(exported):
     path, model, spec = exported
     served = Model(path, threads=1, max_pixels=50_000_000)
     files = PHOTOS[::4] + [DATASET / a for a in AWKWARD]
-    with torch.inference_mode():
-        expected, expected_pet = (output.numpy() for output in model(torch_inputs(spec, files)))
+    plain, plain_pet, mirrored, mirrored_pet = torch_views(model, torch_inputs(spec, files))
+    need = served.mirror.needs(plain, plain_pet)  # the gate on PyTorch's first view, as the service applies it
+    expected = np.where(need[:, None], (plain + mirrored) / 2, plain)
+    expected_pet = np.where(need, (plain_pet + mirrored_pet) / 2, plain_pet)
     for file, reference, pet in zip(files, expected, expected_pet, strict=True):
         prediction = served.classify(file.read_bytes())
         actual = np.array([prediction.probabilities[label] for label in spec.labels])

@@ -73,8 +73,10 @@ class MlflowParams:
 class ExportParams:
     opset: int
     min_accuracy: float
-    int8_max_accuracy_drop: float
+    int8_max_relative_loss: float
+    int8_reduce_range: bool
     calibration_images: int
+    mirror_gate: bool = True
 
 
 @dataclass(frozen=True)
