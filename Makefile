@@ -20,7 +20,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 .PHONY: help setup setup-serve data prepare train cv pet-methods export pipeline serve fetch-model classify test test-fast \
 	lint format \
 	mlflow-ui bench bench-model bench-hostile image image-train smoke-image smoke-compose eval-deployed screenshots drift-demo clean \
-	bench-capacity bench-clients lint-k8s
+	bench-capacity bench-clients bench-profile lint-k8s
 
 help: ## List the targets with one line each (this is the default goal)
 	@echo "Usage: make TARGET [VARIABLE=value ...]"
@@ -113,6 +113,9 @@ bench-hostile: setup ## Cost (outcome, CPU, peak RSS) of each class of hostile i
 bench-capacity: setup ## Requests/s per CPU through the service (/predict and V2 infer), for the capacity plan
 	@test -n "$(BENCH_IMAGE)" || { echo "set BENCH_IMAGE=path/to/photo.jpg (or run make prepare)" >&2; exit 2; }
 	python -m bench.capacity --image "$(BENCH_IMAGE)"
+
+bench-profile: setup ## Where the exported models spend their time (onnxruntime's profiler) into reports/bench-profile.json
+	python -m bench.profile $(wildcard models/model.onnx models/model.int8.onnx)
 
 bench-clients: setup ## Honest users' latency beside 40 slow uploads and 300 half-open connections (BENCH_IMAGE)
 	@test -n "$(BENCH_IMAGE)" || { echo "set BENCH_IMAGE=path/to/photo.jpg (or run make prepare)" >&2; exit 2; }

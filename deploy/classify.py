@@ -254,7 +254,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--url", help="classify with a running service at this URL instead of in process")
     parser.add_argument("--model", type=Path, help="the ONNX model or its folder (default: MODEL_PATH, else models)")
     parser.add_argument("--workers", type=int, help="images classified at once in process (default: the CPUs)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per batch (default: 16)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images read and classified per batch (default: 64: "
+                        "smaller batches leave the workers idle at each batch's end)")  # fmt: skip
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight with --url (default: 4)")
     parser.add_argument("--timeout", type=float, default=60, help="seconds per request with --url (default: 60)")
     return parser
