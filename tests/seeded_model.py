@@ -4,12 +4,13 @@ The head averages ImageNet's own classifier rows for the cat classes (281-285) a
 so the model really tells cats from dogs. It carries the not-a-pet head as `make export` does (ImageNet's whole
 classifier, training/pet.py) with a fixed threshold near the one the real pipeline chose (CI never trains or
 calibrates). `python -m tests.seeded_model OUT_DIR [WEIGHTS]` writes
-OUT_DIR/model.onnx (+ model.json) through the same export code as `make export`.
+OUT_DIR/model.onnx (+ model.json) through the same export code as `make export`; `--model-version V` names it
+otherwise (a second release of the same weights, a different model file: make deploy-test).
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 IMAGENET_CATS = range(281, 286)
@@ -25,7 +26,10 @@ REFERENCE_PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "datasets" /
 REFERENCE_RANGE = range(901, 1001)
 
 
-def seeded_checkpoint(weights: Path) -> dict:
+SEEDED_VERSION = "seeded-imagenet-head"
+
+
+def seeded_checkpoint(weights: Path, model_version: str = SEEDED_VERSION) -> dict:
     """A checkpoint in the training format, made without training."""
     import torch
     import yaml
@@ -44,7 +48,7 @@ def seeded_checkpoint(weights: Path) -> dict:
         "arch": "mobilenet_v2",
         "state_dict": model.eval().state_dict(),
         "preprocess": PreprocessSpec.from_dict(params["preprocess"]).to_dict(),
-        "model_version": "seeded-imagenet-head",
+        "model_version": model_version,
         "data_version": "none",
         "git_commit": "test",
         "hflip_average": bool(params["train"].get("hflip_average", False)),
@@ -52,7 +56,7 @@ def seeded_checkpoint(weights: Path) -> dict:
     }
 
 
-def export_seeded_model(out_dir: Path, weights: Path = DEFAULT_WEIGHTS) -> Path:
+def export_seeded_model(out_dir: Path, weights: Path = DEFAULT_WEIGHTS, model_version: str = SEEDED_VERSION) -> Path:
     """Write out_dir/model.onnx and its sidecar; returns the .onnx path."""
     import torch
 
@@ -61,7 +65,7 @@ def export_seeded_model(out_dir: Path, weights: Path = DEFAULT_WEIGHTS) -> Path:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = out_dir / "seeded.pt"
-    torch.save(seeded_checkpoint(weights), checkpoint_path)
+    torch.save(seeded_checkpoint(weights, model_version), checkpoint_path)
     predictor, checkpoint = load_predictor(checkpoint_path)
     path = out_dir / "model.onnx"
     export_onnx(single_view(predictor), checkpoint["preprocess"]["input_size"], path, opset=18)
@@ -98,5 +102,9 @@ def seeded_reference(path: Path, preprocess: dict) -> dict:
 
 
 if __name__ == "__main__":
-    target = export_seeded_model(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else DEFAULT_WEIGHTS)
-    print(target)
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("weights", type=Path, nargs="?", default=DEFAULT_WEIGHTS)
+    parser.add_argument("--model-version", default=SEEDED_VERSION)
+    args = parser.parse_args()
+    print(export_seeded_model(args.out_dir, args.weights, args.model_version))
