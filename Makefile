@@ -194,12 +194,14 @@ smoke-compose: setup ## docker compose up serve and smoke-test it
 # never becomes healthy, a rollback; zero failed requests (deploy/rehearse.py). DEPLOY_RELEASES: two folders, each
 # holding a different model.onnx. With podman, the proxy's nginx image is the test stand-in below.
 DEPLOY_RELEASES ?= build/smoke-model build/smoke-model-b
-deploy-test: setup $(if $(filter podman,$(notdir $(CONTAINER))),nginx-standin) ## Blue/green under load: deploy, failing candidate, rollback
+NGINX_STANDIN ?= localhost/catsdogs-nginx-standin:dev
+PODMAN := $(filter podman,$(notdir $(CONTAINER)))
+deploy-test: setup $(if $(PODMAN),nginx-standin) ## Blue/green under load: deploy, failing candidate, switch back, rollback
 	python -m deploy.rehearse --engine $(notdir $(CONTAINER)) --compose "$(COMPOSE)" --image $(IMAGE) \
-	  --photos $(SMOKE_PHOTOS) -- $(DEPLOY_RELEASES)
+	  $(if $(PODMAN),--proxy-image $(NGINX_STANDIN)) --photos $(SMOKE_PHOTOS) -- $(DEPLOY_RELEASES)
 
-nginx-standin: ## TEST STAND-IN for nginx:1.29-alpine where no image can be pulled (deploy/host/standin/nginx)
-	$(CONTAINER) build $(BUILD_FLAGS) -t docker.io/library/nginx:1.29-alpine deploy/host/standin/nginx
+nginx-standin: ## TEST STAND-IN for the proxy's nginx image where none can be pulled (deploy/host/standin/nginx)
+	$(CONTAINER) build $(BUILD_FLAGS) -t $(NGINX_STANDIN) deploy/host/standin/nginx
 
 # Post-deployment evaluation of a running service on a labelled ImageFolder (default: the test split).
 URL ?= http://127.0.0.1:8000

@@ -32,6 +32,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -224,10 +225,13 @@ class Rehearsal:
         self.url = f"http://127.0.0.1:{ports['public']}"
         self.log: list[str] = []
 
-    def script(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def script(
+        self, *args: str, env: dict[str, str] | None = None, quiet: bool = False
+    ) -> subprocess.CompletedProcess[str]:
         """bluegreen.sh as CD runs it: `bash DEPLOY_PATH/deploy/host/bluegreen.sh ARGS`; its log echoed here."""
         command = ["bash", str(self.deploy_path / "deploy" / "host" / "bluegreen.sh"), *args]
-        print("+", shlex.join(command[1:]), flush=True)
+        if not quiet:
+            print("+", shlex.join(command[1:]), flush=True)
         done = subprocess.run(command, env={**self.env, **(env or {})}, capture_output=True, text=True)
         for line in done.stderr.splitlines():
             if re.match(r"\d{4}-\d\d-\d\dT|---|\{\"ts\"", line):  # its log and the service's, not the engine's chatter
@@ -235,20 +239,30 @@ class Rehearsal:
         self.log.append(done.stderr)
         return done
 
+    def containers(self, colour: str) -> list[str]:
+        """The containers (running or not) of a colour's compose project."""
+        label = f"label=com.docker.compose.project={PROJECT}-{colour}"
+        listed = subprocess.run(
+            ["docker", "ps", "-aq", "--filter", label], env=self.env, capture_output=True, text=True
+        )
+        return listed.stdout.split()
+
     def served(self) -> tuple[str, str]:
         """The model file's sha256 and the model version the proxy's /ready reports."""
         ready = wait_ready(self.url, 30)
         return ready["model_sha256"], ready["model_version"]
 
 
-def check_switch(scenario: Scenario, answers: list[Answer], switched_at: float | None, retired_at: float | None,
-                 old: str, new: str) -> None:  # fmt: skip
-    """The served model changes at the switch, and the old colour stops only after its last answer."""
-    if switched_at is None:
-        scenario.problems.append("no switch line in the script's log")
+def check_switch(scenario: Scenario, answers: list[Answer], switch: tuple[float | None, float | None],
+                 retired_at: float | None, old: str, new: str) -> None:  # fmt: skip
+    """The served model changes at the switch (between the reload and the script's check that the public port serves
+    the new model), and the old colour stops only after its last answer."""
+    began, switched_at = switch
+    if began is None or switched_at is None:
+        scenario.problems.append("no switch lines in the script's log")
         return
     late_old = [a for a in answers if a.version == old and a.sent > switched_at + 1]
-    early_new = [a for a in answers if a.version == new and a.done < switched_at - 1]
+    early_new = [a for a in answers if a.version == new and a.done < began - 0.5]
     if late_old:
         scenario.problems.append(f"{len(late_old)} requests sent over 1 s after the switch were answered by {old}")
     if early_new:
@@ -268,7 +282,7 @@ def run(args: argparse.Namespace) -> list[Scenario]:
         deploy_path = workdir / "deploy-path"  # what CD uploads to DEPLOY_PATH
         (deploy_path / "deploy" / "host").mkdir(parents=True)
         shutil.copy2(ROOT / "docker-compose.yml", deploy_path)
-        for name in ("bluegreen.sh", "proxy.yml", "nginx.conf.template"):
+        for name in ("bluegreen.sh", "releases.py", "proxy.yml", "nginx.conf.template"):
             shutil.copy2(ROOT / "deploy" / "host" / name, deploy_path / "deploy" / "host")
         releases = []
         for source in (args.release_a, args.release_b):
@@ -280,11 +294,14 @@ def run(args: argparse.Namespace) -> list[Scenario]:
             release = {"sha256": digest, "source": str(source), "registered": None}
             (target / "release.json").write_text(json.dumps(release, indent=2) + "\n")
             releases.append((f"models/{digest}", digest))
-        broken = deploy_path / "models" / "broken"
+        broken = deploy_path / "models" / "broken"  # a model file that does not load
         broken.mkdir()
         (broken / "model.onnx").write_bytes((args.release_a / "model.onnx").read_bytes()[:65536])
+        shutil.copytree(deploy_path / releases[0][0], deploy_path / "models" / "rejected")  # A again, another folder
         ports = {"public": free_port(), "blue": free_port(), "green": free_port()}
         with engine(args.engine, args.compose, workdir) as env:
+            if args.proxy_image:
+                env["PROXY_IMAGE"] = args.proxy_image
             rehearsal = Rehearsal(env, deploy_path, ports)
             try:
                 return scenarios(rehearsal, args.image, releases, photos, args.rate)
@@ -297,15 +314,16 @@ def scenarios(r: Rehearsal, image: str, releases: list[tuple[str, str]], photos:
     digests = subprocess.run(["docker", "image", "inspect", "-f", "{{join .RepoDigests \" \"}}", image],
                              env=r.env, capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
     reference = digests[0] if digests else image  # IMAGE@DIGEST as CD passes it (a local build may have none)
-    (models_a, sha_a), (models_b, sha_b) = releases
+    (models_a, sha_a), (_, sha_b) = releases
     results: list[Scenario] = []
 
-    first = Scenario("first release", sha_before="")
+    first = Scenario("first release")
     started = time.monotonic()
     candidate = r.script("candidate", reference, models_a)
     colour = candidate.stdout.split()[0] if candidate.returncode == 0 else ""
-    if not colour or r.script("switch", colour).returncode != 0:
-        first.problems.append(f"the first release did not deploy:\n{candidate.stderr[-3000:]}")
+    switch = r.script("switch", colour) if colour else candidate
+    if switch.returncode != 0:
+        first.problems.append(f"the first release did not deploy:\n{(candidate.stderr + switch.stderr)[-3000:]}")
         return [first]
     first.sha_after, first.seconds = r.served()[0], time.monotonic() - started
     if first.sha_after != sha_a:
@@ -315,62 +333,139 @@ def scenarios(r: Rehearsal, image: str, releases: list[tuple[str, str]], photos:
     traffic = Traffic(r.url, photos, rate=rate).start()
     try:
         time.sleep(2)
-        for name, action, expect in (("deploy", "deploy", sha_b), ("failing candidate", "failing", sha_b),
-                                     ("rollback", "rollback", sha_a)):  # fmt: skip
+        plan = (("deploy", sha_b), ("failing candidate", sha_b), ("switch back", sha_b), ("rollback", sha_a))
+        for name, expect in plan:
             scenario = Scenario(name)
             scenario.sha_before, version_before = r.served()
             mark, started = traffic.mark(), time.monotonic()
-            stderr = ""
-            if action == "deploy":
-                live = r.script("active").stdout.strip()
-                candidate = r.script("candidate", reference, models_b)
-                colour = candidate.stdout.split()[0] if candidate.returncode == 0 else ""
-                switch = r.script("switch", colour) if colour else candidate
-                retire = r.script("retire", live) if switch.returncode == 0 else switch
-                stderr = candidate.stderr + switch.stderr + retire.stderr
-                if retire.returncode != 0:
-                    scenario.problems.append(f"the deploy failed:\n{stderr[-3000:]}")
-            elif action == "failing":
-                refused = r.script("candidate", reference, "models/broken")
-                last = refused.stderr.strip().splitlines()[-1] if refused.stderr.strip() else ""
-                if refused.returncode == 0:
-                    scenario.problems.append("a candidate whose model does not load was accepted")
-                elif (
-                    "FAILED" not in last
-                    or "--- the last log lines" not in refused.stderr
-                    or "cannot load" not in refused.stderr
-                ):
-                    scenario.problems.append(f"the refusal does not end with one clear line and the logs: {last!r}")
-                else:
-                    print(f"   refused as it should be: {last}")
-            else:
-                back = r.script("rollback")
-                stderr = back.stderr
-                if back.returncode != 0:
-                    scenario.problems.append(f"the rollback failed:\n{stderr[-3000:]}")
+            stderr = ACTIONS[name](r, scenario, reference, releases, photos)
             time.sleep(2)  # answers to the requests sent up to the end of the scenario
             answers = traffic.since(mark)
             scenario.seconds = time.monotonic() - started
             scenario.sha_after, version_after = r.served()
             scenario.sent = len(answers)
-            scenario.failures = [f"{a.status} {a.label}" for a in answers if a.status != 200 or not a.label]
+            scenario.failures += [f"{a.status} {a.label}" for a in answers if a.status != 200 or not a.label]
             scenario.answered_by = Counter(a.version for a in answers if a.status == 200 and a.version)
             print(f"   {scenario.line()} in {scenario.seconds:.0f} s", flush=True)
             if scenario.sha_after != expect:
                 scenario.problems.append(f"serves {scenario.sha_after[:12]} after it, expected {expect[:12]}")
-            if action != "failing":
-                switched = log_time(stderr, r"switch: traffic")
-                retired = log_time(stderr, r"retire \w+: the proxy holds no request")
+            if name in ("deploy", "rollback"):
+                switched = log_time(stderr, r"switch: the proxy goes to"), log_time(stderr, r"switch: traffic")
+                retired = log_time(stderr, r"retire \w+: the proxy's old workers are done")
                 check_switch(scenario, answers, switched, retired, version_before, version_after)
+            live = r.script("active", quiet=True).stdout.strip()
+            for colour in COLOURS:  # only the live colour may be left running
+                if colour != live and r.containers(colour):
+                    scenario.problems.append(f"{colour} is not live and still has containers: {r.containers(colour)}")
             results.append(scenario)
     finally:
         traffic.stop()
-    results.append(check_records(r.deploy_path, reference, sha_a, sha_b))
+    results.append(check_records(r.deploy_path, reference, releases))
     return results
 
 
-def check_records(deploy_path: Path, image: str, sha_a: str, sha_b: str) -> Scenario:
-    """current.json and deployments.jsonl hold every run: time, outcome, image digest, model sha256."""
+def deploy(r: Rehearsal, scenario: Scenario, image: str, releases: list[tuple[str, str]], photos: list[bytes]) -> str:
+    """The second release under load, with a slow upload in flight across the switch (the drain is tested)."""
+    live = r.script("active", quiet=True).stdout.strip()
+    candidate = r.script("candidate", image, releases[1][0])
+    if candidate.returncode != 0:
+        scenario.problems.append(f"the candidate failed:\n{candidate.stderr[-3000:]}")
+        return candidate.stderr
+    slow = SlowUpload(r.url, photos[0], seconds=4).start()
+    time.sleep(1)  # its first bytes are in, on one of nginx's workers, before the reload
+    switch = r.script("switch", candidate.stdout.split()[0])
+    retire = r.script("retire", live) if switch.returncode == 0 else switch
+    slow.join()
+    stderr = candidate.stderr + switch.stderr + retire.stderr
+    if retire.returncode != 0:
+        scenario.problems.append(f"the deploy failed:\n{stderr[-3000:]}")
+    began, retired = log_time(stderr, r"switch: the proxy goes to"), log_time(stderr, r"retire \w+: the proxy's old")
+    if slow.answer.status != 200 or slow.answer.sent > (began or 0):
+        scenario.failures.append(f"the slow upload across the switch: {slow.answer.status}")
+    elif retired is None or slow.answer.done > retired:
+        scenario.problems.append("the old colour's retirement began before the slow upload it held was answered")
+    else:
+        print(f"   a slow upload sent before the switch was answered {slow.answer.status} by {slow.answer.version} "
+              f"{slow.answer.done - slow.answer.sent:.1f} s later")  # fmt: skip
+    return stderr
+
+
+def failing(r: Rehearsal, scenario: Scenario, image: str, releases: list[tuple[str, str]], photos: list[bytes]) -> str:
+    """A candidate whose model file does not load: refused with one line and its logs; the live colour untouched."""
+    refused = r.script("candidate", image, "models/broken")
+    last = refused.stderr.strip().splitlines()[-1] if refused.stderr.strip() else ""
+    if refused.returncode == 0:
+        scenario.problems.append("a candidate whose model does not load was accepted")
+    elif "FAILED" not in last or "--- the last log lines" not in refused.stderr or "cannot load" not in refused.stderr:
+        scenario.problems.append(f"the refusal does not end with one clear line and the logs: {last!r}")
+    else:
+        print(f"   refused as it should be: {last}")
+    return refused.stderr
+
+
+def switch_back(r: Rehearsal, scenario: Scenario, image: str, releases: list[tuple[str, str]],
+                photos: list[bytes]) -> str:  # fmt: skip
+    """CD's failure path after a switch: a candidate (release A again, from another folder) passes its health check,
+    takes traffic, then fails CD's public smoke test: switch back (reverted), reject it (failed)."""
+    live = r.script("active", quiet=True).stdout.strip()
+    candidate = r.script("candidate", image, "models/rejected")
+    colour = candidate.stdout.split()[0] if candidate.returncode == 0 else ""
+    steps = [candidate]
+    if colour:
+        steps.append(r.script("switch", colour, env={"COMMIT": "rehearsal-rejected"}))
+        steps.append(r.script("switch", live, env={"OUTCOME": "reverted"}))
+        steps.append(r.script("reject", colour, "the public smoke test failed (rehearsal)"))
+    stderr = "".join(step.stderr for step in steps)
+    if any(step.returncode != 0 for step in steps):
+        scenario.problems.append(f"the switch back failed:\n{stderr[-3000:]}")
+    return stderr
+
+
+def rollback(r: Rehearsal, scenario: Scenario, image: str, releases: list[tuple[str, str]],
+             photos: list[bytes]) -> str:  # fmt: skip
+    """`bluegreen.sh rollback`: the release before the live one (the first; a reverted deploy does not count)."""
+    back = r.script("rollback")
+    if back.returncode != 0:
+        scenario.problems.append(f"the rollback failed:\n{back.stderr[-3000:]}")
+    return back.stderr
+
+
+ACTIONS = {"deploy": deploy, "failing candidate": failing, "switch back": switch_back, "rollback": rollback}
+
+
+class SlowUpload(threading.Thread):
+    """One photo POSTed in four parts a second apart (chunked), on its own connection."""
+
+    def __init__(self, url: str, photo: bytes, seconds: float) -> None:
+        super().__init__(daemon=True)
+        self.url, self.photo, self.seconds = url, photo, seconds
+        self.answer = Answer(0, 0, "not sent")
+
+    def start(self) -> SlowUpload:  # type: ignore[override]
+        super().start()
+        return self
+
+    def parts(self) -> Iterator[bytes]:
+        size = len(self.photo) // 4 + 1
+        for start in range(0, len(self.photo), size):
+            yield self.photo[start : start + size]
+            time.sleep(self.seconds / 4)
+
+    def run(self) -> None:
+        sent = time.time()
+        try:
+            response = httpx.post(f"{self.url}/predict", content=self.parts(), timeout=60,
+                                  headers={"Content-Type": "image/jpeg"})  # fmt: skip
+            body = response.json()
+            self.answer = Answer(sent, time.time(), response.status_code, body.get("label"), body.get("model_version"))
+        except (httpx.HTTPError, ValueError) as error:
+            self.answer = Answer(sent, time.time(), type(error).__name__)
+
+
+def check_records(deploy_path: Path, image: str, releases: list[tuple[str, str]]) -> Scenario:
+    """current.json and deployments.jsonl hold every run: time, outcome, image digest, model sha256; the rollback
+    brought back the first release's folder, not the rejected one's."""
+    (models_a, sha_a), (_, sha_b) = releases
     records = Scenario("records")
     try:
         lines = [json.loads(line) for line in (deploy_path / "deployments.jsonl").read_text().splitlines()]
@@ -380,20 +475,20 @@ def check_records(deploy_path: Path, image: str, sha_a: str, sha_b: str) -> Scen
         return records
     outcomes = [(line["outcome"], line["model_sha256"]) for line in lines]
     broken = next((sha for outcome, sha in outcomes if outcome == "failed"), "")
-    expected = [("deployed", sha_a), ("deployed", sha_b), ("failed", broken), ("rolled-back", sha_a)]
+    expected = [("deployed", sha_a), ("deployed", sha_b), ("failed", broken), ("deployed", sha_a),
+                ("reverted", sha_b), ("failed", sha_a), ("rolled-back", sha_a)]  # fmt: skip
     if outcomes != expected or not broken:
         records.problems.append(f"deployments.jsonl holds {outcomes}, expected {expected}")
+    elif not lines[-1]["models"].endswith(models_a) or lines[3]["commit"] != "rehearsal-rejected":
+        records.problems.append(f"the rollback brought back {lines[-1]['models']}, not the first release {models_a}")
     for line in lines:
         release_sha = (line.get("release") or {}).get(
             "sha256", line["model_sha256"] if line["outcome"] == "failed" else ""
         )
-        if (
-            line["image"] != image
-            or not line["image_id"]
-            or not line["at"].endswith("Z")
-            or release_sha != line["model_sha256"]
-        ):
+        if line["image"] != image or not line["at"].endswith("Z") or release_sha != line["model_sha256"]:
             records.problems.append(f"incomplete record: {line}")
+        if not line["image_id"] and line["outcome"] != "failed":
+            records.problems.append(f"no image id: {line}")
     if current != lines[-1]:
         records.problems.append(f"current.json {current} is not the last deployment {lines[-1]}")
     records.sha_after = current.get("model_sha256", "")
@@ -427,6 +522,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--engine", choices=["docker", "podman"], default="docker")
     parser.add_argument("--compose", default="podman-compose", help="with --engine podman: the podman-compose command")
     parser.add_argument("--image", required=True, help="the serve image (built by make image)")
+    parser.add_argument("--proxy-image", help="the proxy's nginx image (PROXY_IMAGE; default proxy.yml's)")
     parser.add_argument("--rate", type=float, default=20.0, help="photos per second sent through the proxy")
     parser.add_argument("--photos", type=Path, nargs="+", required=True, help="real photos the load sends")
     parser.add_argument("release_a", type=Path, help="a folder holding the first release's model.onnx")
@@ -434,6 +530,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if sha256(args.release_a / "model.onnx") == sha256(args.release_b / "model.onnx"):
         parser.error("the two releases hold the same model file: the switch would not be visible")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a CI timeout still cleans up (run's finally)
     started = time.monotonic()
     results = run(args)
     problems = [f"{s.name}: {p}" for s in results for p in s.problems]

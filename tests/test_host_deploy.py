@@ -3,10 +3,12 @@ template rendering, and the rehearsal's own checks. The real deploy under load i
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -23,7 +25,7 @@ def deploy_path(tmp_path: Path) -> Path:
     """A DEPLOY_PATH laid out as CD uploads it."""
     (tmp_path / "deploy" / "host").mkdir(parents=True)
     shutil.copy2(ROOT / "docker-compose.yml", tmp_path)
-    for name in ("bluegreen.sh", "proxy.yml", "nginx.conf.template"):
+    for name in ("bluegreen.sh", "releases.py", "proxy.yml", "nginx.conf.template"):
         shutil.copy2(HOST / name, tmp_path / "deploy" / "host")
     return tmp_path
 
@@ -36,20 +38,49 @@ def bluegreen(deploy_path: Path, *args: str) -> subprocess.CompletedProcess[str]
 
 def test_bluegreen_refuses_what_would_break_the_live_colour(deploy_path):
     assert bluegreen(deploy_path, "active").stdout.strip() == "none"
-    (deploy_path / "proxy" / "active").write_text("blue\n")
+    (deploy_path / "proxy").mkdir(exist_ok=True)  # the script makes it too
+    (deploy_path / "proxy" / "upstream.conf").write_text(
+        "server 127.0.0.1:8001;\n"
+    )  # the one record of the live colour
+    assert bluegreen(deploy_path, "active").stdout.strip() == "blue"
     refused = bluegreen(deploy_path, "retire", "blue")
     assert refused.returncode == 1 and "refusing to stop the live colour blue" in refused.stderr
+    rejected = bluegreen(deploy_path, "reject", "blue", "smoke test failed")
+    assert rejected.returncode == 1 and "refusing to reject the live colour blue" in rejected.stderr
+    again = bluegreen(deploy_path, "switch", "blue")
+    assert again.returncode == 1 and "blue is live already" in again.stderr
     unknown = bluegreen(deploy_path, "switch", "purple")
     assert unknown.returncode == 2 and "unknown colour 'purple'" in unknown.stderr
-    not_started = bluegreen(deploy_path, "switch", "green")
-    assert not_started.returncode == 1 and "green is not a running candidate" in not_started.stderr
-    assert bluegreen(deploy_path, "rollback").stderr.strip() == "no previous release to roll back to"
+    assert "no previous release to roll back to" in bluegreen(deploy_path, "rollback").stderr
     (deploy_path / "models" / "empty").mkdir(parents=True)
     no_model = bluegreen(deploy_path, "candidate", "img@sha256:00", "models/empty")
     assert no_model.returncode == 1 and "no model.onnx in models/empty" in no_model.stderr
     usage = bluegreen(deploy_path)
     assert usage.returncode == 2 and "bluegreen.sh rollback" in usage.stderr
-    assert (deploy_path / "proxy" / "active").read_text() == "blue\n"  # nothing refused touched the live colour
+    with open(deploy_path / "proxy" / ".lock", "w") as lock:  # a deploy in progress
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        busy = bluegreen(deploy_path, "retire", "green")
+    assert busy.returncode == 1 and "another bluegreen.sh is running" in busy.stderr
+    assert (deploy_path / "proxy" / "upstream.conf").read_text() == "server 127.0.0.1:8001;\n"  # untouched
+
+
+def test_rollback_brings_back_the_release_before_the_live_one(deploy_path):
+    def history(*outcomes: tuple[str, str]) -> str:
+        (deploy_path / "deployments.jsonl").write_text(
+            "".join(
+                json.dumps({"outcome": o, "image": f"img@{m}", "models": f"models/{m}"}) + "\n" for o, m in outcomes
+            )
+        )
+        previous = [sys.executable, str(deploy_path / "deploy" / "host" / "releases.py"), "previous"]
+        return subprocess.run(previous, cwd=deploy_path, capture_output=True, text=True).stdout.strip()
+
+    assert history(("deployed", "a"), ("deployed", "b")) == "img@a\tmodels/a"
+    # a deploy that failed its checks after the switch was switched back: it does not count
+    assert history(("deployed", "a"), ("deployed", "b"), ("failed", "x"), ("deployed", "c"), ("reverted", "b"),
+                   ("failed", "c")) == "img@a\tmodels/a"  # fmt: skip
+    # a rollback is a new live release: a second one rolls forward again
+    assert history(("deployed", "a"), ("deployed", "b"), ("rolled-back", "a")) == "img@b\tmodels/b"
+    assert history(("deployed", "a")) == ""
 
 
 def test_the_nginx_stand_in_renders_the_proxy_template_as_the_official_image_does(tmp_path):
@@ -79,16 +110,19 @@ def answers(*rows: tuple[float, float, str]) -> list[Answer]:
 
 def test_the_rehearsal_sees_a_switch_that_is_not_one():
     good = Scenario("deploy")
-    check_switch(good, answers((1, 2, "a"), (9, 10.5, "a"), (11, 12, "b"), (13, 14, "b")), 10, 11, "a", "b")
+    check_switch(good, answers((1, 2, "a"), (9, 10.5, "a"), (11, 12, "b"), (13, 14, "b")), (10, 10.5), 11, "a", "b")
     assert good.problems == []
     late = Scenario("deploy")  # the old model answered a request sent 3 s after the switch
-    check_switch(late, answers((1, 2, "a"), (13, 14, "a"), (15, 16, "b")), 10, 20, "a", "b")
+    check_switch(late, answers((1, 2, "a"), (13, 14, "a"), (15, 16, "b")), (10, 10.5), 20, "a", "b")
     assert any("after the switch were answered by a" in problem for problem in late.problems)
     killed = Scenario("deploy")  # the old colour was still answering once its retirement began
-    check_switch(killed, answers((9.5, 12, "a"), (11, 12, "b")), 10, 11, "a", "b")
+    check_switch(killed, answers((9.5, 12, "a"), (11, 12, "b")), (10, 10.5), 11, "a", "b")
     assert any("after its retirement began" in problem for problem in killed.problems)
     never = Scenario("deploy")
-    check_switch(never, answers((1, 2, "a"), (15, 16, "a")), 10, 20, "a", "b")
+    check_switch(never, answers((1, 2, "a"), (15, 16, "a")), (10, 10.5), 20, "a", "b")
+    early = Scenario("deploy")  # the new model answered before the reload began
+    check_switch(early, answers((1, 2, "b"), (11, 12, "b")), (10, 10.5), 20, "a", "b")
+    assert any("answered by b before the switch" in problem for problem in early.problems)
     assert any("no request was answered by b" in problem for problem in never.problems)
 
 
@@ -101,15 +135,23 @@ def test_log_times_are_read_from_the_scripts_own_lines():
 
 def test_the_records_must_hold_every_run(tmp_path):
     image, a, b, broken = "img@sha256:1", "a" * 64, "b" * 64, "c" * 64
-    runs = (("deployed", a), ("deployed", b), ("failed", broken), ("rolled-back", a))
+    releases = [(f"models/{a}", a), (f"models/{b}", b)]
+    runs = (("deployed", a, f"models/{a}"), ("deployed", b, f"models/{b}"), ("failed", broken, "models/broken"),
+            ("deployed", a, "models/rejected"), ("reverted", b, f"models/{b}"), ("failed", a, "models/rejected"),
+            ("rolled-back", a, f"models/{a}"))  # fmt: skip
     lines = [{"at": "2026-11-29T17:00:00Z", "outcome": outcome, "image": image, "image_id": "sha256:2",
-              "model_sha256": sha, "colour": "blue", "release": None if outcome == "failed" else {"sha256": sha}}
-             for outcome, sha in runs]  # fmt: skip
-    (tmp_path / "deployments.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    (tmp_path / "current.json").write_text(json.dumps(lines[-1]))
-    assert check_records(tmp_path, image, a, b).problems == []
-    (tmp_path / "deployments.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines[:2] + lines[3:]))
-    assert any("expected" in problem for problem in check_records(tmp_path, image, a, b).problems)
-    (tmp_path / "deployments.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    (tmp_path / "current.json").write_text(json.dumps(lines[1]))
-    assert any("is not the last deployment" in p for p in check_records(tmp_path, image, a, b).problems)
+              "model_sha256": sha, "models": f"/srv/{models}", "colour": "blue",
+              "commit": "rehearsal-rejected" if models == "models/rejected" else "",
+              "release": None if outcome == "failed" else {"sha256": sha}}
+             for outcome, sha, models in runs]  # fmt: skip
+
+    def problems(history: list[dict], current: dict) -> list[str]:
+        (tmp_path / "deployments.jsonl").write_text("".join(json.dumps(line) + "\n" for line in history))
+        (tmp_path / "current.json").write_text(json.dumps(current))
+        return check_records(tmp_path, image, releases).problems
+
+    assert problems(lines, lines[-1]) == []
+    assert any("expected" in problem for problem in problems(lines[:2] + lines[3:], lines[-1]))
+    assert any("is not the last deployment" in problem for problem in problems(lines, lines[1]))
+    wrong_rollback = [*lines[:-1], {**lines[-1], "models": "/srv/models/rejected"}]  # the rejected release came back
+    assert any("the rollback brought back" in problem for problem in problems(wrong_rollback, wrong_rollback[-1]))

@@ -1,30 +1,35 @@
 #!/usr/bin/env bash
 # Blue/green on one Docker host, run there by .github/workflows/cd.yml (over SSH, from DEPLOY_PATH), rehearsed for
-# real by `make deploy-test` (deploy/rehearse.py).
+# real by `make deploy-test` (deploy/rehearse.py). The host needs docker, docker compose, python3 and flock.
 #
 # Two compose projects of docker-compose.yml's `serve`, catsdogs-blue and catsdogs-green, listen on 127.0.0.1:8001
-# and 127.0.0.1:8002 only. The public port belongs to an nginx proxy (proxy.yml, host network) whose upstream file
-# names the active colour. A new release starts as the idle colour beside the live one; traffic moves only when
-# `switch` rewrites the upstream and nginx reloads (graceful: requests in flight finish on the old colour).
+# and 127.0.0.1:8002 only. The public port belongs to an nginx proxy (proxy.yml, host network) whose upstream file,
+# proxy/upstream.conf, names the live colour: it is the one record of which colour is live. A new release starts as
+# the idle colour beside the live one; traffic moves only when `switch` rewrites the upstream and nginx reloads
+# (graceful: requests in flight finish on the old colour).
 #
 #   bluegreen.sh candidate IMAGE@DIGEST MODELS_DIR   start the idle colour; prints "colour port" once healthy
-#   bluegreen.sh switch COLOUR                       point the proxy at COLOUR (starts the proxy the first time)
+#   bluegreen.sh switch COLOUR                       point the proxy at COLOUR once it is healthy; checks the public
+#                                                    port serves its model, else puts the old upstream back
 #   bluegreen.sh retire COLOUR                       stop COLOUR once its requests finished (never the live colour)
+#   bluegreen.sh reject COLOUR REASON                record a candidate that failed its checks as failed, and stop it
 #   bluegreen.sh rollback                            the previous release back the same way: candidate, switch, retire
 #   bluegreen.sh active                              the live colour ("none" before the first switch)
 #
-# Records, in DEPLOY_PATH: current.json (the live release) and deployments.jsonl (one line per switch, rollback and
-# failed candidate: time, outcome, colour, image, image id, model sha256 and version as the service reports them).
-# The deploy log (timestamped) goes to stderr. Environment: PUBLIC_PORT (8000), BLUE_PORT (8001), GREEN_PORT (8002),
-# PROJECT (catsdogs: the compose projects' prefix), HEALTH_TIMEOUT (180 s for a candidate to become healthy),
-# DRAIN_TIMEOUT (60 s, nginx's proxy_read_timeout: the longest retire waits for the old colour's requests), COMMIT
-# (recorded when set), OUTCOME (what switch records: deployed).
+# Records, in DEPLOY_PATH (deploy/host/releases.py): current.json (the live release) and deployments.jsonl (one line
+# per switch, rollback, revert and failed candidate: time, outcome, colour, image, image id, model sha256 and version
+# as the service reports them, commit, release.json). The deploy log (timestamped) goes to stderr. Environment:
+# PUBLIC_PORT (8000), BLUE_PORT (8001), GREEN_PORT (8002), PROJECT (catsdogs: the compose projects' prefix),
+# PROXY_IMAGE (nginx:1.29-alpine), HEALTH_TIMEOUT (180 s for a candidate to become healthy), DRAIN_TIMEOUT (60 s,
+# nginx's proxy_read_timeout: the longest retire waits for the old colour's requests), COMMIT (recorded), OUTCOME
+# (what switch records: deployed; CD's switch back after failed checks: reverted).
 set -euo pipefail
 self=$(realpath "$0")
 cd "$(dirname "$self")/../.."  # DEPLOY_PATH: docker-compose.yml, deploy/host/, models/, proxy/
 mkdir -p proxy
 PROJECT=${PROJECT:-catsdogs}
 export PUBLIC_PORT=${PUBLIC_PORT:-8000}
+releases() { python3 deploy/host/releases.py "$@"; }
 
 log() { echo "$(date -u +%FT%T.%3NZ) $*" >&2; }
 port_of() {
@@ -34,34 +39,57 @@ port_of() {
     *) echo "unknown colour '$1': blue or green" >&2; exit 2 ;;
   esac
 }
-active() { cat proxy/active 2>/dev/null || echo none; }
+active() { # the colour proxy/upstream.conf sends traffic to
+  local port; port=$(sed -n 's/^server 127\.0\.0\.1:\([0-9]*\);$/\1/p' proxy/upstream.conf 2>/dev/null | head -n1 || true)
+  case "$port" in
+    "") echo none ;;
+    "$(port_of blue)") echo blue ;;
+    "$(port_of green)") echo green ;;
+    *) echo "proxy/upstream.conf sends traffic to port $port, neither colour's" >&2; exit 1 ;;
+  esac
+}
 compose() { # compose COLOUR ARGS...: the serve service as project PROJECT-COLOUR
   local colour=$1; shift
-  PORT="127.0.0.1:$(port_of "$colour")" docker compose -p "$PROJECT-$colour" -f docker-compose.yml "$@"
+  PORT="127.0.0.1:$(port_of "$colour")" docker compose -p "$PROJECT-$colour" -f docker-compose.yml "$@" 9>&-
 }
-proxy() { docker compose -p "$PROJECT-proxy" -f deploy/host/proxy.yml "$@"; }
-container_of() { # container_of PROJECT SERVICE: the running container's id, or nothing
-  docker ps -q --filter "label=com.docker.compose.project=$1" --filter "label=com.docker.compose.service=$2" | head -n1
+proxy() { docker compose -p "$PROJECT-proxy" -f deploy/host/proxy.yml "$@" 9>&-; }  # 9: the lock, not theirs
+container_of() { # container_of PROJECT SERVICE: its container's id (running or not), or nothing
+  docker ps -aq --filter "label=com.docker.compose.project=$1" --filter "label=com.docker.compose.service=$2" | head -n1
 }
-json() { local s=${1//\\/\\\\}; printf '"%s"' "${s//\"/\\\"}"; }
-record() { # record OUTCOME COLOUR [REASON]: one line in deployments.jsonl (the release's fields from proxy/COLOUR.release)
-  local line release
-  release=$(tr -d '\n' 2>/dev/null < "${MODELS:-.}/release.json" || echo null)  # CD's record of the registered model
-  line=$(printf '{"at": %s, "outcome": %s, "colour": %s, "image": %s, "image_id": %s, "model_sha256": %s, "model_version": %s, "models": %s, "commit": %s, "reason": %s, "release": %s}' \
-    "$(json "$(date -u +%FT%TZ)")" "$(json "$1")" "$(json "$2")" "$(json "${IMAGE:-}")" "$(json "${IMAGE_ID:-}")" \
-    "$(json "${MODEL_SHA256:-}")" "$(json "${MODEL_VERSION:-}")" "$(json "${MODELS:-}")" "$(json "${COMMIT:-}")" \
-    "$(json "${3:-}")" "${release:-null}")
-  printf '%s\n' "$line" >> deployments.jsonl
-  [ "$1" = failed ] || { printf '%s\n' "$line" > current.json.new && mv current.json.new current.json; }
-}
+health_of() { docker inspect -f '{{.State.Health.Status}} {{.RestartCount}} {{.State.Status}}' "$1" 2>/dev/null || echo none 0 gone; }
 ready_field() { # ready_field CONTAINER FIELD: a field of the service's /ready, asked inside its container
   docker exec "$1" python -c "import json, sys, urllib.request
 print(json.load(urllib.request.urlopen('http://127.0.0.1:8000/ready', timeout=5))[sys.argv[1]])" "$2"
 }
-old_workers() { # nginx workers still finishing requests after a reload ("worker process is shutting down")
-  docker exec "$(container_of "$PROJECT-proxy" proxy)" \
-    sh -c 'cat /proc/[0-9]*/cmdline 2>/dev/null | tr "\0" "\n" | grep -c "is shutting dow[n]" || true'
+public_sha() { # the model_sha256 the proxy's public port serves, or nothing
+  python3 -c "import json, sys, urllib.request
+try: print(json.load(urllib.request.urlopen(f'http://127.0.0.1:{sys.argv[1]}/ready', timeout=5))['model_sha256'])
+except Exception: pass" "$PUBLIC_PORT"
 }
+old_workers() { # nginx workers still finishing requests after a reload ("worker process is shutting down")
+  docker exec "$1" sh -c 'cat /proc/[0-9]*/cmdline 2>/dev/null | tr "\0" "\n" | grep -c "is shutting dow[n]" || true' \
+    2>/dev/null || echo 0  # no proxy running: nothing to wait for
+}
+describe() { # describe COLOUR: proxy/COLOUR.json from its running container (a colour started by an older script)
+  local container; container=$(container_of "$PROJECT-$1" serve)
+  [ -n "$container" ] || return 1
+  IMAGE=$(docker inspect -f '{{.Config.Image}}' "$container") IMAGE_ID=$(docker inspect -f '{{.Image}}' "$container") \
+    MODELS=$(docker inspect -f '{{range .Mounts}}{{if eq .Destination "/models"}}{{.Source}}{{end}}{{end}}' "$container") \
+    MODEL_SHA256=$(ready_field "$container" model_sha256) MODEL_VERSION=$(ready_field "$container" model_version) \
+    releases candidate "$1"
+}
+stop_colour() { # stop_colour COLOUR SECONDS: compose down, then make sure nothing of it is left
+  compose "$1" down --timeout "$2" >&2 2>&1 || true
+  if [ -n "$(container_of "$PROJECT-$1" serve)" ]; then echo "$1 did not stop: docker ps -a shows it" >&2; return 1; fi
+  rm -f "proxy/$1.json"
+}
+
+# one deploy at a time on this host: CD's steps and an operator's rollback never interleave their halves
+if [ "${1:-}" != active ] && [ -z "${BLUEGREEN_LOCKED:-}" ]; then
+  exec 9>proxy/.lock
+  flock -n 9 || { echo "another bluegreen.sh is running on this host (proxy/.lock); try again when it ends" >&2; exit 1; }
+  export BLUEGREEN_LOCKED=1
+fi
 
 case "${1:-}" in
   candidate)
@@ -69,93 +97,125 @@ case "${1:-}" in
     test -f "$models/model.onnx" || { echo "no model.onnx in $models" >&2; exit 1; }
     live=$(active)
     colour=$([ "$live" = blue ] && echo green || echo blue)
-    models=$(realpath "$models")
-    export SERVE_IMAGE=$image MODELS_DIR=$models
-    docker image inspect "$image" >/dev/null 2>&1 || compose "$colour" pull --quiet serve
-    log "candidate $colour: starting $image on 127.0.0.1:$(port_of "$colour") with $models (live: $live)"
-    reason=""
-    compose "$colour" up -d --no-build --force-recreate serve >&2 || reason="docker compose up failed"
-    container=$(container_of "$PROJECT-$colour" serve)
-    deadline=$((SECONDS + ${HEALTH_TIMEOUT:-180}))
-    while [ -z "$reason" ]; do
-      read -r health restarts state <<< "$(docker inspect -f '{{.State.Health.Status}} {{.RestartCount}} {{.State.Status}}' \
-        "$container" 2>/dev/null || echo none 0 gone)"
-      [ "$health" = healthy ] && break
-      [ "$health" = unhealthy ] && { reason="its health check failed (docker-compose.yml: GET /ready must answer 200)"; break; }
-      if [ "$restarts" != 0 ] || [ "$state" = exited ] || [ "$state" = dead ] || [ "$state" = gone ]; then
-        reason="it exited ($state, restarted $restarts times) before becoming healthy"; break
-      fi
-      [ "$SECONDS" -lt "$deadline" ] || { reason="not healthy in ${HEALTH_TIMEOUT:-180} s"; break; }
-      sleep 1
-    done
-    IMAGE=$image MODELS=$models IMAGE_ID=$(docker inspect -f '{{.Image}}' "$container" 2>/dev/null || true)
-    if [ -n "$reason" ]; then
-      MODEL_SHA256=$(sha256sum "$models/model.onnx" | cut -d' ' -f1)
+    MODELS=$(realpath "$models"); export IMAGE=$image MODELS
+    export SERVE_IMAGE=$image MODELS_DIR=$MODELS
+    reason="" healthy=""
+    on_exit() { # whatever ends a candidate that is not healthy (a check, an error, an interrupt) stops and records it
+      local status=$?
+      [ -z "$healthy" ] || return 0
+      trap - EXIT INT TERM HUP
+      [ -n "$reason" ] || reason="bluegreen.sh stopped (exit status $status) before the candidate was healthy"
+      local container; container=$(container_of "$PROJECT-$colour" serve)
       if [ -n "$container" ]; then
         echo "--- the last log lines of candidate $colour ($container), health probes left out:" >&2
         docker logs "$container" 2>&1 | grep -v '"path": "/\(ready\|health\)"' | tail -n 30 >&2 || true
+        IMAGE_ID=$(docker inspect -f '{{.Image}}' "$container" 2>/dev/null || true)
       fi
-      compose "$colour" down --timeout 5 >&2 2>&1 || true
-      record failed "$colour" "$reason"
+      stop_colour "$colour" 5 || true
+      MODEL_SHA256=$(sha256sum "$MODELS/model.onnx" | cut -d' ' -f1) IMAGE_ID=${IMAGE_ID:-} releases record failed "$colour" "$reason" || true
       log "candidate $colour FAILED and is stopped: $reason; $live keeps serving"
       exit 1
-    fi
+    }
+    trap on_exit EXIT
+    trap 'reason="interrupted"; exit 1' INT TERM HUP
+    docker image inspect "$image" >/dev/null 2>&1 || compose "$colour" pull --quiet serve
+    log "candidate $colour: starting $image on 127.0.0.1:$(port_of "$colour") with $MODELS (live: $live)"
+    compose "$colour" up -d --no-build --force-recreate serve >&2
+    container=$(container_of "$PROJECT-$colour" serve)
+    deadline=$((SECONDS + ${HEALTH_TIMEOUT:-180}))
+    while :; do
+      read -r health restarts state <<< "$(health_of "$container")"
+      [ "$health" = healthy ] && break
+      [ "$health" = unhealthy ] && { reason="its health check failed (docker-compose.yml: GET /ready must answer 200)"; exit 1; }
+      if [ "$restarts" != 0 ] || [ "$state" = exited ] || [ "$state" = dead ] || [ "$state" = gone ]; then
+        reason="it exited ($state, restarted $restarts times) before becoming healthy"; exit 1
+      fi
+      [ "$SECONDS" -lt "$deadline" ] || { reason="not healthy in ${HEALTH_TIMEOUT:-180} s"; exit 1; }
+      sleep 1
+    done
+    IMAGE_ID=$(docker inspect -f '{{.Image}}' "$container")
     MODEL_SHA256=$(ready_field "$container" model_sha256)
     MODEL_VERSION=$(ready_field "$container" model_version)
-    for name in IMAGE IMAGE_ID MODELS MODEL_SHA256 MODEL_VERSION; do printf '%s=%q\n' "$name" "${!name}"; done \
-      > "proxy/$colour.release"
+    IMAGE_ID=$IMAGE_ID MODEL_SHA256=$MODEL_SHA256 MODEL_VERSION=$MODEL_VERSION releases candidate "$colour"
+    healthy=1
     log "candidate $colour: healthy, model $MODEL_VERSION sha256 $MODEL_SHA256"
     echo "$colour $(port_of "$colour")"
     ;;
   switch)
     colour=${2:?COLOUR}; port=$(port_of "$colour"); live=$(active)
-    test -f "proxy/$colour.release" || { echo "$colour is not a running candidate (bluegreen.sh candidate first)" >&2; exit 1; }
+    [ "$colour" != "$live" ] || { echo "$colour is live already" >&2; exit 1; }
+    container=$(container_of "$PROJECT-$colour" serve)
+    read -r health _ _ <<< "$(health_of "$container")"
+    [ "$health" = healthy ] || { echo "$colour is not running and healthy ($health): not switching to it" >&2; exit 1; }
+    [ -f "proxy/$colour.json" ] || describe "$colour"
+    sha=$(releases field "$colour" model_sha256)
+    [ -f proxy/upstream.conf ] && cp proxy/upstream.conf proxy/upstream.conf.old
     printf 'server 127.0.0.1:%s;\n' "$port" > proxy/upstream.conf.new
     mv proxy/upstream.conf.new proxy/upstream.conf
     nginx=$(container_of "$PROJECT-proxy" proxy)
-    if [ -z "$nginx" ]; then
-      proxy up -d proxy >&2
+    log "switch: the proxy goes to $colour (127.0.0.1:$port)"
+    restore() { # the old upstream back, and nginx on it
+      log "switch to $colour FAILED: $1; traffic stays on $live"
+      if [ -f proxy/upstream.conf.old ]; then mv proxy/upstream.conf.old proxy/upstream.conf; else rm -f proxy/upstream.conf; fi
+      [ -z "$nginx" ] || docker exec "$nginx" nginx -s reload >&2 2>&1 || true
+      exit 1
+    }
+    if [ -z "$nginx" ] || [ "$(docker inspect -f '{{.State.Status}}' "$nginx")" != running ]; then
+      proxy up -d proxy >&2 || restore "the proxy did not start"
+      nginx=$(container_of "$PROJECT-proxy" proxy)
     else
-      docker exec "$nginx" nginx -t >&2 2>&1
-      docker exec "$nginx" nginx -s reload >&2 2>&1
+      docker exec "$nginx" nginx -t >&2 2>&1 || restore "nginx -t refused the configuration"
+      docker exec "$nginx" nginx -s reload >&2 2>&1 || restore "nginx -s reload failed"
     fi
-    echo "$colour" > proxy/active
-    if [ "$live" != none ] && [ "$live" != "$colour" ] && [ -f "proxy/$live.release" ]; then
-      cp "proxy/$live.release" proxy/previous.release
-    fi
-    # shellcheck source=/dev/null
-    source "proxy/$colour.release"
-    record "${OUTCOME:-deployed}" "$colour"
-    log "switch: traffic -> $colour (127.0.0.1:$port), model $MODEL_VERSION sha256 $MODEL_SHA256"
+    # a reload is a signal: the switch is done when the public port serves the candidate's model
+    for _ in $(seq 60); do [ "$(public_sha)" = "$sha" ] && break; sleep 0.5; done
+    [ "$(public_sha)" = "$sha" ] || restore "the public port does not serve $colour's model $sha after 30 s"
+    rm -f proxy/upstream.conf.old
+    releases record "${OUTCOME:-deployed}" "$colour"
+    log "switch: traffic -> $colour (127.0.0.1:$port), model $(releases field "$colour" model_version) sha256 $sha"
     echo "traffic -> $colour (127.0.0.1:$port)"
     ;;
   retire)
     colour=${2:?COLOUR}; port_of "$colour" >/dev/null
     [ "$colour" != "$(active)" ] || { echo "refusing to stop the live colour $colour" >&2; exit 1; }
     # after a reload, nginx's old workers finish the requests they hold on the old colour, then exit
-    deadline=$((SECONDS + ${DRAIN_TIMEOUT:-60}))
-    while [ "$(old_workers)" != 0 ] && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.5; done
-    log "retire $colour: the proxy holds no request on it; stopping (graceful, up to 35 s)"
-    compose "$colour" down --timeout 35 >&2 2>&1
-    rm -f "proxy/$colour.release"
+    nginx=$(container_of "$PROJECT-proxy" proxy)
+    if [ -n "$nginx" ]; then
+      deadline=$((SECONDS + ${DRAIN_TIMEOUT:-60}))
+      while [ "$(old_workers "$nginx")" != 0 ]; do
+        if [ "$SECONDS" -ge "$deadline" ]; then
+          log "retire $colour: WARNING nginx's old workers still hold requests after ${DRAIN_TIMEOUT:-60} s; stopping it anyway"
+          break
+        fi
+        sleep 0.5
+      done
+    fi
+    log "retire $colour: the proxy's old workers are done; stopping it (graceful, up to 35 s)"
+    stop_colour "$colour" 35
     log "retire $colour: stopped"
     ;;
+  reject)
+    colour=${2:?COLOUR}; reason=${3:?REASON}; port_of "$colour" >/dev/null
+    [ "$colour" != "$(active)" ] || { echo "refusing to reject the live colour $colour: switch back first" >&2; exit 1; }
+    [ -f "proxy/$colour.json" ] || describe "$colour" || true
+    releases record failed "$colour" "$reason"
+    stop_colour "$colour" 35
+    log "reject $colour: $reason; recorded as failed and stopped"
+    ;;
   rollback)
-    test -f proxy/previous.release || { echo "no previous release to roll back to" >&2; exit 1; }
-    # shellcheck source=/dev/null
-    source proxy/previous.release
+    target=$(releases previous)
+    image=${target%%$'\t'*}; models=${target#*$'\t'}
     live=$(active)
-    log "rollback: $live -> the previous release, $IMAGE with model $MODEL_VERSION ($MODELS)"
-    started=$(bash "$self" candidate "$IMAGE" "$MODELS")  # a failed candidate ends the rollback here
-    colour=${started%% *}
-    OUTCOME=rolled-back bash "$self" switch "$colour"
+    log "rollback: $live -> the previous release, $image with $models"
+    started=$(bash "$self" candidate "$image" "$models")  # a failed candidate ends the rollback here
+    OUTCOME=rolled-back bash "$self" switch "${started%% *}"
     bash "$self" retire "$live"
     ;;
   active)
     active
     ;;
   *)
-    sed -n '2,22p' "$self" >&2
+    sed -n '2,27p' "$self" >&2
     exit 2
     ;;
 esac
