@@ -219,8 +219,9 @@ class Scenario:
 
 class Rehearsal:
     def __init__(self, env: dict[str, str], deploy_path: Path, ports: dict[str, int]) -> None:
-        self.env = {**env, "PROJECT": PROJECT, "PUBLIC_PORT": str(ports["public"]),
-                    "BLUE_PORT": str(ports["blue"]), "GREEN_PORT": str(ports["green"])}  # fmt: skip
+        self.env = {**env, "PROJECT": PROJECT, "FEEDBACK_VOLUME": f"{PROJECT}-feedback",
+                    "PUBLIC_PORT": str(ports["public"]), "BLUE_PORT": str(ports["blue"]),
+                    "GREEN_PORT": str(ports["green"])}  # fmt: skip
         self.deploy_path = deploy_path
         self.url = f"http://127.0.0.1:{ports['public']}"
         self.log: list[str] = []
@@ -371,6 +372,7 @@ def deploy(r: Rehearsal, scenario: Scenario, image: str, releases: list[tuple[st
     if candidate.returncode != 0:
         scenario.problems.append(f"the candidate failed:\n{candidate.stderr[-3000:]}")
         return candidate.stderr
+    before = httpx.post(f"{r.url}/predict", content=photos[0], headers={"Content-Type": "image/jpeg"}, timeout=30)
     slow = SlowUpload(r.url, photos[0], seconds=4).start()
     time.sleep(1)  # its first bytes are in, on one of nginx's workers, before the reload
     switch = r.script("switch", candidate.stdout.split()[0])
@@ -379,6 +381,12 @@ def deploy(r: Rehearsal, scenario: Scenario, image: str, releases: list[tuple[st
     stderr = candidate.stderr + switch.stderr + retire.stderr
     if retire.returncode != 0:
         scenario.problems.append(f"the deploy failed:\n{stderr[-3000:]}")
+    # feedback for a prediction the old colour made reaches the new one's store (one store for both colours)
+    label = before.json().get("label")
+    after = httpx.post(f"{r.url}/feedback", json={"prediction_id": before.json().get("prediction_id"), "label": label},
+                       timeout=30)  # fmt: skip
+    if after.status_code != 200:
+        scenario.problems.append(f"feedback after the switch for a prediction before it: {after.status_code}")
     began, retired = log_time(stderr, r"switch: the proxy goes to"), log_time(stderr, r"retire \w+: the proxy's old")
     if slow.answer.status != 200 or slow.answer.sent > (began or 0):
         scenario.failures.append(f"the slow upload across the switch: {slow.answer.status}")

@@ -16,8 +16,9 @@ from server.observer import observe
 from server.openapi import document
 
 
-def prediction_body(prediction: Prediction, model: Model, started: float) -> dict[str, Any]:
+def prediction_body(prediction: Prediction, model: Model, started: float, prediction_id: str | None) -> dict[str, Any]:
     return {
+        "prediction_id": prediction_id,  # what POST /feedback takes
         "label": prediction.label,
         "probabilities": prediction.probabilities,
         "is_pet": prediction.is_pet,
@@ -49,9 +50,9 @@ async def predict(request: Request) -> JSONResponse:
     [result] = await predict_images(request, [data])
     if not isinstance(result, Prediction):
         raise result
-    observe(request, [(name, data)], [result], batch=False)
+    [prediction_id] = observe(request, [(name, data)], [result])
     request.scope["state"]["log"] = {"label": result.label, "confidence": round(result.confidence, 4)}
-    return JSONResponse(prediction_body(result, model, started))
+    return JSONResponse(prediction_body(result, model, started, prediction_id))
 
 
 async def predict_batch(request: Request) -> JSONResponse:
@@ -59,11 +60,11 @@ async def predict_batch(request: Request) -> JSONResponse:
     model = require_model(request)
     uploads = await read_uploads(request, "files", max_files=request.app.state.settings.max_batch_files)
     results = await predict_images(request, [data for _, data in uploads])
-    ids = observe(request, uploads, results, batch=True)
+    ids = observe(request, uploads, results)
     items: list[dict[str, Any]] = []
-    for (filename, _), result, request_id in zip(uploads, results, ids, strict=True):
+    for (filename, _), result, prediction_id in zip(uploads, results, ids, strict=True):
         if isinstance(result, Prediction):
-            items.append({"file": filename, **prediction_body(result, model, started), "request_id": request_id})
+            items.append({"file": filename, **prediction_body(result, model, started, prediction_id)})
         else:
             items.append({"file": filename, "error": {"code": result.code, "message": result.message}})
     errors = sum("error" in item for item in items)

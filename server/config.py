@@ -148,14 +148,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("GRACEFUL_TIMEOUT", integer(0), fixed(30), "30", "seconds in-flight requests get to finish on SIGTERM"),
     Setting("FEEDBACK_STORE_SIZE", integer(1), fixed(10_000), "10000",
             "recent predictions kept for `POST /feedback` (oldest evicted)"),
-    Setting("FEEDBACK_DB", Path, fixed(None), "unset",
-            "SQLite file for the feedback store instead of memory: survives restarts, shared by one host's processes"),
+    Setting("FEEDBACK_DB", str, fixed(None), "unset (memory)",
+            "the feedback store: a SQLite file (survives restarts; one host's processes) or a `postgresql://` URL "
+            "(several processes or replicas)"),
     Setting("PET_THRESHOLD", fraction, fixed(None), "the model's (`/model` → `pet.threshold`)",
             "`pet_score` at or above which `is_pet` is true (0 to 1; docs/not-a-pet.md)"),
     Setting("DRIFT_WINDOW", integer(1), fixed(500), "500",
             "predictions per drift window (`catsdogs_drift_psi` against the model's reference)"),
     Setting("PREDICTION_LOG", Path, fixed(None), "unset",
-            "JSON-lines file of predictions and feedback, joinable by request id (no image bytes)"),
+            "JSON-lines file of predictions and feedback, joinable by prediction id (no image bytes)"),
     Setting("PREDICTION_LOG_SAMPLE_EVERY", integer(0), fixed(0), "0",
             "save every Nth image next to the prediction log (0: never)"),
     Setting("PREDICTION_LOG_MAX_BYTES", integer(1), fixed(8 * MIB), str(8 * MIB),
@@ -166,6 +167,7 @@ SETTINGS: tuple[Setting, ...] = (
             "sampled images kept next to the log, oldest deleted first past this size"),
 )  # fmt: skip
 RENAMED = {"MAX_QUEUE_BYTES": "MAX_ADMITTED_BYTES"}
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")  # FEEDBACK_DB: a PostgreSQL URL, not a file
 WRITTEN_FILES = ("FEEDBACK_DB", "PREDICTION_LOG")  # checked before the service starts: a bad one is exit code 2
 
 
@@ -210,7 +212,7 @@ class Settings:
     log_format: str
     graceful_timeout: int
     feedback_store_size: int
-    feedback_db: Path | None
+    feedback_db: str | None
     pet_threshold: float | None  # None: the threshold recorded in the model's metadata
     drift_window: int
     prediction_log: Path | None
@@ -245,9 +247,10 @@ class Settings:
     def check_files(self) -> None:
         """Raise ValueError, naming the variable, for a file the service must write but cannot."""
         for setting in (s for s in SETTINGS if s.name in WRITTEN_FILES):
-            path: Path | None = getattr(self, setting.field)
-            if path is None:
+            value: Path | str | None = getattr(self, setting.field)
+            if value is None or str(value).startswith(POSTGRES_SCHEMES):
                 continue
+            path = Path(value)
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with open(path, "a"):

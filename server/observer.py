@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import mimetypes
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Mapping
@@ -21,7 +22,7 @@ from server.logs import get_logger
 from server.metrics import Metrics
 from server.model import Model, Prediction
 from server.predlog import PredictionLog
-from server.store import PredictionRecord, PredictionStore, open_store
+from server.store import Feedback, PredictionRecord, PredictionStore
 
 QUEUE_SIZE = 1000  # predictions waiting to be recorded: about a minute of full load; past it they are dropped
 
@@ -34,7 +35,7 @@ class Observer:
 
     def __init__(self, settings: Settings, metrics: Metrics, model: Model | None) -> None:
         self.metrics = metrics
-        self.store: PredictionStore = open_store(settings.feedback_store_size, settings.feedback_db)
+        self.store = PredictionStore(settings.feedback_db, settings.feedback_store_size)
         self.prediction_log = (
             PredictionLog(
                 settings.prediction_log,
@@ -58,17 +59,18 @@ class Observer:
         self.worker.start()
 
     def record(
-        self, request_id: str, model_version: str, prediction: Prediction, data: bytes, content_type: str
-    ) -> None:
+        self, prediction_id: str, request_id: str, model_version: str, prediction: Prediction, data: bytes,
+        content_type: str,
+    ) -> None:  # fmt: skip
         """Queue one prediction to be recorded; never blocks."""
-        record = PredictionRecord(request_id, time.time(), model_version, prediction.label, prediction.probabilities,
-                                  prediction.pet_score)  # fmt: skip
+        record = PredictionRecord(prediction_id, request_id, time.time(), model_version, prediction.label,
+                                  prediction.probabilities, prediction.pet_score)  # fmt: skip
         try:
             self.queue.put_nowait(Observation(record, prediction, data, content_type))
         except queue.Full:
             self.lose("queue_full", "the observer's queue is full: predictions are answered but not recorded")
             return
-        self.pending.add(request_id)
+        self.pending.add(prediction_id)
 
     def drain(self) -> None:
         while (item := self.queue.get()) is not None:
@@ -78,7 +80,7 @@ class Observer:
                 self.lose("write_failed", f"recording a prediction failed: {type(error).__name__}: {error}")
             finally:
                 with self.written:
-                    self.pending.discard(item.record.request_id)
+                    self.pending.discard(item.record.prediction_id)
                     self.written.notify_all()
 
     def write(self, item: Observation) -> None:
@@ -86,8 +88,9 @@ class Observer:
         self.drift.observe(item.prediction)
         if self.prediction_log:
             prediction = item.prediction
-            fields = {"request_id": item.record.request_id, "model_version": item.record.model_version,
-                      "label": prediction.label, "probabilities": prediction.probabilities}  # fmt: skip
+            fields = {"prediction_id": item.record.prediction_id, "request_id": item.record.request_id,
+                      "model_version": item.record.model_version, "label": prediction.label,
+                      "probabilities": prediction.probabilities}  # fmt: skip
             if prediction.pet_score is not None:
                 fields.update(pet_score=prediction.pet_score, is_pet=prediction.is_pet)
             self.prediction_log.prediction(fields, item.data, item.content_type)
@@ -98,28 +101,29 @@ class Observer:
             self.reported.add(reason)
             get_logger().warning(message, extra={"reason": reason})
 
-    def find(self, request_id: str, timeout: float = 5) -> PredictionRecord | None:
-        """The stored prediction with this id, once it is out of the queue (at most `timeout` seconds: a feedback
-        sent right after its prediction must see it). Blocking: call it from a worker thread."""
+    def give_feedback(
+        self, prediction_id: str, label: str, timeout: float = 5
+    ) -> tuple[Feedback, PredictionRecord | None]:
+        """Record a feedback once its prediction is out of the queue (at most `timeout` seconds: a feedback sent right
+        after its prediction must see it); a first one is counted and logged. Blocking: call it from a worker thread."""
         with self.written:
-            self.written.wait_for(lambda: request_id not in self.pending, timeout)
-        return self.store.get(request_id)
+            self.written.wait_for(lambda: prediction_id not in self.pending, timeout)
+        outcome, record = self.store.give_feedback(prediction_id, label)
+        if outcome is Feedback.RECORDED and record is not None:
+            correct = label == record.label
+            self.metrics.feedback.labels(label, str(correct).lower()).inc()
+            if self.prediction_log:
+                try:
+                    self.prediction_log.feedback(prediction_id, record.model_version, label, record.label, correct)
+                except OSError as error:
+                    self.lose("write_failed", f"writing the prediction log failed: {error}")
+        return outcome, record
 
     def wait_idle(self, timeout: float = 5) -> bool:
         """Whether every queued prediction was recorded within `timeout` seconds (for tests and tools that read the
         metrics or the store right after predicting)."""
         with self.written:
             return self.written.wait_for(lambda: not self.pending, timeout)
-
-    def record_feedback(self, record: PredictionRecord, label: str, correct: bool) -> None:
-        """Store the feedback (blocking: from a worker thread); the metric and the log line follow it."""
-        self.store.set_feedback(record.request_id, label)
-        self.metrics.feedback.labels(label, str(correct).lower()).inc()
-        if self.prediction_log:
-            try:
-                self.prediction_log.feedback(record.request_id, record.model_version, label, record.label, correct)
-            except OSError as error:
-                self.lose("write_failed", f"writing the prediction log failed: {error}")
 
     def close(self, timeout: float = 10) -> None:
         """Record what is queued (for at most `timeout` seconds), then close the store and the log."""
@@ -148,18 +152,18 @@ def upload_type(headers: Mapping[str, str], filename: str) -> str:
 
 
 def observe(
-    request: Request, uploads: list[tuple[str, bytes]], results: list[Prediction | ImageError], *, batch: bool
+    request: Request, uploads: list[tuple[str, bytes]], results: list[Prediction | ImageError]
 ) -> list[str | None]:
-    """Record each prediction (errors are skipped) and return its id, None for an error. A single prediction's id
-    is the request's X-Request-ID; a batch's items get their own, `<request id>/<index>`."""
+    """Record each prediction (errors are skipped) under an id the server issues, 128 random bits, and return the
+    ids (None for an error): what POST /feedback takes. The request's X-Request-ID is kept beside it, for tracing."""
     observer: Observer = request.app.state.observer
     model: Model = request.app.state.model
     request_id: str = request.scope["state"]["request_id"]
     ids: list[str | None] = []
-    for index, ((filename, data), result) in enumerate(zip(uploads, results, strict=True)):
+    for (filename, data), result in zip(uploads, results, strict=True):
         if not isinstance(result, Prediction):
             ids.append(None)
             continue
-        ids.append(f"{request_id}/{index}" if batch else request_id)
-        observer.record(ids[-1], model.version, result, data, upload_type(request.headers, filename))
+        ids.append(secrets.token_urlsafe(16))
+        observer.record(ids[-1], request_id, model.version, result, data, upload_type(request.headers, filename))
     return ids

@@ -131,11 +131,11 @@ def page(settings: Settings) -> Schema:
 
 def feedback(settings: Settings, labels: list[str] | None) -> Schema:
     label = {"enum": labels} if labels else {"type": "string"}
-    body = {"type": "object", "required": ["request_id", "label"],
-            "properties": {"request_id": {"type": "string", "minLength": 1, "maxLength": 160},
+    body = {"type": "object", "required": ["prediction_id", "label"],
+            "properties": {"prediction_id": {"type": "string", "minLength": 1, "maxLength": 128},
                            "label": label}}  # fmt: skip
-    answer = {"type": "object", "required": ["request_id", "label", "predicted", "correct", "model_version"],
-              "properties": {"request_id": {"type": "string"}, "label": {"type": "string"},
+    answer = {"type": "object", "required": ["prediction_id", "label", "predicted", "correct", "model_version"],
+              "properties": {"prediction_id": {"type": "string"}, "label": {"type": "string"},
                              "predicted": {"type": "string"}, "correct": {"type": "boolean"},
                              "model_version": {"type": "string"}}}  # fmt: skip
     responses = {"200": ok("Recorded (a repeat of the same label is counted once)", answer),
@@ -237,7 +237,8 @@ def schemas() -> dict[str, Schema]:
                                   "description": "false: neither a cat nor a dog, do not trust label; null: the "
                                                  "model has no pet output"},
                        "pet_score": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
-                       "request_id": {"type": "string"},
+                       "prediction_id": {"type": ["string", "null"],
+                                         "description": "issued by the service: what POST /feedback takes"},
                        "model_version": {"type": "string"}, "latency_ms": {"type": "number", "minimum": 0}},
     }  # fmt: skip
     detail = {

@@ -86,9 +86,10 @@ class PredictionLog:
         self.seen += 1
         self.write(line)
 
-    def feedback(self, request_id: str, model_version: str, label: str, predicted: str, correct: bool) -> None:
-        self.write({"event": "feedback", "time": now(), "request_id": request_id, "model_version": model_version,
-                    "label": label, "predicted": predicted, "correct": correct})  # fmt: skip
+    def feedback(self, prediction_id: str, model_version: str, label: str, predicted: str, correct: bool) -> None:
+        self.write({"event": "feedback", "time": now(), "prediction_id": prediction_id,
+                    "model_version": model_version, "label": label, "predicted": predicted,
+                    "correct": correct})  # fmt: skip
 
     def close(self) -> None:
         self.handler.close()

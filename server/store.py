@@ -1,23 +1,45 @@
-"""The prediction store: the recent predictions kept by id, so that a later POST /feedback can be joined to one."""
+"""The prediction store: recent predictions kept by the id the server issued, so that a later POST /feedback can be
+joined to one.
+
+One schema and one code path for SQLite (a file: survives restarts, shared by one host's processes; or memory, the
+default) and PostgreSQL (`FEEDBACK_DB=postgresql://...`: shared by several processes and replicas). Recording a
+feedback is one atomic statement, `UPDATE ... WHERE prediction_id = ? AND feedback IS NULL`, whose row count decides:
+two processes racing to give one prediction different labels cannot both win.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sqlite3
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Protocol
+from enum import Enum
+from typing import Any
+
+import psycopg
+
+from server.config import POSTGRES_SCHEMES
+
+SCHEMA_VERSION = 1
+SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS store_schema (version INTEGER NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS predictions (
+        prediction_id TEXT PRIMARY KEY, request_id TEXT NOT NULL, time DOUBLE PRECISION NOT NULL,
+        model_version TEXT NOT NULL, label TEXT NOT NULL, probabilities TEXT NOT NULL, pet_score DOUBLE PRECISION,
+        feedback TEXT, feedback_time DOUBLE PRECISION)""",
+    "CREATE INDEX IF NOT EXISTS predictions_by_time ON predictions (time)",
+)
+COLUMNS = "prediction_id, request_id, time, model_version, label, probabilities, pet_score, feedback"
+STORE_ERRORS = (OSError, sqlite3.Error, psycopg.Error)  # a store that fails: 503 to a feedback, never a 500
 
 
 @dataclass(frozen=True)
 class PredictionRecord:
     """What a later feedback needs to be joined to its prediction."""
 
-    request_id: str
+    prediction_id: str  # issued by the server: 128 random bits
+    request_id: str  # the request's X-Request-ID, for tracing only
     time: float
     model_version: str
     label: str
@@ -26,91 +48,99 @@ class PredictionRecord:
     feedback: str | None = None
 
 
-class PredictionStore(Protocol):
-    def add(self, record: PredictionRecord) -> None: ...
-    def get(self, request_id: str) -> PredictionRecord | None: ...
-    def set_feedback(self, request_id: str, label: str) -> None: ...
-    def close(self) -> None: ...
+class Feedback(Enum):
+    RECORDED = "recorded"  # the first label given for this prediction
+    REPEATED = "repeated"  # the same label again: accepted, counted once
+    CONFLICT = "conflict"  # a different label was recorded first
+    UNKNOWN = "unknown"  # never issued, or no longer kept
 
 
-class MemoryStore:
-    """The `size` most recent predictions of this process, oldest evicted first; lost on restart."""
+class StoreError(Exception):
+    """A database this service cannot use (another schema version)."""
 
-    def __init__(self, size: int) -> None:
+
+class PredictionStore:
+    """The `size` most recent predictions (oldest evicted) in SQLite or PostgreSQL."""
+
+    def __init__(self, target: str | None, size: int) -> None:
+        target = str(target) if target else None  # a path given as a Path
         self.size = size
-        self.records: OrderedDict[str, PredictionRecord] = OrderedDict()
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # one connection per process, used by one thread at a time
+        self.added = 0
+        if target and target.startswith(POSTGRES_SCHEMES):
+            self.db: Any = psycopg.connect(target, autocommit=True)
+            self.placeholder = "%s"
+        else:
+            self.db = sqlite3.connect(target or ":memory:", check_same_thread=False, isolation_level=None, timeout=5)
+            self.placeholder = "?"
+            if target:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: a crash loses at most the last commits
+        self.migrate(postgres=self.placeholder == "%s")
+
+    def run(self, sql: str, params: tuple = ()) -> Any:
+        """One statement; `?` placeholders in both dialects."""
+        return self.db.execute(sql.replace("?", self.placeholder), params)
+
+    def migrate(self, postgres: bool) -> None:
+        """Create the schema, or check it is this service's version. A predictions table of the layout before
+        schema versions (keyed by the client's request id) is kept as predictions_v0."""
+        with self.lock:
+            if postgres:  # several replicas may start at once
+                self.run("SELECT pg_advisory_lock(7230613)")
+            try:
+                if not self.has_table("store_schema") and self.has_table("predictions"):
+                    self.run("ALTER TABLE predictions RENAME TO predictions_v0")
+                for statement in SCHEMA:
+                    self.run(statement)
+                self.run("INSERT INTO store_schema (version) SELECT ? WHERE NOT EXISTS "
+                         "(SELECT 1 FROM store_schema)", (SCHEMA_VERSION,))  # fmt: skip
+                [version] = self.run("SELECT version FROM store_schema").fetchone()
+            finally:
+                if postgres:
+                    self.run("SELECT pg_advisory_unlock(7230613)")
+        if version != SCHEMA_VERSION:
+            raise StoreError(f"the feedback store has schema version {version}; this service reads {SCHEMA_VERSION}")
+
+    def has_table(self, name: str) -> bool:
+        if self.placeholder == "%s":
+            row = self.run("SELECT to_regclass(?)", (name,)).fetchone()
+            return row[0] is not None
+        return self.run("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
 
     def add(self, record: PredictionRecord) -> None:
         with self.lock:
-            self.records[record.request_id] = record
-            self.records.move_to_end(record.request_id)
-            while len(self.records) > self.size:
-                self.records.popitem(last=False)
-
-    def get(self, request_id: str) -> PredictionRecord | None:
-        with self.lock:
-            return self.records.get(request_id)
-
-    def set_feedback(self, request_id: str, label: str) -> None:
-        with self.lock:
-            if request_id in self.records:
-                self.records[request_id] = dataclasses.replace(self.records[request_id], feedback=label)
-
-    def close(self) -> None:
-        pass
-
-
-class SqliteStore:
-    """The `size` most recent predictions in a SQLite file: survives restarts; one host (processes share it)."""
-
-    SCHEMA = """CREATE TABLE IF NOT EXISTS predictions (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT UNIQUE NOT NULL, time REAL NOT NULL,
-        model_version TEXT NOT NULL, label TEXT NOT NULL, probabilities TEXT NOT NULL, pet_score REAL,
-        feedback TEXT, feedback_time REAL)"""
-
-    def __init__(self, path: Path, size: int) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.size = size
-        self.lock = threading.Lock()
-        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=5)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: a crash loses at most the last commits, never the file
-        self.db.execute(self.SCHEMA)
-
-    def add(self, record: PredictionRecord) -> None:
-        with self.lock:
-            cursor = self.db.execute(
-                "INSERT OR REPLACE INTO predictions (request_id, time, model_version, label, probabilities, pet_score)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (record.request_id, record.time, record.model_version, record.label,
-                 json.dumps(record.probabilities), record.pet_score),
+            self.run(
+                f"INSERT INTO predictions ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (record.prediction_id, record.request_id, record.time, record.model_version, record.label,
+                 json.dumps(record.probabilities), record.pet_score, None),
             )  # fmt: skip
-            self.db.execute("DELETE FROM predictions WHERE seq <= ?", ((cursor.lastrowid or 0) - self.size,))
+            self.added += 1
+            if self.added % max(1, self.size // 100) == 0:  # evict in steps of 1% of the size
+                self.run("DELETE FROM predictions WHERE time < (SELECT time FROM predictions ORDER BY time DESC "
+                         "LIMIT 1 OFFSET ?)", (self.size - 1,))  # fmt: skip
 
-    def get(self, request_id: str) -> PredictionRecord | None:
+    def get(self, prediction_id: str) -> PredictionRecord | None:
         with self.lock:
-            row = self.db.execute(
-                "SELECT request_id, time, model_version, label, probabilities, pet_score, feedback"
-                " FROM predictions WHERE request_id = ?",
-                (request_id,),
-            ).fetchone()
+            row = self.run(f"SELECT {COLUMNS} FROM predictions WHERE prediction_id = ?", (prediction_id,)).fetchone()
         if row is None:
             return None
-        return PredictionRecord(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5], row[6])
+        return PredictionRecord(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), row[6], row[7])
 
-    def set_feedback(self, request_id: str, label: str) -> None:
+    def give_feedback(self, prediction_id: str, label: str) -> tuple[Feedback, PredictionRecord | None]:
+        """Record `label` for a prediction, first come first served; what happened, and the prediction."""
         with self.lock:
-            self.db.execute(
-                "UPDATE predictions SET feedback = ?, feedback_time = ? WHERE request_id = ?",
-                (label, time.time(), request_id),
-            )
+            changed = self.run(
+                "UPDATE predictions SET feedback = ?, feedback_time = ? WHERE prediction_id = ? AND feedback IS NULL",
+                (label, time.time(), prediction_id),
+            ).rowcount
+        record = self.get(prediction_id)
+        if record is None:
+            return Feedback.UNKNOWN, None
+        if changed == 1:
+            return Feedback.RECORDED, record
+        return (Feedback.REPEATED if record.feedback == label else Feedback.CONFLICT), record
 
     def close(self) -> None:
         with self.lock:
             self.db.close()
-
-
-def open_store(size: int, db: Path | None) -> PredictionStore:
-    """SQLite when FEEDBACK_DB names a file, else in memory."""
-    return SqliteStore(db, size) if db else MemoryStore(size)

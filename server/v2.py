@@ -259,11 +259,11 @@ def output_tensor(
 
 
 def infer_response(header: dict[str, Any], model: Model, outputs: list[tuple[OutputTensor, bool]],
-                   predictions: list[Prediction], request_ids: list[str]) -> Response:  # fmt: skip
+                   predictions: list[Prediction], prediction_ids: list[str]) -> Response:  # fmt: skip
     body: dict[str, Any] = {"model_name": MODEL_NAME, "model_version": model.version}
     if "id" in header:
         body["id"] = header["id"]
-    body["parameters"] = {"request_ids": request_ids}  # for POST /feedback, one per image
+    body["parameters"] = {"prediction_ids": prediction_ids}  # for POST /feedback, one per image
     tensors, chunks = [], []
     for output, binary in outputs:
         tensor, data = output_tensor(output, model, predictions, binary)
@@ -340,8 +340,8 @@ async def infer(request: Request) -> Response:
         predictions.append(result)
     # recorded like /predict (one image) and /predict/batch (several): feedback, drift and the prediction log
     uploads = [(f"{INPUT_NAME}[{i}]", data) for i, data in enumerate(images)]
-    request_ids = [str(item) for item in observe(request, uploads, results, batch=len(images) > 1)]
-    return infer_response(header, model, outputs, predictions, request_ids)
+    prediction_ids = [str(item) for item in observe(request, uploads, results)]
+    return infer_response(header, model, outputs, predictions, prediction_ids)
 
 
 MODEL = "/v2/models/{model_name}"

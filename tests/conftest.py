@@ -106,3 +106,16 @@ def running_service(model: Path, **env: str) -> Iterator:
 def service(onnx_model: Path) -> Iterator:
     """`python -m server` on a free port with the real model, ready, shared by one test module."""
     yield from running_service(onnx_model)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[str]:
+    """A real PostgreSQL server for the session (tests/postgres.py); the URL of its `postgres` database."""
+    import tempfile
+
+    from tests.postgres import postgres_server
+
+    directory = Path(tempfile.mkdtemp(prefix="catsdogs-postgres-"))  # not under pytest's root-only tmp: the server
+    with postgres_server(directory) as url:  # may run as the postgres user
+        yield url
+    shutil.rmtree(directory, ignore_errors=True)

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import dataclasses
 import json
+import sqlite3
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx2 as httpx
 import pytest
 from starlette.testclient import TestClient
 
 from server.app import create_app
 from server.config import Settings
-from server.store import MemoryStore, PredictionRecord, SqliteStore
+from server.store import Feedback, PredictionRecord, PredictionStore, StoreError
+from tests.conftest import running_service
 from tests.images import photo_bytes
+from tests.postgres import fresh_database
 
 CAT, DOG = "cats/cat.1.jpg", "dogs/dog.1.jpg"
 
@@ -29,14 +37,16 @@ def client(onnx_model: Path):
         yield test_client
 
 
-def predict(client: TestClient, name: str) -> str:
-    response = client.post("/predict", files={"file": (Path(name).name, photo_bytes(name), "image/jpeg")})
+def predict(client: TestClient, name: str, request_id: str | None = None) -> str:
+    headers = {"x-request-id": request_id} if request_id else {}
+    response = client.post("/predict", files={"file": (Path(name).name, photo_bytes(name), "image/jpeg")},
+                           headers=headers)  # fmt: skip
     assert response.status_code == 200, response.text
-    return response.headers["x-request-id"]
+    return response.json()["prediction_id"]
 
 
-def send(client: TestClient, request_id: str, label: str):
-    return client.post("/feedback", json={"request_id": request_id, "label": label})
+def send(client: TestClient, prediction_id: str, label: str):
+    return client.post("/feedback", json={"prediction_id": prediction_id, "label": label})
 
 
 def counter(client: TestClient, label: str, correct: str) -> float:
@@ -50,46 +60,59 @@ def test_feedback_round_trip_counts_right_and_wrong(client):
     cat_photo = predict(client, CAT)
     response = send(client, cat_photo, "dog")
     assert response.status_code == 200, response.text
-    assert response.json() == {"request_id": cat_photo, "label": "dog", "predicted": "cat", "correct": False,
+    assert response.json() == {"prediction_id": cat_photo, "label": "dog", "predicted": "cat", "correct": False,
                                "model_version": "seeded-imagenet-head"}  # fmt: skip
     assert send(client, predict(client, DOG), "dog").json()["correct"] is True
     assert counter(client, "dog", "false") == wrong_before + 1
     assert counter(client, "dog", "true") == right_before + 1
 
 
+def test_prediction_ids_are_the_servers_whatever_request_id_the_client_sends(client):
+    cat, dog = predict(client, CAT, request_id="chosen-by-client"), predict(client, DOG, request_id="chosen-by-client")
+    assert cat != dog and "chosen-by-client" not in cat + dog
+    for prediction_id in (cat, dog):  # 128 random bits, URL-safe base64
+        assert len(base64.urlsafe_b64decode(prediction_id + "==")) == 16
+    # each prediction keeps its own answer: the second did not replace the first
+    assert send(client, cat, "cat").json()["correct"] is True and send(client, dog, "dog").json()["correct"] is True
+    assert send(client, "chosen-by-client", "cat").status_code == 404  # X-Request-ID is for tracing only
+    assert len({predict(client, CAT) for _ in range(20)}) == 20
+
+
 def test_the_same_feedback_twice_counts_once_and_a_different_one_conflicts(client):
-    request_id = predict(client, CAT)
+    prediction_id = predict(client, CAT)
     before = counter(client, "cat", "true")
-    assert send(client, request_id, "cat").status_code == 200
-    assert send(client, request_id, "cat").status_code == 200
+    assert send(client, prediction_id, "cat").status_code == 200
+    assert send(client, prediction_id, "cat").status_code == 200
     assert counter(client, "cat", "true") == before + 1
-    response = send(client, request_id, "dog")
+    response = send(client, prediction_id, "dog")
     assert response.status_code == 409 and response.json()["error"]["code"] == "feedback_conflict"
 
 
-def test_batch_items_get_their_own_request_ids(client):
+def test_batch_items_get_their_own_prediction_ids(client):
     files = [("files", ("cat.jpg", photo_bytes(CAT), "image/jpeg")), ("files", ("x.jpg", b"nope", "image/jpeg")),
              ("files", ("dog.jpg", photo_bytes(DOG), "image/jpeg"))]  # fmt: skip
     response = client.post("/predict/batch", files=files, headers={"x-request-id": "batch-42"})
     items = response.json()["results"]
-    assert [item.get("request_id") for item in items] == ["batch-42/0", None, "batch-42/2"]
-    answer = send(client, "batch-42/2", "cat").json()
-    assert answer["request_id"] == "batch-42/2" and answer["predicted"] == "dog" and answer["correct"] is False
-    assert send(client, "batch-42/1", "cat").status_code == 404  # the failed file made no prediction
+    ids = [item.get("prediction_id") for item in items]
+    assert ids[1] is None and ids[0] and ids[2] and ids[0] != ids[2]  # the failed file made no prediction
+    answer = send(client, ids[2], "cat").json()
+    assert answer["prediction_id"] == ids[2] and answer["predicted"] == "dog" and answer["correct"] is False
 
 
 @pytest.mark.parametrize(
     ("body", "content_type", "status", "code"),
     [
-        ({"request_id": "never-seen", "label": "cat"}, "application/json", 404, "unknown_request_id"),
-        ({"request_id": "x", "label": "horse"}, "application/json", 422, "unknown_label"),
-        ({"request_id": "x", "label": "Cat"}, "application/json", 422, "unknown_label"),
-        ({"request_id": "x"}, "application/json", 400, "invalid_feedback"),
-        ({"request_id": 7, "label": "cat"}, "application/json", 400, "invalid_feedback"),
+        ({"prediction_id": "never-issued", "label": "cat"}, "application/json", 404, "unknown_prediction_id"),
+        ({"prediction_id": "x", "label": "horse"}, "application/json", 422, "unknown_label"),
+        ({"prediction_id": "x", "label": "Cat"}, "application/json", 422, "unknown_label"),
+        ({"prediction_id": "x"}, "application/json", 400, "invalid_feedback"),
+        ({"request_id": "x", "label": "cat"}, "application/json", 400, "invalid_feedback"),
+        ({"prediction_id": 7, "label": "cat"}, "application/json", 400, "invalid_feedback"),
+        ({"prediction_id": "x" * 129, "label": "cat"}, "application/json", 400, "invalid_feedback"),
         (["x", "cat"], "application/json", 400, "invalid_feedback"),
-        (b'{"request_id": ', "application/json", 400, "invalid_feedback"),
+        (b'{"prediction_id": ', "application/json", 400, "invalid_feedback"),
         (b"\xff\xfe", "application/json", 400, "invalid_feedback"),
-        (b"request_id=x&label=cat", "application/x-www-form-urlencoded", 415, "unsupported_media_type"),
+        (b"prediction_id=x&label=cat", "application/x-www-form-urlencoded", 415, "unsupported_media_type"),
         (b"x" * 5000, "application/json", 413, "payload_too_large"),
     ],
 )
@@ -114,22 +137,87 @@ def test_feedback_without_a_model_is_503(tmp_path):
 
 
 def test_the_sqlite_store_survives_a_restart(onnx_model, tmp_path):
-    db = tmp_path / "feedback.db"
+    db = str(tmp_path / "feedback.db")
     with make_client(onnx_model, feedback_db=db) as before_restart:
-        request_id = predict(before_restart, DOG)
+        prediction_id = predict(before_restart, DOG)
     with make_client(onnx_model, feedback_db=db) as after_restart:
-        assert send(after_restart, request_id, "cat").json()["correct"] is False
-        assert send(after_restart, request_id, "dog").status_code == 409  # the feedback was stored too
+        assert send(after_restart, prediction_id, "cat").json()["correct"] is False
+        assert send(after_restart, prediction_id, "dog").status_code == 409  # the feedback was stored too
 
 
-@pytest.mark.parametrize("store_type", ["memory", "sqlite"])
-def test_stores_evict_the_oldest(tmp_path, store_type):
-    store = MemoryStore(3) if store_type == "memory" else SqliteStore(tmp_path / "s.db", 3)
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
+def target(request, tmp_path) -> str | None:
+    """Where a store keeps its predictions: each kind FEEDBACK_DB takes (unset: memory)."""
+    if request.param == "postgresql":
+        return fresh_database(request.getfixturevalue("postgres"))
+    return str(tmp_path / "s.db") if request.param == "sqlite" else None
+
+
+def record(prediction_id: str, label: str = "cat") -> PredictionRecord:
+    return PredictionRecord(prediction_id, "req", time.time(), "v1", label, {"cat": 0.9, "dog": 0.1}, pet_score=0.5)
+
+
+def test_stores_evict_the_oldest_and_keep_what_feedback_needs(target):
+    store = PredictionStore(target, 3)
     for i in range(5):
-        store.add(PredictionRecord(f"r{i}", time.time(), "v1", "cat", {"cat": 0.9, "dog": 0.1}, pet_score=0.5))
-    assert [store.get(f"r{i}") is not None for i in range(5)] == [False, False, True, True, True]
-    store.set_feedback("r4", "dog")
-    record = store.get("r4")
-    assert record is not None and record.feedback == "dog" and record.pet_score == 0.5
-    assert record.probabilities == {"cat": 0.9, "dog": 0.1}
+        store.add(record(f"p{i}"))
+    assert [store.get(f"p{i}") is not None for i in range(5)] == [False, False, True, True, True]
+    assert store.give_feedback("p4", "dog")[0] is Feedback.RECORDED
+    assert store.give_feedback("p4", "dog")[0] is Feedback.REPEATED
+    assert store.give_feedback("p4", "cat")[0] is Feedback.CONFLICT
+    assert store.give_feedback("p0", "cat") == (Feedback.UNKNOWN, None)
+    kept = store.get("p4")
+    assert kept is not None and kept.feedback == "dog" and kept.pet_score == 0.5 and kept.request_id == "req"
+    assert kept.probabilities == {"cat": 0.9, "dog": 0.1}
     store.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_racing_processes_cannot_both_win(kind, tmp_path, request):
+    """Two stores on one database (as two service processes hold), eight rounds of feedback with different labels
+    given at the same moment: exactly one is recorded each time, the other is a conflict."""
+    target = fresh_database(request.getfixturevalue("postgres")) if kind == "postgresql" else str(tmp_path / "s.db")
+    first, second = PredictionStore(target, 100), PredictionStore(target, 100)
+    for round_ in range(8):
+        first.add(record(f"race-{round_}"))
+        barrier = threading.Barrier(2)
+
+        def give(store: PredictionStore, label: str, barrier=barrier, prediction_id=f"race-{round_}") -> Feedback:
+            barrier.wait()
+            return store.give_feedback(prediction_id, label)[0]
+
+        with ThreadPoolExecutor(2) as pool:
+            outcomes = sorted(o.value for o in pool.map(give, (first, second), ("cat", "dog")))
+        assert outcomes == ["conflict", "recorded"], outcomes
+    first.close(), second.close()
+
+
+def test_a_store_of_another_schema_version_is_refused_and_the_old_layout_kept(tmp_path):
+    old = tmp_path / "old.db"
+    with sqlite3.connect(old) as db:  # the layout before schema versions, keyed by the client's request id
+        db.execute("CREATE TABLE predictions (seq INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT UNIQUE)")
+        db.execute("INSERT INTO predictions (request_id) VALUES ('kept')")
+    store = PredictionStore(str(old), 10)
+    store.add(record("new"))
+    assert store.get("new") is not None
+    store.close()
+    with sqlite3.connect(old) as db:
+        assert db.execute("SELECT request_id FROM predictions_v0").fetchall() == [("kept",)]
+        db.execute("UPDATE store_schema SET version = 99")
+    with pytest.raises(StoreError, match="schema version 99; this service reads 1"):
+        PredictionStore(str(old), 10)
+
+
+def test_two_service_processes_share_feedback_through_postgresql(onnx_model, postgres):
+    """Predict on one process, give feedback on the other, as two replicas behind a Service would."""
+    database = fresh_database(postgres)
+    with contextlib.ExitStack() as stack:
+        one, two = (stack.enter_context(contextlib.contextmanager(running_service)(onnx_model, FEEDBACK_DB=database))
+                    for _ in range(2))  # fmt: skip
+        photo = photo_bytes(CAT)
+        answer = httpx.post(f"{one.url}/predict", content=photo, headers={"content-type": "image/jpeg"}, timeout=30)
+        prediction_id = answer.json()["prediction_id"]
+        feedback = httpx.post(f"{two.url}/feedback", json={"prediction_id": prediction_id, "label": "dog"}, timeout=30)
+        assert feedback.status_code == 200 and feedback.json()["correct"] is False, feedback.text
+        conflict = httpx.post(f"{one.url}/feedback", json={"prediction_id": prediction_id, "label": "cat"}, timeout=30)
+        assert conflict.status_code == 409, conflict.text

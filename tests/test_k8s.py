@@ -159,6 +159,19 @@ def test_selectors_and_references_line_up(overlay):
         assert all("@sha256:" in c["image"] for c in deployment["spec"]["template"]["spec"]["containers"])
 
 
+def test_production_replicas_share_one_feedback_store_from_a_secret():
+    """Feedback must not depend on which pod answers: every replica gets the same PostgreSQL URL, from a Secret,
+    and the NetworkPolicy lets it out to PostgreSQL's port."""
+    resources = render("deploy/k8s/overlays/production")
+    pod = one(resources, "Deployment")["spec"]["template"]["spec"]
+    [serve] = [c for c in pod["containers"] if c["name"] == "serve"]
+    source = env_of(serve)["FEEDBACK_DB"]["valueFrom"]["secretKeyRef"]
+    assert source == {"name": "catsdogs-feedback-db", "key": "url"}
+    egress = one(resources, "NetworkPolicy")["spec"]["egress"]
+    assert {"port": 5432, "protocol": "TCP"} in [port for rule in egress for port in rule["ports"]]
+    assert not any(r["kind"] == "Secret" for r in resources)  # the operator's, never committed
+
+
 def test_kserve_inference_service_is_a_v2_custom_predictor():
     [service] = render("deploy/kserve")
     assert service["apiVersion"] == "serving.kserve.io/v1beta1" and service["kind"] == "InferenceService"

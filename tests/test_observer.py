@@ -34,7 +34,7 @@ def lost(client: TestClient, reason: str) -> float:
 
 def test_a_locked_database_neither_delays_nor_fails_a_prediction(onnx_model, tmp_path, caplog):
     db = tmp_path / "feedback.db"
-    with client_for(onnx_model, feedback_db=db) as client:
+    with client_for(onnx_model, feedback_db=str(db)) as client:
         predict(client, photo_bytes(CAT))  # the table exists
         client.app.state.observer.wait_idle()
         locker = sqlite3.connect(db, timeout=0, check_same_thread=False)

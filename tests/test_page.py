@@ -119,9 +119,9 @@ def test_batch_of_photos_answers_feedback_and_desktop_screenshot(service, browse
 
     events = [json.loads(line) for line in service.prediction_log.read_text().splitlines()]
     [feedback] = [event for event in events if event["event"] == "feedback"]
-    [prediction] = [event for event in events if event["request_id"] == feedback["request_id"]
+    [prediction] = [event for event in events if event["prediction_id"] == feedback["prediction_id"]
                     and event["event"] == "prediction"]  # fmt: skip
-    assert feedback["request_id"].endswith("/0") and prediction["label"] == "cat" and feedback["label"] == "dog"
+    assert prediction["label"] == "cat" and feedback["label"] == "dog"
 
     screenshot(browser, "page-desktop.png", tmp_path)
     assert console_errors(browser) == []

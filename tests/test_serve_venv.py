@@ -12,12 +12,13 @@ import pytest
 from tests.conftest import ROOT
 
 ALLOWED = {"onnxruntime", "numpy", "PIL", "starlette", "uvicorn", "multipart", "python_multipart", "prometheus_client",
-           "anyio", "server", "imaging"}  # fmt: skip
+           "anyio", "psycopg", "server", "imaging"}  # fmt: skip
 SERVER_TESTS = [
     "tests/test_app.py",
     "tests/test_preprocess.py",
     "tests/test_imaging.py",
     "tests/test_server_process.py",
+    "tests/test_feedback.py",  # the store on SQLite and on a real PostgreSQL server, psycopg from requirements-serve
 ]
 SERVER_TESTS += ["tests/test_classify.py"]  # make classify runs in the serve-only venv
 

@@ -111,13 +111,15 @@ def test_json_base64_input_and_requested_outputs(service):
     response = httpx.post(f"{service.url}/v2/models/catsdogs/infer", json=request, timeout=30,
                           headers={"X-Request-ID": "json-req"})  # fmt: skip
     assert response.status_code == 200, response.text
+    ids = response.json()["parameters"]["prediction_ids"]
     assert response.json() == {
         "model_name": "catsdogs",
         "model_version": httpx.get(f"{service.url}/ready").json()["model_version"],
         "id": "json-1",
-        "parameters": {"request_ids": ["json-req/0", "json-req/1"]},
+        "parameters": {"prediction_ids": ids},
         "outputs": [{"name": "label", "datatype": "BYTES", "shape": [2], "data": ["cat", "dog"]}],
     }
+    assert len(set(ids)) == 2 and all(len(i) >= 22 and "json-req" not in i for i in ids)  # the server's, not ours
 
 
 def test_requested_outputs_subset_with_binary_per_output(client, service):
@@ -248,19 +250,20 @@ def test_v2_predictions_take_feedback_and_feed_drift_like_predict(client, servic
     images = [photo_bytes(name) for name in PHOTOS[:2]]
     window = metrics_value(service, "catsdogs_drift_window_predictions", signal="label")
     result = client.infer("catsdogs", [image_input(images)], headers={"X-Request-ID": "v2-feedback"})
-    ids = result.get_response()["parameters"]["request_ids"]
-    assert ids == ["v2-feedback/0", "v2-feedback/1"]
+    ids = result.get_response()["parameters"]["prediction_ids"]
+    assert len(set(ids)) == 2 and all(len(i) >= 22 for i in ids)
     deadline = time.perf_counter() + 10  # predictions reach the drift windows off the event loop
     while metrics_value(service, "catsdogs_drift_window_predictions", signal="label") < window + 2:
         assert time.perf_counter() < deadline, "the two predictions never reached the drift window"
         time.sleep(0.05)
     labels = [x.decode() for x in result.as_numpy("label")]
     right = metrics_value(service, "catsdogs_feedback_total", correct="true", label=labels[1])
-    answer = httpx.post(f"{service.url}/feedback", json={"request_id": ids[1], "label": labels[1]}, timeout=10)
+    answer = httpx.post(f"{service.url}/feedback", json={"prediction_id": ids[1], "label": labels[1]}, timeout=10)
     assert answer.status_code == 200 and answer.json()["correct"] is True
     assert metrics_value(service, "catsdogs_feedback_total", correct="true", label=labels[1]) == right + 1
     single = client.infer("catsdogs", [image_input(images[:1])], headers={"X-Request-ID": "v2-one"})
-    assert single.get_response()["parameters"]["request_ids"] == ["v2-one"]
+    [one] = single.get_response()["parameters"]["prediction_ids"]
+    assert one not in ids and len(one) >= 22
 
 
 def image_tensor(**extra: object) -> dict:

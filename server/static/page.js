@@ -103,7 +103,7 @@ function feedbackControls(result) {
       const response = await fetch("/feedback", {
         method: "POST",
         headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ request_id: result.request_id, label }),
+        body: JSON.stringify({ prediction_id: result.prediction_id, label }),
       });
       if (!response.ok) {
         const error = await errorOf(response);
@@ -146,7 +146,7 @@ function showResult(card, result) {
   const pet = verdict(result);
   if (pet) body.append(pet);
   body.append(meta);
-  if (result.request_id) body.append(feedbackControls(result));
+  if (result.prediction_id) body.append(feedbackControls(result));
   card.classList.remove("pending");
   card.removeAttribute("aria-busy");
   return `${card.fileName}: ${result.label}, ${percent(result.probabilities[result.label])}`;
@@ -180,7 +180,7 @@ async function classify(files) {
       const error = await errorOf(response);
       lines = cards.map((card) => showError(card, error));
     } else if (single) {
-      const result = { ...(await response.json()), request_id: response.headers.get("X-Request-ID") };
+      const result = await response.json();
       lines = [showResult(cards[0], result)];
     } else {
       const body = await response.json();
