@@ -151,6 +151,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("FEEDBACK_DB", str, fixed(None), "unset (memory)",
             "the feedback store: a SQLite file (survives restarts; one host's processes) or a `postgresql://` URL "
             "(several processes or replicas)"),
+    Setting("FEEDBACK_IMAGES", Path, fixed(None), "unset (off: no photo is written)",
+            "folder keeping each predicted photo, named by its sha256, so that feedback can become training data"),
+    Setting("FEEDBACK_IMAGES_DAYS", integer(1), fixed(7), "7",
+            "days a kept photo without feedback stays in `FEEDBACK_IMAGES` (a photo with feedback stays)"),
+    Setting("FEEDBACK_IMAGES_MAX_BYTES", integer(1), fixed(1024 * MIB), str(1024 * MIB),
+            "the size cap of `FEEDBACK_IMAGES` (past it, the oldest photos without feedback are deleted first)"),
     Setting("PET_THRESHOLD", fraction, fixed(None), "the model's (`/model` → `pet.threshold`)",
             "`pet_score` at or above which `is_pet` is true (0 to 1; docs/not-a-pet.md)"),
     Setting("DRIFT_WINDOW", integer(1), fixed(500), "500",
@@ -169,6 +175,7 @@ SETTINGS: tuple[Setting, ...] = (
 RENAMED = {"MAX_QUEUE_BYTES": "MAX_ADMITTED_BYTES"}
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")  # FEEDBACK_DB: a PostgreSQL URL, not a file
 WRITTEN_FILES = ("FEEDBACK_DB", "PREDICTION_LOG")  # checked before the service starts: a bad one is exit code 2
+WRITTEN_FOLDERS = ("FEEDBACK_IMAGES",)
 
 
 def settings_help() -> str:
@@ -213,6 +220,9 @@ class Settings:
     graceful_timeout: int
     feedback_store_size: int
     feedback_db: str | None
+    feedback_images: Path | None
+    feedback_images_days: int
+    feedback_images_max_bytes: int
     pet_threshold: float | None  # None: the threshold recorded in the model's metadata
     drift_window: int
     prediction_log: Path | None
@@ -257,6 +267,19 @@ class Settings:
                     pass
             except OSError as error:
                 raise ValueError(f"Invalid {setting.name}={str(path)!r}: cannot write it ({error.strerror})") from None
+        for setting in (s for s in SETTINGS if s.name in WRITTEN_FOLDERS):
+            folder: Path | None = getattr(self, setting.field)
+            if folder is None:
+                continue
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                probe = folder / ".write-probe"
+                probe.touch()
+                probe.unlink()
+            except OSError as error:
+                raise ValueError(
+                    f"Invalid {setting.name}={str(folder)!r}: cannot write in it ({error.strerror})"
+                ) from None
 
     def oversubscription(self, cpus: int | None = None) -> str | None:
         """A warning when WORKERS x ORT_THREADS asks for more cores than this process may use, else None."""

@@ -4,6 +4,7 @@ prediction log. `observe` is the one hook every predicting route calls; the Obse
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import mimetypes
 import queue
 import secrets
@@ -18,6 +19,7 @@ from imaging import ImageError
 from server.bodies import media_type
 from server.config import Settings
 from server.drift import DriftMonitor
+from server.images import ImageFolder
 from server.logs import get_logger
 from server.metrics import Metrics
 from server.model import Model, Prediction
@@ -25,6 +27,7 @@ from server.predlog import PredictionLog
 from server.store import Feedback, PredictionRecord, PredictionStore
 
 QUEUE_SIZE = 1000  # predictions waiting to be recorded: about a minute of full load; past it they are dropped
+EXPIRE_EVERY_S = 60  # how often kept photos past their retention are looked for
 
 
 class Observer:
@@ -36,6 +39,13 @@ class Observer:
     def __init__(self, settings: Settings, metrics: Metrics, model: Model | None) -> None:
         self.metrics = metrics
         self.store = PredictionStore(settings.feedback_db, settings.feedback_store_size)
+        self.images = (
+            ImageFolder(settings.feedback_images, settings.feedback_images_max_bytes,
+                        retention_s=settings.feedback_images_days * 86400, labelled=self.store.labelled)
+            if settings.feedback_images
+            else None
+        )  # fmt: skip
+        self.expired_at = time.monotonic()
         self.prediction_log = (
             PredictionLog(
                 settings.prediction_log,
@@ -84,7 +94,13 @@ class Observer:
                     self.written.notify_all()
 
     def write(self, item: Observation) -> None:
-        self.store.add(item.record)
+        record = item.record
+        if self.images:  # kept first: the stored prediction names a photo that is on disk
+            record = dataclasses.replace(record, image=self.images.save(item.data, item.content_type))
+            if time.monotonic() - self.expired_at > EXPIRE_EVERY_S:
+                self.expired_at = time.monotonic()
+                self.images.expire()
+        self.store.add(record)
         self.drift.observe(item.prediction)
         if self.prediction_log:
             prediction = item.prediction

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from html import escape
 from pathlib import Path
 
 from starlette.requests import Request
-from starlette.responses import FileResponse, Response
+from starlette.responses import HTMLResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
+
+from server.config import Settings
 
 STATIC = Path(__file__).with_name("static")
 # Same-origin only, no inline script or style; blob: for the photo previews made in the browser.
@@ -33,8 +36,24 @@ class SecureStaticFiles(StaticFiles):
         return response
 
 
+def photo_policy(settings: Settings) -> str:
+    """What happens to the photos people send, under the running configuration: the page's footer says it."""
+    kept = []
+    if settings.feedback_images:
+        kept.append(f"each photo is kept for {settings.feedback_images_days} days, and longer once someone says "
+                    "whether its answer was right, so that corrected answers can teach the next model")  # fmt: skip
+    if settings.prediction_log and settings.prediction_log_sample_every:
+        every = settings.prediction_log_sample_every
+        which = "every photo" if every == 1 else f"one photo in {every}"
+        kept.append(f"{which} is kept to monitor the service")
+    if not kept:
+        return "Photos are classified by this service and not stored."
+    return f"Photos are classified by this service; {'; '.join(kept)}."
+
+
 async def index(request: Request) -> Response:
-    return FileResponse(STATIC / "index.html", headers=HEADERS)
+    html = (STATIC / "index.html").read_text().replace("PHOTO_POLICY", escape(photo_policy(request.app.state.settings)))
+    return HTMLResponse(html, headers=HEADERS)
 
 
 ROUTES = [

@@ -1,4 +1,4 @@
-"""The optional prediction log: one JSON line per prediction and per feedback, to be joined offline by request id.
+"""The optional prediction log: one JSON line per prediction and per feedback, to be joined offline by prediction id.
 
 The log rotates at PREDICTION_LOG_MAX_BYTES and keeps PREDICTION_LOG_BACKUPS old files (the standard library's
 RotatingFileHandler), so it never holds more than (1 + backups) x max bytes. Image bytes are never written, except
@@ -8,53 +8,19 @@ sha256 (the same photo is kept once), oldest deleted first past PREDICTION_SAMPL
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import logging.handlers
-import mimetypes
 import os
-from collections import OrderedDict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from server.images import ImageFolder
+
 
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
-class Samples:
-    """Sampled images in one folder, content-addressed, at most `max_bytes` in all (oldest deleted first)."""
-
-    def __init__(self, folder: Path, max_bytes: int) -> None:
-        self.folder, self.max_bytes = folder, max_bytes
-        folder.mkdir(parents=True, exist_ok=True)
-        kept = sorted((p for p in folder.iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime)
-        self.sizes: OrderedDict[str, int] = OrderedDict((p.name, p.stat().st_size) for p in kept)
-        self.bytes = sum(self.sizes.values())
-        self.trim()
-
-    def save(self, data: bytes, content_type: str) -> str:
-        """The file's name; the image is written unless it is there already."""
-        name = hashlib.sha256(data).hexdigest() + (mimetypes.guess_extension(content_type) or ".bin")
-        if name in self.sizes:
-            self.sizes.move_to_end(name)
-            return name
-        path = self.folder / name
-        partial = path.with_name(f".{name}.partial")
-        partial.write_bytes(data)
-        partial.replace(path)
-        self.sizes[name] = len(data)
-        self.bytes += len(data)
-        self.trim()
-        return name
-
-    def trim(self) -> None:
-        while self.bytes > self.max_bytes and self.sizes:
-            name, size = self.sizes.popitem(last=False)
-            (self.folder / name).unlink(missing_ok=True)
-            self.bytes -= size
 
 
 class PredictionLog:
@@ -67,7 +33,7 @@ class PredictionLog:
         )
         self.handler.setFormatter(logging.Formatter("%(message)s"))
         self.sample_every = sample_every
-        self.samples = Samples(path.with_name(f"{path.name}.samples"), samples_max_bytes) if sample_every else None
+        self.samples = ImageFolder(path.with_name(f"{path.name}.samples"), samples_max_bytes) if sample_every else None
         self.seen = 0
 
     def write(self, line: dict[str, Any]) -> None:

@@ -1,5 +1,5 @@
 """The prediction store: recent predictions kept by the id the server issued, so that a later POST /feedback can be
-joined to one.
+joined to one. Predictions that got a feedback are kept beyond the size, until `make harvest` takes them.
 
 One schema and one code path for SQLite (a file: survives restarts, shared by one host's processes; or memory, the
 default) and PostgreSQL (`FEEDBACK_DB=postgresql://...`: shared by several processes and replicas). Recording a
@@ -27,10 +27,11 @@ SCHEMA = (
     """CREATE TABLE IF NOT EXISTS predictions (
         prediction_id TEXT PRIMARY KEY, request_id TEXT NOT NULL, time DOUBLE PRECISION NOT NULL,
         model_version TEXT NOT NULL, label TEXT NOT NULL, probabilities TEXT NOT NULL, pet_score DOUBLE PRECISION,
-        feedback TEXT, feedback_time DOUBLE PRECISION)""",
+        image TEXT, feedback TEXT, feedback_time DOUBLE PRECISION)""",
     "CREATE INDEX IF NOT EXISTS predictions_by_time ON predictions (time)",
+    "CREATE INDEX IF NOT EXISTS predictions_by_image ON predictions (image)",
 )
-COLUMNS = "prediction_id, request_id, time, model_version, label, probabilities, pet_score, feedback"
+COLUMNS = "prediction_id, request_id, time, model_version, label, probabilities, pet_score, image, feedback"
 STORE_ERRORS = (OSError, sqlite3.Error, psycopg.Error)  # a store that fails: 503 to a feedback, never a 500
 
 
@@ -45,6 +46,7 @@ class PredictionRecord:
     label: str
     probabilities: dict[str, float]
     pet_score: float | None = None
+    image: str | None = None  # the kept photo's name in FEEDBACK_IMAGES (its sha256), when photos are kept
     feedback: str | None = None
 
 
@@ -111,21 +113,27 @@ class PredictionStore:
     def add(self, record: PredictionRecord) -> None:
         with self.lock:
             self.run(
-                f"INSERT INTO predictions ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO predictions ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (record.prediction_id, record.request_id, record.time, record.model_version, record.label,
-                 json.dumps(record.probabilities), record.pet_score, None),
+                 json.dumps(record.probabilities), record.pet_score, record.image, None),
             )  # fmt: skip
             self.added += 1
-            if self.added % max(1, self.size // 100) == 0:  # evict in steps of 1% of the size
-                self.run("DELETE FROM predictions WHERE time < (SELECT time FROM predictions ORDER BY time DESC "
-                         "LIMIT 1 OFFSET ?)", (self.size - 1,))  # fmt: skip
+            if self.added % max(1, self.size // 100) == 0:  # evict in steps of 1% of the size; feedback stays
+                self.run("DELETE FROM predictions WHERE feedback IS NULL AND time < (SELECT time FROM predictions "
+                         "ORDER BY time DESC LIMIT 1 OFFSET ?)", (self.size - 1,))  # fmt: skip
 
     def get(self, prediction_id: str) -> PredictionRecord | None:
         with self.lock:
             row = self.run(f"SELECT {COLUMNS} FROM predictions WHERE prediction_id = ?", (prediction_id,)).fetchone()
         if row is None:
             return None
-        return PredictionRecord(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), row[6], row[7])
+        return PredictionRecord(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), row[6], row[7], row[8])
+
+    def labelled(self, image: str) -> bool:
+        """Whether any prediction of this kept photo got a feedback (it is then kept for `make harvest`)."""
+        with self.lock:
+            row = self.run("SELECT 1 FROM predictions WHERE image = ? AND feedback IS NOT NULL LIMIT 1", (image,))
+            return row.fetchone() is not None
 
     def give_feedback(self, prediction_id: str, label: str) -> tuple[Feedback, PredictionRecord | None]:
         """Record `label` for a prediction, first come first served; what happened, and the prediction."""

@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import hashlib
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -18,6 +20,7 @@ from starlette.testclient import TestClient
 
 from server.app import create_app
 from server.config import Settings
+from server.images import ImageFolder
 from server.store import Feedback, PredictionRecord, PredictionStore, StoreError
 from tests.conftest import running_service
 from tests.images import photo_bytes
@@ -221,3 +224,49 @@ def test_two_service_processes_share_feedback_through_postgresql(onnx_model, pos
         assert feedback.status_code == 200 and feedback.json()["correct"] is False, feedback.text
         conflict = httpx.post(f"{one.url}/feedback", json={"prediction_id": prediction_id, "label": "cat"}, timeout=30)
         assert conflict.status_code == 409, conflict.text
+
+
+def test_a_labelled_prediction_outlives_the_store_size(target):
+    store = PredictionStore(target, 2)
+    store.add(record("labelled"))
+    assert store.give_feedback("labelled", "dog")[0] is Feedback.RECORDED
+    for i in range(4):
+        store.add(record(f"later-{i}"))
+    assert store.get("labelled") is not None and store.get("later-0") is None  # feedback is data: it stays
+    store.close()
+
+
+def test_photos_are_kept_only_when_asked_content_addressed_and_joined_to_their_prediction(onnx_model, tmp_path):
+    with make_client(onnx_model) as default:  # off by default: nothing is kept, and the page says so
+        predict(default, CAT)
+        assert default.app.state.observer.images is None
+        assert "Photos are classified by this service and not stored." in default.get("/").text
+    folder = tmp_path / "kept"
+    with make_client(onnx_model, feedback_images=folder, feedback_images_days=3) as client:
+        ids = [predict(client, name) for name in (CAT, CAT, DOG)]
+        observer = client.app.state.observer
+        assert observer.wait_idle()
+        names = sorted(p.name for p in folder.iterdir())
+        expected = sorted({hashlib.sha256(photo_bytes(name)).hexdigest() + ".jpg" for name in (CAT, DOG)})
+        assert names == expected  # the same photo is kept once
+        assert (folder / expected[0]).read_bytes() in (photo_bytes(CAT), photo_bytes(DOG))
+        records = [observer.store.get(i) for i in ids]
+        assert records[0].image == records[1].image == hashlib.sha256(photo_bytes(CAT)).hexdigest() + ".jpg"
+        assert "each photo is kept for 3 days" in client.get("/").text
+
+
+def test_kept_photos_expire_without_feedback_and_never_exceed_the_cap(tmp_path):
+    labelled: set[str] = set()
+    folder = ImageFolder(tmp_path, max_bytes=250, retention_s=3600, labelled=labelled.__contains__)
+    a, b, c = (folder.save(bytes([i]) * 100, "image/jpeg") for i in range(3))  # the third evicts the oldest
+    assert a not in folder.sizes and folder.bytes == 200 == sum(p.stat().st_size for p in tmp_path.iterdir())
+    labelled.add(b)
+    old = time.time() - 7200
+    for name in (b, c):
+        os.utime(tmp_path / name, (old, old))
+    assert folder.expire() == 1 and sorted(folder.sizes) == [b]  # the labelled one stays past its retention
+    d = folder.save(bytes([3]) * 100, "image/jpeg")
+    e = folder.save(bytes([4]) * 100, "image/jpeg")  # full: the unlabelled d goes before the labelled b
+    assert sorted(folder.sizes) == sorted([b, e]) and d not in folder.sizes
+    assert folder.save(b"x" * 300, "image/jpeg") is None  # larger than the whole cap: not kept, nothing deleted
+    assert folder.bytes <= 250 and sorted(p.name for p in tmp_path.iterdir()) == sorted([b, e])
