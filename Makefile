@@ -20,7 +20,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 .PHONY: help setup setup-serve data prepare train cv pet-methods export pipeline serve fetch-model classify test test-fast \
 	lint format \
 	mlflow-ui bench bench-model bench-hostile image image-train smoke-image smoke-compose eval-deployed screenshots drift-demo clean \
-	bench-capacity bench-clients bench-profile lint-k8s deploy-test nginx-standin
+	bench-capacity bench-clients bench-profile lint-k8s deploy-test nginx-standin harvest
 
 help: ## List the targets with one line each (this is the default goal)
 	@echo "Usage: make TARGET [VARIABLE=value ...]"
@@ -189,6 +189,14 @@ smoke-image: setup ## Run the serving image with MODEL_DIR and smoke-test it
 smoke-compose: setup ## docker compose up serve and smoke-test it
 	SERVE_IMAGE=$(IMAGE) python -m deploy.container_smoke --engine $(CONTAINER) --compose "$(COMPOSE)" \
 	  --models $(MODEL_DIR) $(SMOKE_PHOTOS)
+
+# Feedback to data: the photos people labelled (what the service kept: FEEDBACK_DB, FEEDBACK_IMAGES, from the
+# environment or as make variables) become data/feedback/<label>/, a DVC-tracked data version (deploy/harvest.py).
+REVIEWED ?=
+harvest: setup ## Feedback to a data version in data/feedback (FEEDBACK_DB, FEEDBACK_IMAGES; REVIEWED=filled review CSV)
+	python -m deploy.harvest $(if $(FEEDBACK_DB),--db "$(FEEDBACK_DB)") $(if $(FEEDBACK_IMAGES),--images "$(FEEDBACK_IMAGES)") \
+	  $(if $(REVIEWED),--reviewed $(REVIEWED))
+	dvc add -q data/feedback
 
 # A real blue/green deploy (deploy/host/bluegreen.sh as CD runs it) under load: a second release, a candidate that
 # never becomes healthy, a rollback; zero failed requests (deploy/rehearse.py). DEPLOY_RELEASES: two folders, each

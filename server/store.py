@@ -125,8 +125,17 @@ class PredictionStore:
     def get(self, prediction_id: str) -> PredictionRecord | None:
         with self.lock:
             row = self.run(f"SELECT {COLUMNS} FROM predictions WHERE prediction_id = ?", (prediction_id,)).fetchone()
-        if row is None:
-            return None
+        return None if row is None else self.record(row)
+
+    def feedback_rows(self) -> list[PredictionRecord]:
+        """Every kept prediction that got a feedback and whose photo was kept (what `make harvest` reads)."""
+        with self.lock:
+            rows = self.run(f"SELECT {COLUMNS} FROM predictions WHERE feedback IS NOT NULL AND image IS NOT NULL "
+                            "ORDER BY time").fetchall()  # fmt: skip
+        return [self.record(row) for row in rows]
+
+    @staticmethod
+    def record(row: tuple) -> PredictionRecord:
         return PredictionRecord(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), row[6], row[7], row[8])
 
     def labelled(self, image: str) -> bool:
