@@ -82,7 +82,8 @@ def over_http(base_url: str, concurrency: int, timeout: float) -> tuple[Classifi
         except (urllib.error.URLError, OSError) as error:
             return error_row("unreachable", str(getattr(error, "reason", error)))
         if status == 200:
-            return {key: value for key, value in body.items() if key != "latency_ms"}
+            # the same columns as in process: no latency, and no prediction_id (a bulk run is not for feedback)
+            return {key: value for key, value in body.items() if key not in ("latency_ms", "prediction_id")}
         error = body.get("error") or {}
         code = error.get("code") or ("server_error" if status >= 500 else f"http_{status}")
         return error_row("server_error" if status >= 500 else code, f"HTTP {status}: {error.get('message', body)}")

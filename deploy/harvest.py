@@ -9,7 +9,9 @@ predictions and feedbacks it had. The rules, applied in this order (params.yaml 
   held       its feedbacks disagree (two people gave it different labels): a person decides
   held       the feedback contradicts an answer the serving model gave with probability >= review_confidence: a
              careless or poisoned label is likelier there than a model that sure being wrong; a person decides
-  used       otherwise: copied to data/feedback/<label>/<sha256>.<ext> (already there: counted, not copied again)
+  used       otherwise: copied to data/feedback/<label>/<sha256>.<ext>. A photo harvested before is counted, not
+             copied or held again: its label changes only through a review naming it (REVIEWED=), and then it
+             keeps only the new label
 
 Held photos go to a review CSV (`--review-out`); a person fills its `confirmed_label` column (a label of the model,
 or empty to drop it) and `make harvest REVIEWED=that.csv` takes the confirmed ones in. It prints and writes
@@ -39,6 +41,7 @@ REVIEW_FIELDS = ["image", "labels_given", "predicted", "probability", "reason", 
 class Harvest:
     used: list[str] = field(default_factory=list)  # "<label>/<image>"
     already: list[str] = field(default_factory=list)
+    relabelled: list[str] = field(default_factory=list)
     held: list[dict[str, str]] = field(default_factory=list)
     left_out: list[tuple[str, str]] = field(default_factory=list)  # (image, why)
 
@@ -46,6 +49,7 @@ class Harvest:
         return {
             "used": len(self.used),
             "already_harvested": len(self.already),
+            "relabelled": len(self.relabelled),
             "held_for_review": dict(Counter(row["reason"] for row in self.held)),
             "left_out": dict(Counter(why for _, why in self.left_out)),
             "used_by_label": dict(Counter(item.split("/")[0] for item in self.used + self.already)),
@@ -61,51 +65,69 @@ def evaluation_photos(manifest: Path) -> set[str]:
 
 
 def reviewed(path: Path | None, labels: list[str]) -> dict[str, str]:
-    """image -> the label a person confirmed, from a filled review CSV."""
+    """sha256 -> the label a person confirmed, from a filled review CSV (an empty confirmed_label leaves it out)."""
     if path is None:
         return {}
     with path.open(newline="") as rows:
-        confirmed = {row["image"]: row["confirmed_label"].strip() for row in csv.DictReader(rows)}
-    return {image: label for image, label in confirmed.items() if label in labels}
+        reader = csv.DictReader(rows)
+        if not {"image", "confirmed_label"} <= set(reader.fieldnames or []):
+            raise SystemExit(f"{path}: a review CSV needs the columns image and confirmed_label ({REVIEW_FIELDS})")
+        confirmed = {(row["image"] or "").split(".")[0]: (row["confirmed_label"] or "").strip() for row in reader}
+    unusable = sorted(f"{sha[:12]}: {label!r}" for sha, label in confirmed.items() if label and label not in labels)
+    if unusable:
+        raise SystemExit(f"{path}: confirmed_label must be one of {labels} or empty; not {', '.join(unusable)}")
+    return {sha: label for sha, label in confirmed.items() if label}
+
+
+def harvested_as(out: Path, sha: str) -> dict[str, Path]:
+    """label -> the harvested copy of this photo, wherever a earlier harvest put it."""
+    return {path.parent.name: path for path in out.glob(f"*/{sha}.*")}
 
 
 def harvest(rows: list[PredictionRecord], images: Path, out: Path, labels: list[str], evaluation: set[str],
             review_confidence: float, confirmed: dict[str, str]) -> Harvest:  # fmt: skip
     result = Harvest()
-    by_image: dict[str, list[PredictionRecord]] = defaultdict(list)
+    by_photo: dict[str, list[PredictionRecord]] = defaultdict(list)  # by sha256: the same bytes, whatever type
     for row in rows:
         if row.image:
-            by_image[row.image].append(row)
-    for image, records in sorted(by_image.items()):
+            by_photo[row.image.split(".")[0]].append(row)
+    for sha, records in sorted(by_photo.items()):
         given = sorted({r.feedback for r in records if r.feedback})
         top = max(records, key=lambda r: r.probabilities[r.label])  # the surest answer the model gave it
         probability = top.probabilities[top.label]
-        if not (images / image).is_file():
-            result.left_out.append((image, "photo no longer kept"))
+        earlier = harvested_as(out, sha)
+        kept = next((images / r.image for r in records if r.image and (images / r.image).is_file()), None)
+        label = confirmed.get(sha)
+        # harvested before: its label changes only through a review (REVIEWED= naming it), never by more feedback
+        if earlier and (label is None or (label in earlier and len(earlier) == 1)):
+            first = sorted(earlier)[0]
+            result.already.append(f"{first}/{earlier[first].name}")
             continue
-        if image.split(".")[0] in evaluation:
-            result.left_out.append((image, "identical to an evaluation photo"))
+        if kept is None:
+            result.left_out.append((sha, "photo no longer kept"))
             continue
-        label = confirmed.get(image)
+        if sha in evaluation:
+            result.left_out.append((sha, "identical to an evaluation photo"))
+            continue
+        reason = ""
         if label is None and len(given) > 1:
             reason = "feedbacks disagree"
         elif label is None and given[0] != top.label and probability >= review_confidence:
             reason = f"contradicts an answer of probability >= {review_confidence}"
-        else:
-            reason = ""
         if reason:
-            held = {"image": image, "labels_given": " ".join(given), "predicted": top.label,
+            held = {"image": kept.name, "labels_given": " ".join(given), "predicted": top.label,
                     "probability": f"{probability:.4f}", "reason": reason, "confirmed_label": ""}  # fmt: skip
             result.held.append(held)
             continue
         label = label or given[0]
-        target = out / label / image
-        if target.exists():
-            result.already.append(f"{label}/{image}")
-            continue
+        for old_label, old in earlier.items():  # a photo relabelled (by a review) keeps one label only
+            if old_label != label:
+                old.unlink()
+                result.relabelled.append(f"{old_label} -> {label}: {old.name}")
+        target = out / label / kept.name
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(images / image, target)
-        result.used.append(f"{label}/{image}")
+        shutil.copyfile(kept, target)
+        result.used.append(f"{label}/{kept.name}")
     return result
 
 

@@ -147,7 +147,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LOG_FORMAT", choice("json", "text"), fixed("json"), "`json`", "`json` (one object per line) or `text`"),
     Setting("GRACEFUL_TIMEOUT", integer(0), fixed(30), "30", "seconds in-flight requests get to finish on SIGTERM"),
     Setting("FEEDBACK_STORE_SIZE", integer(1), fixed(10_000), "10000",
-            "recent predictions kept for `POST /feedback` (oldest evicted)"),
+            "recent predictions kept for `POST /feedback` (oldest evicted), and as many with a feedback besides"),
     Setting("FEEDBACK_DB", str, fixed(None), "unset (memory)",
             "the feedback store: a SQLite file (survives restarts; one host's processes) or a `postgresql://` URL "
             "(several processes or replicas)"),
@@ -156,7 +156,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("FEEDBACK_IMAGES_DAYS", integer(1), fixed(7), "7",
             "days a kept photo without feedback stays in `FEEDBACK_IMAGES` (a photo with feedback stays)"),
     Setting("FEEDBACK_IMAGES_MAX_BYTES", integer(1), fixed(1024 * MIB), str(1024 * MIB),
-            "the size cap of `FEEDBACK_IMAGES` (past it, the oldest photos without feedback are deleted first)"),
+            "the size cap of `FEEDBACK_IMAGES` (past it, the least recently sent photos are deleted first)"),
     Setting("PET_THRESHOLD", fraction, fixed(None), "the model's (`/model` → `pet.threshold`)",
             "`pet_score` at or above which `is_pet` is true (0 to 1; docs/not-a-pet.md)"),
     Setting("DRIFT_WINDOW", integer(1), fixed(500), "500",

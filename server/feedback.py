@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -13,10 +14,12 @@ from starlette.responses import JSONResponse
 from server.bodies import media_type, read_body
 from server.errors import RETRY_AFTER_S, ClientError
 from server.inference import require_model
-from server.observer import Observer
+from server.logs import get_logger
+from server.observer import Observer, issued_at
 from server.store import STORE_ERRORS, Feedback
 
 MAX_FEEDBACK_BYTES = 4096
+IN_FLIGHT_S = 30  # an id issued this recently and not found may still be in another replica's queue
 MAX_ID_CHARS = 128
 T = TypeVar("T")
 EXAMPLE = '{"prediction_id": "...", "label": "..."}'
@@ -43,8 +46,9 @@ async def store_call(fn: Callable[..., T], *args: object) -> T:
     server that is down) is a 503 the client may retry, never a 500."""
     try:
         return await anyio.to_thread.run_sync(fn, *args)
-    except STORE_ERRORS as error:
-        raise ClientError(503, "store_unavailable", f"the prediction store failed: {error}; retry",
+    except STORE_ERRORS as error:  # the detail (a path, a host, SQL) is for the log, not for the client
+        get_logger().warning("the prediction store failed", extra={"error": f"{type(error).__name__}: {error}"})
+        raise ClientError(503, "store_unavailable", "the prediction store is unavailable; retry",
                           {"Retry-After": str(RETRY_AFTER_S)}) from None  # fmt: skip
 
 
@@ -62,6 +66,11 @@ async def feedback(request: Request) -> JSONResponse:
     observer: Observer = request.app.state.observer
     outcome, record = await store_call(observer.give_feedback, prediction_id, label)
     if record is None:
+        issued = issued_at(prediction_id)
+        shared = observer.store.target is not None  # a file or a server other processes write too
+        if shared and issued is not None and 0 <= time.time() - issued < IN_FLIGHT_S:  # another may not have yet
+            raise ClientError(503, "prediction_not_recorded_yet", "this prediction is not recorded yet; retry",
+                              {"Retry-After": "1"})  # fmt: skip
         raise ClientError(404, "unknown_prediction_id", f"no recent prediction has prediction_id {prediction_id!r}")
     if outcome is Feedback.CONFLICT:
         raise ClientError(409, "feedback_conflict", f"this prediction already has the feedback {record.feedback!r}")

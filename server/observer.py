@@ -3,6 +3,7 @@ prediction log. `observe` is the one hook every predicting route calls; the Obse
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import mimetypes
@@ -75,12 +76,14 @@ class Observer:
         """Queue one prediction to be recorded; never blocks."""
         record = PredictionRecord(prediction_id, request_id, time.time(), model_version, prediction.label,
                                   prediction.probabilities, prediction.pet_score)  # fmt: skip
+        with self.written:  # pending before it is queued: the worker may write it at once
+            self.pending.add(prediction_id)
         try:
             self.queue.put_nowait(Observation(record, prediction, data, content_type))
         except queue.Full:
+            with self.written:
+                self.pending.discard(prediction_id)
             self.lose("queue_full", "the observer's queue is full: predictions are answered but not recorded")
-            return
-        self.pending.add(prediction_id)
 
     def drain(self) -> None:
         while (item := self.queue.get()) is not None:
@@ -96,10 +99,13 @@ class Observer:
     def write(self, item: Observation) -> None:
         record = item.record
         if self.images:  # kept first: the stored prediction names a photo that is on disk
-            record = dataclasses.replace(record, image=self.images.save(item.data, item.content_type))
-            if time.monotonic() - self.expired_at > EXPIRE_EVERY_S:
-                self.expired_at = time.monotonic()
-                self.images.expire()
+            try:
+                record = dataclasses.replace(record, image=self.images.save(item.data, item.content_type))
+                if time.monotonic() - self.expired_at > EXPIRE_EVERY_S:
+                    self.expired_at = time.monotonic()
+                    self.images.expire()
+            except OSError as error:  # a full disk loses the photo, not the prediction's record
+                self.lose("image_failed", f"keeping a photo failed: {error}")
         self.store.add(record)
         self.drift.observe(item.prediction)
         if self.prediction_log:
@@ -159,6 +165,22 @@ class Observation:
     content_type: str
 
 
+def new_prediction_id(now: float | None = None) -> str:
+    """128 random bits, then the time it was issued (ms, 6 bytes), URL-safe base64: 30 characters."""
+    issued = int((now or time.time()) * 1000).to_bytes(6, "big")
+    return base64.urlsafe_b64encode(secrets.token_bytes(16) + issued).decode().rstrip("=")
+
+
+def issued_at(prediction_id: str) -> float | None:
+    """When an id of this form says it was issued (seconds), None for anything else. Not proof of anything: a
+    client may write any time; it only tells a prediction still on its way to the store from an unknown one."""
+    try:
+        raw = base64.urlsafe_b64decode(prediction_id.encode("ascii") + b"==")
+    except (ValueError, UnicodeEncodeError):
+        return None
+    return int.from_bytes(raw[16:], "big") / 1000 if len(raw) == 22 and len(prediction_id) == 30 else None
+
+
 def upload_type(headers: Mapping[str, str], filename: str) -> str:
     """The declared type: a raw body's Content-Type, else the one a browser derives from the part's file name."""
     declared = media_type(headers)
@@ -170,7 +192,8 @@ def upload_type(headers: Mapping[str, str], filename: str) -> str:
 def observe(
     request: Request, uploads: list[tuple[str, bytes]], results: list[Prediction | ImageError]
 ) -> list[str | None]:
-    """Record each prediction (errors are skipped) under an id the server issues, 128 random bits, and return the
+    """Record each prediction (errors are skipped) under an id the server issues (128 random bits and its issue
+    time), and return the
     ids (None for an error): what POST /feedback takes. The request's X-Request-ID is kept beside it, for tracing."""
     observer: Observer = request.app.state.observer
     model: Model = request.app.state.model
@@ -180,6 +203,6 @@ def observe(
         if not isinstance(result, Prediction):
             ids.append(None)
             continue
-        ids.append(secrets.token_urlsafe(16))
+        ids.append(new_prediction_id())
         observer.record(ids[-1], request_id, model.version, result, data, upload_type(request.headers, filename))
     return ids

@@ -1,5 +1,5 @@
 """The prediction store: recent predictions kept by the id the server issued, so that a later POST /feedback can be
-joined to one. Predictions that got a feedback are kept beyond the size, until `make harvest` takes them.
+joined to one. Predictions that got a feedback are kept apart from the others: the `size` most recent of each.
 
 One schema and one code path for SQLite (a file: survives restarts, shared by one host's processes; or memory, the
 default) and PostgreSQL (`FEEDBACK_DB=postgresql://...`: shared by several processes and replicas). Recording a
@@ -22,6 +22,7 @@ import psycopg
 from server.config import POSTGRES_SCHEMES
 
 SCHEMA_VERSION = 1
+STATEMENT_TIMEOUT_MS = 5000  # a PostgreSQL statement past it fails (503), never holds the store's thread for long
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS store_schema (version INTEGER NOT NULL)",
     """CREATE TABLE IF NOT EXISTS predictions (
@@ -62,34 +63,55 @@ class StoreError(Exception):
 
 
 class PredictionStore:
-    """The `size` most recent predictions (oldest evicted) in SQLite or PostgreSQL."""
+    """The `size` most recent predictions (oldest evicted) in SQLite or PostgreSQL. A PostgreSQL store connects on
+    first use (a server that is down does not stop the service: feedback answers 503 until it is back) and opens a
+    new connection once when the old one broke (a server restart)."""
 
     def __init__(self, target: str | None, size: int) -> None:
-        target = str(target) if target else None  # a path given as a Path
+        self.target = str(target) if target else None  # a path given as a Path
+        self.postgres = bool(self.target and self.target.startswith(POSTGRES_SCHEMES))
+        self.placeholder = "%s" if self.postgres else "?"
         self.size = size
-        self.lock = threading.Lock()  # one connection per process, used by one thread at a time
+        self.lock = threading.RLock()  # one connection per process, used by one thread at a time
         self.added = 0
-        if target and target.startswith(POSTGRES_SCHEMES):
-            self.db: Any = psycopg.connect(target, autocommit=True)
-            self.placeholder = "%s"
+        self.db: Any = None
+        if not self.postgres:
+            with self.lock:
+                self.connect()
+
+    def connect(self) -> None:
+        if self.postgres:
+            timeout = f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"
+            self.db = psycopg.connect(self.target, autocommit=True, connect_timeout=3, keepalives=1,
+                                      keepalives_idle=30, options=timeout)  # fmt: skip
         else:
-            self.db = sqlite3.connect(target or ":memory:", check_same_thread=False, isolation_level=None, timeout=5)
-            self.placeholder = "?"
-            if target:
+            self.db = sqlite3.connect(self.target or ":memory:", check_same_thread=False, isolation_level=None,
+                                      timeout=5)  # fmt: skip
+            if self.target:
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: a crash loses at most the last commits
-        self.migrate(postgres=self.placeholder == "%s")
+        self.migrate()
 
     def run(self, sql: str, params: tuple = ()) -> Any:
-        """One statement; `?` placeholders in both dialects."""
-        return self.db.execute(sql.replace("?", self.placeholder), params)
+        """One statement (the lock held); `?` placeholders in both dialects."""
+        if self.db is None:
+            self.connect()
+        try:
+            return self.db.execute(sql.replace("?", self.placeholder), params)
+        except psycopg.OperationalError:
+            if not (self.db.closed or self.db.broken):
+                raise  # a statement that failed, on a good connection
+            self.db = None  # the server went away: one new connection, one more try
+            self.connect()
+            return self.db.execute(sql.replace("?", self.placeholder), params)
 
-    def migrate(self, postgres: bool) -> None:
+    def migrate(self) -> None:
         """Create the schema, or check it is this service's version. A predictions table of the layout before
-        schema versions (keyed by the client's request id) is kept as predictions_v0."""
+        schema versions (keyed by the client's request id) is kept as predictions_v0. Serialised between processes
+        (PostgreSQL's advisory lock; SQLite's write lock), as several may start at once."""
         with self.lock:
-            if postgres:  # several replicas may start at once
-                self.run("SELECT pg_advisory_lock(7230613)")
+            db = self.db
+            db.execute("SELECT pg_advisory_lock(7230613)" if self.postgres else "BEGIN IMMEDIATE")
             try:
                 if not self.has_table("store_schema") and self.has_table("predictions"):
                     self.run("ALTER TABLE predictions RENAME TO predictions_v0")
@@ -99,8 +121,7 @@ class PredictionStore:
                          "(SELECT 1 FROM store_schema)", (SCHEMA_VERSION,))  # fmt: skip
                 [version] = self.run("SELECT version FROM store_schema").fetchone()
             finally:
-                if postgres:
-                    self.run("SELECT pg_advisory_unlock(7230613)")
+                db.execute("SELECT pg_advisory_unlock(7230613)" if self.postgres else "COMMIT")
         if version != SCHEMA_VERSION:
             raise StoreError(f"the feedback store has schema version {version}; this service reads {SCHEMA_VERSION}")
 
@@ -118,9 +139,14 @@ class PredictionStore:
                  json.dumps(record.probabilities), record.pet_score, record.image, None),
             )  # fmt: skip
             self.added += 1
-            if self.added % max(1, self.size // 100) == 0:  # evict in steps of 1% of the size; feedback stays
+            if self.added % max(1, self.size // 100) == 0:  # evict in steps of 1% of the size
+                # the `size` most recent predictions without feedback, and the `size` most recent with one: feedback
+                # is what a retrained model learns from, and no client can grow the store past 2 x size
                 self.run("DELETE FROM predictions WHERE feedback IS NULL AND time < (SELECT time FROM predictions "
-                         "ORDER BY time DESC LIMIT 1 OFFSET ?)", (self.size - 1,))  # fmt: skip
+                         "WHERE feedback IS NULL ORDER BY time DESC LIMIT 1 OFFSET ?)", (self.size - 1,))  # fmt: skip
+                self.run("DELETE FROM predictions WHERE feedback IS NOT NULL AND feedback_time < (SELECT "
+                         "feedback_time FROM predictions WHERE feedback IS NOT NULL ORDER BY feedback_time DESC "
+                         "LIMIT 1 OFFSET ?)", (self.size - 1,))  # fmt: skip
 
     def get(self, prediction_id: str) -> PredictionRecord | None:
         with self.lock:
@@ -160,4 +186,5 @@ class PredictionStore:
 
     def close(self) -> None:
         with self.lock:
-            self.db.close()
+            if self.db is not None:  # a PostgreSQL store that never connected
+                self.db.close()

@@ -24,14 +24,23 @@ def binaries() -> Path:
     return found[-1].parent
 
 
+def as_postgres() -> list[str]:
+    return ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+
+def restart(directory: Path) -> None:
+    """Stop and start the server in `directory` with the options it had (what a database failover looks like)."""
+    pg_ctl = [*as_postgres(), str(binaries() / "pg_ctl"), "-D", str(directory / "data"), "-l", str(directory / "log")]
+    subprocess.run([*pg_ctl, "-m", "fast", "-w", "restart"], check=True, capture_output=True, timeout=60)
+
+
 @contextmanager
 def postgres_server(directory: Path) -> Iterator[str]:
     """Start a server with its data in `directory`; yields the URL of its `postgres` database."""
     bin_dir, port = binaries(), free_port()
     data = directory / "data"
-    as_user: list[str] = []
-    if os.geteuid() == 0:
-        as_user = ["runuser", "-u", "postgres", "--"]
+    as_user = as_postgres()
+    if as_user:
         directory.mkdir(parents=True, exist_ok=True)
         shutil.chown(directory, "postgres")
     run = [*as_user, str(bin_dir / "pg_ctl"), "-D", str(data)]

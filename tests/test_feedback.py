@@ -8,7 +8,9 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import sqlite3
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,13 +20,15 @@ import httpx2 as httpx
 import pytest
 from starlette.testclient import TestClient
 
+from deploy.client import free_port
 from server.app import create_app
 from server.config import Settings
 from server.images import ImageFolder
+from server.observer import issued_at, new_prediction_id
 from server.store import Feedback, PredictionRecord, PredictionStore, StoreError
 from tests.conftest import running_service
 from tests.images import photo_bytes
-from tests.postgres import fresh_database
+from tests.postgres import fresh_database, postgres_server, restart
 
 CAT, DOG = "cats/cat.1.jpg", "dogs/dog.1.jpg"
 
@@ -73,8 +77,8 @@ def test_feedback_round_trip_counts_right_and_wrong(client):
 def test_prediction_ids_are_the_servers_whatever_request_id_the_client_sends(client):
     cat, dog = predict(client, CAT, request_id="chosen-by-client"), predict(client, DOG, request_id="chosen-by-client")
     assert cat != dog and "chosen-by-client" not in cat + dog
-    for prediction_id in (cat, dog):  # 128 random bits, URL-safe base64
-        assert len(base64.urlsafe_b64decode(prediction_id + "==")) == 16
+    for prediction_id in (cat, dog):  # 128 random bits and the issue time, URL-safe base64
+        assert len(prediction_id) == 30 and len(base64.urlsafe_b64decode(prediction_id + "==")) == 22
     # each prediction keeps its own answer: the second did not replace the first
     assert send(client, cat, "cat").json()["correct"] is True and send(client, dog, "dog").json()["correct"] is True
     assert send(client, "chosen-by-client", "cat").status_code == 404  # X-Request-ID is for tracing only
@@ -220,19 +224,30 @@ def test_two_service_processes_share_feedback_through_postgresql(onnx_model, pos
         photo = photo_bytes(CAT)
         answer = httpx.post(f"{one.url}/predict", content=photo, headers={"content-type": "image/jpeg"}, timeout=30)
         prediction_id = answer.json()["prediction_id"]
-        feedback = httpx.post(f"{two.url}/feedback", json={"prediction_id": prediction_id, "label": "dog"}, timeout=30)
+        for _ in range(20):  # the first process records it off its event loop: a moment may pass
+            feedback = httpx.post(f"{two.url}/feedback", json={"prediction_id": prediction_id, "label": "dog"},
+                                  timeout=30)  # fmt: skip
+            if feedback.status_code != 503:
+                break
+            assert feedback.json()["error"]["code"] == "prediction_not_recorded_yet"
+            time.sleep(float(feedback.headers["retry-after"]) / 4)
         assert feedback.status_code == 200 and feedback.json()["correct"] is False, feedback.text
         conflict = httpx.post(f"{one.url}/feedback", json={"prediction_id": prediction_id, "label": "cat"}, timeout=30)
         assert conflict.status_code == 409, conflict.text
 
 
-def test_a_labelled_prediction_outlives_the_store_size(target):
+def test_labelled_predictions_are_kept_apart_and_bounded_too(target):
     store = PredictionStore(target, 2)
     store.add(record("labelled"))
     assert store.give_feedback("labelled", "dog")[0] is Feedback.RECORDED
     for i in range(4):
         store.add(record(f"later-{i}"))
     assert store.get("labelled") is not None and store.get("later-0") is None  # feedback is data: it stays
+    for i in range(3):  # but a client posting feedback cannot grow the store without bound
+        store.add(record(f"more-{i}"))
+        store.give_feedback(f"more-{i}", "cat")
+    store.add(record("last"))
+    assert store.get("labelled") is None and store.get("more-2") is not None
     store.close()
 
 
@@ -256,6 +271,7 @@ def test_photos_are_kept_only_when_asked_content_addressed_and_joined_to_their_p
 
 
 def test_kept_photos_expire_without_feedback_and_never_exceed_the_cap(tmp_path):
+    (tmp_path / ".gone.jpg.partial").write_bytes(b"cut short")  # a crash mid-write: cleaned at start
     labelled: set[str] = set()
     folder = ImageFolder(tmp_path, max_bytes=250, retention_s=3600, labelled=labelled.__contains__)
     a, b, c = (folder.save(bytes([i]) * 100, "image/jpeg") for i in range(3))  # the third evicts the oldest
@@ -264,9 +280,51 @@ def test_kept_photos_expire_without_feedback_and_never_exceed_the_cap(tmp_path):
     old = time.time() - 7200
     for name in (b, c):
         os.utime(tmp_path / name, (old, old))
-    assert folder.expire() == 1 and sorted(folder.sizes) == [b]  # the labelled one stays past its retention
-    d = folder.save(bytes([3]) * 100, "image/jpeg")
-    e = folder.save(bytes([4]) * 100, "image/jpeg")  # full: the unlabelled d goes before the labelled b
-    assert sorted(folder.sizes) == sorted([b, e]) and d not in folder.sizes
+    assert folder.save(bytes([2]) * 100, "image/jpeg") == c  # sent again: its retention starts again
+    assert folder.expire() == 0 and sorted(folder.sizes) == sorted([b, c])  # b is labelled, c recent
+    os.utime(tmp_path / c, (old, old))
+    assert folder.expire() == 1 and list(folder.sizes) == [b]
+    (tmp_path / b).unlink()  # deleted by someone else: written again when sent again, never left empty
+    assert folder.save(bytes([1]) * 100, "image/jpeg") == b and (tmp_path / b).read_bytes() == bytes([1]) * 100
+    d, e = (folder.save(bytes([i]) * 100, "image/jpeg") for i in (3, 4))  # full: the least recently sent goes
+    assert sorted(folder.sizes) == sorted([d, e]) and folder.bytes == 200
     assert folder.save(b"x" * 300, "image/jpeg") is None  # larger than the whole cap: not kept, nothing deleted
-    assert folder.bytes <= 250 and sorted(p.name for p in tmp_path.iterdir()) == sorted([b, e])
+    (tmp_path / "other-process.jpg").write_bytes(b"y" * 100)  # another process wrote the same folder
+    folder.expire()  # the account is made true from the disk, then within the cap again
+    assert sum(p.stat().st_size for p in tmp_path.iterdir()) <= 250 and folder.bytes <= 250
+    assert not list(tmp_path.glob(".*"))
+
+
+def test_a_postgresql_restart_or_outage_is_a_503_while_it_lasts_never_a_stuck_store(tmp_path, onnx_model):
+    directory = Path(tempfile.mkdtemp(prefix="catsdogs-postgres-"))
+    try:
+        with postgres_server(directory) as url:
+            store = PredictionStore(fresh_database(url), 100)
+            store.add(record("before"))
+            restart(directory)  # the store's connection is gone
+            assert store.give_feedback("before", "cat")[0] is Feedback.RECORDED  # a new connection, at once
+            store.close()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    nowhere = f"postgresql://catsdogs@127.0.0.1:{free_port()}/nothing"  # no server: the service still starts
+    with make_client(onnx_model, feedback_db=nowhere) as client:
+        prediction_id = predict(client, CAT)  # answered; its record is lost and counted
+        response = send(client, prediction_id, "cat")
+        assert response.status_code == 503 and response.json()["error"]["code"] == "store_unavailable"
+        assert "127.0.0.1" not in response.text  # the database's address stays in the log
+
+
+def test_an_id_issued_moments_ago_on_a_shared_store_is_retried_not_refused(onnx_model, tmp_path):
+    """Another replica may not have written it yet: 503 with Retry-After while it is recent, then 404."""
+    with make_client(onnx_model, feedback_db=str(tmp_path / "shared.db")) as client:
+        fresh, stale = new_prediction_id(), new_prediction_id(now=time.time() - 3600)
+        response = send(client, fresh, "cat")
+        assert response.status_code == 503 and response.json()["error"]["code"] == "prediction_not_recorded_yet"
+        assert response.headers["retry-after"] == "1"
+        assert send(client, stale, "cat").status_code == 404 and send(client, "not-an-id", "cat").status_code == 404
+        assert (
+            issued_at(fresh) == pytest.approx(time.time(), abs=5)
+            and issued_at("x" * 29) is None
+            and issued_at("é" * 30) is None
+        )
+        assert len(base64.urlsafe_b64decode(fresh + "==")) == 22 and len(fresh) == 30

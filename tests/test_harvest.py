@@ -71,9 +71,23 @@ def test_feedback_through_the_api_becomes_a_labelled_data_version(onnx_model, tm
     assert (out / "cat" / name_of(CAT4)).is_file() and summary["held_for_review"] == {"feedbacks disagree": 1}
 
     (images / name_of(CAT1)).unlink()  # expired from the service's folder: already harvested, nothing lost
-    harvest(common)
-    assert json.loads(report.read_text())["left_out"]["photo no longer kept"] == 1
-    assert (out / "cat" / name_of(CAT1)).is_file()
+    harvest(common)  # and without the review file, nothing decided is held or asked again
+    summary = json.loads(report.read_text())
+    assert summary["used"] == 0 and summary["already_harvested"] == 4 and (out / "cat" / name_of(CAT1)).is_file()
+    assert summary["held_for_review"] == {"feedbacks disagree": 1}
+
+    # a review may relabel a harvested photo: it then has one label only
+    relabel = tmp_path / "relabel.csv"
+    relabel.write_text(f"image,confirmed_label\n{name_of(DOG5)},dog\n")
+    harvest([*common, "--reviewed", str(relabel)])
+    assert json.loads(report.read_text())["relabelled"] == 1
+    assert (out / "dog" / name_of(DOG5)).is_file() and not (out / "cat" / name_of(DOG5)).exists()
+    relabel.write_text(f"image,confirmed_label\n{name_of(DOG5)},Dog\n")  # not a label: refused, not dropped
+    with pytest.raises(SystemExit, match="confirmed_label must be one of"):
+        harvest([*common, "--reviewed", str(relabel)])
+    relabel.write_text(f"image,label\n{name_of(DOG5)},dog\n")
+    with pytest.raises(SystemExit, match="needs the columns image and confirmed_label"):
+        harvest([*common, "--reviewed", str(relabel)])
 
 
 def test_harvest_needs_to_be_told_where_the_service_wrote(capsys, monkeypatch):
