@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -48,6 +47,7 @@ import httpx2 as httpx
 import yaml
 
 from deploy.client import free_port, wait_ready
+from server.model_file import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 STANDIN = ROOT / "deploy" / "host" / "standin"
@@ -188,10 +188,6 @@ def compose_interval(path: Path) -> float:
     return float(text.rstrip("s"))
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def log_time(stderr: str, pattern: str) -> float | None:
     """The wall time of the script's first log line matching pattern (its lines start with an ISO UTC timestamp)."""
     for line in stderr.splitlines():
@@ -287,7 +283,7 @@ def run(args: argparse.Namespace) -> list[Scenario]:
             shutil.copy2(ROOT / "deploy" / "host" / name, deploy_path / "deploy" / "host")
         releases = []
         for source in (args.release_a, args.release_b):
-            digest = sha256(source / "model.onnx")
+            digest = sha256_file(source / "model.onnx")
             target = deploy_path / "models" / digest
             target.mkdir(parents=True)
             shutil.copy2(source / "model.onnx", target / "model.onnx")
@@ -536,7 +532,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("release_a", type=Path, help="a folder holding the first release's model.onnx")
     parser.add_argument("release_b", type=Path, help="a folder holding the second release's (a different file)")
     args = parser.parse_args(argv)
-    if sha256(args.release_a / "model.onnx") == sha256(args.release_b / "model.onnx"):
+    if sha256_file(args.release_a / "model.onnx") == sha256_file(args.release_b / "model.onnx"):
         parser.error("the two releases hold the same model file: the switch would not be visible")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a CI timeout still cleans up (run's finally)
     started = time.monotonic()

@@ -90,6 +90,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         lifespan=lifespan,
     )
     app.state.settings = settings or Settings.from_env()
+    app.state.page = page.render(app.state.settings)
     app.state.metrics = metrics
     app.state.model, app.state.model_error = None, "the service is starting"
     app.add_middleware(RequestMiddleware, metrics=metrics)

@@ -67,8 +67,9 @@ async def feedback(request: Request) -> JSONResponse:
     outcome, record = await store_call(observer.give_feedback, prediction_id, label)
     if record is None:
         issued = issued_at(prediction_id)
-        shared = observer.store.target is not None  # a file or a server other processes write too
-        if shared and issued is not None and 0 <= time.time() - issued < IN_FLIGHT_S:  # another may not have yet
+        if (
+            observer.store.shared and issued is not None and 0 <= time.time() - issued < IN_FLIGHT_S
+        ):  # another may not have yet
             raise ClientError(503, "prediction_not_recorded_yet", "this prediction is not recorded yet; retry",
                               {"Retry-After": "1"})  # fmt: skip
         raise ClientError(404, "unknown_prediction_id", f"no recent prediction has prediction_id {prediction_id!r}")

@@ -51,9 +51,13 @@ def photo_policy(settings: Settings) -> str:
     return f"Photos are classified by this service; {'; '.join(kept)}."
 
 
+def render(settings: Settings) -> str:
+    """The page's HTML under these settings: made once, when the application is (app.state.page)."""
+    return (STATIC / "index.html").read_text().replace("PHOTO_POLICY", escape(photo_policy(settings)))
+
+
 async def index(request: Request) -> Response:
-    html = (STATIC / "index.html").read_text().replace("PHOTO_POLICY", escape(photo_policy(request.app.state.settings)))
-    return HTMLResponse(html, headers=HEADERS)
+    return HTMLResponse(request.app.state.page, headers=HEADERS)
 
 
 ROUTES = [

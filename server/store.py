@@ -79,6 +79,11 @@ class PredictionStore:
             with self.lock:
                 self.connect()
 
+    @property
+    def shared(self) -> bool:
+        """Whether other processes write this store too (a SQLite file, PostgreSQL), not this process's memory."""
+        return self.target is not None
+
     def connect(self) -> None:
         if self.postgres:
             timeout = f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"
