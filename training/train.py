@@ -190,8 +190,14 @@ def data_version(processed: Path, raw_dvc: Path = Path("data/raw.dvc")) -> dict[
     return version
 
 
-def train_stage(name: str, params: Params, data_dir: Path, pretrained: str, out_dir: Path) -> dict[str, Any]:
-    """Train one stage inside its own MLflow run; writes models/<name>.pt and reports/<name>.json."""
+def train_stage(
+    name: str, params: Params, data_dir: Path, pretrained: str, out_dir: Path, *, decide_champion: bool = True
+) -> dict[str, Any]:
+    """Train one stage inside its own MLflow run; writes models/<name>.pt and reports/<name>.json.
+
+    decide_champion: the final model takes the champion alias by tracking.promote_if_better (same data version);
+    False registers it only (make retrain decides by its own rule, training/retrain.py).
+    """
     spec = PreprocessSpec.from_dict(params.preprocess)
     settings = params.train
     stage: StageParams = getattr(settings, name)
@@ -271,11 +277,12 @@ def train_stage(name: str, params: Params, data_dir: Path, pretrained: str, out_
         version = f"{name}-{run.info.run_id[:12]}"
         if registered:
             version = f"{registered}-v{info.registered_model_version}"
+            report["registered_version"] = info.registered_model_version
+        if registered and decide_champion:
             decision = tracking.promote_if_better(
                 registered, str(info.registered_model_version), correct, lineage["data_version"],
                 params.mlflow.champion_alias,
             )  # fmt: skip
-            report["registered_version"] = info.registered_model_version
             report["champion"] = decision["promoted"]
             report["champion_decision"] = decision
             mlflow.set_tag("champion", str(decision["promoted"]))
