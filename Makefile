@@ -9,7 +9,7 @@ SERVE_VENV ?= .venv-serve
 RAW_DATA ?=
 PRETRAINED ?= imagenet
 QUANTIZE ?= int8
-ifneq ($(filter export,$(MAKECMDGOALS)),)
+ifneq ($(filter export retrain,$(MAKECMDGOALS)),)
 ifeq ($(filter $(QUANTIZE),int8 none),)
 $(error Invalid QUANTIZE=$(QUANTIZE). Only int8, none are supported)
 endif
@@ -20,7 +20,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 .PHONY: help setup setup-serve data prepare train cv pet-methods export pipeline serve fetch-model classify test test-fast \
 	lint format \
 	mlflow-ui bench bench-model bench-hostile image image-train smoke-image smoke-compose eval-deployed screenshots drift-demo clean \
-	bench-capacity bench-clients bench-profile lint-k8s deploy-test nginx-standin harvest
+	bench-capacity bench-clients bench-profile lint-k8s deploy-test nginx-standin harvest replay retrain loop-demo
 
 help: ## List the targets with one line each (this is the default goal)
 	@echo "Usage: make TARGET [VARIABLE=value ...]"
@@ -197,6 +197,27 @@ harvest: setup ## Feedback to a data version in data/feedback (FEEDBACK_DB, FEED
 	python -m deploy.harvest $(if $(FEEDBACK_DB),--db "$(FEEDBACK_DB)") $(if $(FEEDBACK_IMAGES),--images "$(FEEDBACK_IMAGES)") \
 	  $(if $(REVIEWED),--reviewed $(REVIEWED))
 	dvc add -q data/feedback
+
+# Photos as production traffic with feedback (deploy/replay.py): every photo under INPUT/<label>/ to URL's /predict,
+# its folder's label back through /feedback for a share of them (MISLABEL_SHARE of those get the wrong label).
+FEEDBACK_SHARE ?= 1
+MISLABEL_SHARE ?= 0
+replay: $(SERVE_SETUP) ## Replay labelled photos as traffic with feedback: INPUT=photos [URL=...] [FEEDBACK_SHARE=1]
+	@test -n "$(INPUT)" || { echo "set INPUT=folder with one folder per label (and URL=http://host:8000)" >&2; exit 2; }
+	$(SERVE_PYTHON) -m deploy.replay "$(INPUT)" --url "$(URL)" --feedback-share $(FEEDBACK_SHARE) \
+	  --mislabel-share $(MISLABEL_SHARE)
+
+# The harvested photos join training only; the challenger becomes champion only by params.yaml's `retrain` rule
+# (training/retrain.py), decided on the original evaluation photos and the held-out recent photos.
+retrain: prepare ## data/feedback into training, a challenger registered, the champion decided (reports/retrain.json)
+	python -m training.retrain --quantize $(QUANTIZE)
+
+# The loop end to end on one labelled folder (bench/loop.py): part of it the original data and a champion, the rest
+# replayed through a real service as traffic with feedback, then harvest, retrain, decision, into build/loop-demo.
+LOOP_PHOTOS ?= ../shared/datasets/cats-vs-dogs-2k
+LOOP_ARGS ?=
+loop-demo: setup ## The feedback loop end to end on LOOP_PHOTOS into build/loop-demo/reports/loop.json (LOOP_ARGS)
+	python -m bench.loop --photos "$(LOOP_PHOTOS)" --pretrained "$(PRETRAINED)" $(LOOP_ARGS)
 
 # A real blue/green deploy (deploy/host/bluegreen.sh as CD runs it) under load: a second release, a candidate that
 # never becomes healthy, a rollback; zero failed requests (deploy/rehearse.py). DEPLOY_RELEASES: two folders, each
