@@ -14,7 +14,6 @@ there sums it up.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -44,8 +43,7 @@ def split(photos: list[tuple[Path, str]], share: float) -> tuple[list[tuple[Path
     """(original, traffic) by a hash of each photo's content."""
     original, traffic = [], []
     for photo in photos:
-        point = int(hashlib.sha256(b"loop:" + photo[0].read_bytes()).hexdigest()[:16], 16) / 16**16
-        (original if point < share else traffic).append(photo)
+        (original if replay.chosen(photo[0].read_bytes(), share, "loop:") else traffic).append(photo)
     return original, traffic
 
 

@@ -50,12 +50,14 @@ def test_feedback_through_the_service_becomes_a_challenger_and_a_recorded_decisi
     original = [(p, p.parent.name[:-1]) for p in photos("cat", 30) + photos("dog", 30)]
     # production: new photos, and one the original data already has
     traffic = [(p, p.parent.name[:-1]) for p in photos("cat", 20, 100) + photos("dog", 20, 100) + photos("cat", 1)]
-    summary = loop.run(workspace, original, traffic, params, str(weights), mislabel_share=0.1)
+    summary = loop.run(workspace, original, traffic, params, str(weights), mislabel_share=0.1, storage_cap=400_000)
 
     client, registered = MlflowClient(), yaml.safe_load(params.read_text())["mlflow"]["registered_model"]
     sent = summary["replay"]
     assert sent["photos"] == sent["predicted"] == sent["feedback 200"] == 41, sent
     assert 0 < summary["feedback_images"]["peak_bytes"] <= summary["feedback_images"]["cap_bytes"]
+    capped = summary["feedback_images"]["small_cap"]  # the same 41 photos (1.5 MB) into a 400 kB folder
+    assert 0 < capped["peak_bytes"] <= capped["cap_bytes"] == 400_000 and capped["photos_kept"] < 41, capped
     harvested = summary["harvest"]
     assert harvested["used"] + sum(harvested["held_for_review"].values()) + sum(harvested["left_out"].values()) == 41
     assert harvested["used"] >= 30, harvested

@@ -8,14 +8,17 @@ import hashlib
 import shutil
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 
 from tests.conftest import DATASET, ROOT, photos
+from training import tracking
 from training.config import load_params
 from training.data import prepare
-from training.retrain import Rule, assemble, decide, is_recent
+from training.retrain import MANIFEST, RECENT, Rule, assemble, decide, is_recent, settle
 from training.stats import paired, paired_difference
 
 RULE = Rule.from_params(ROOT / "params.yaml")
@@ -137,3 +140,96 @@ def test_assembly_adds_harvested_photos_to_training_or_recent_and_freezes_the_ev
 def rows(root: Path) -> list[dict[str, str]]:
     with (root / "manifest.csv").open() as handle:
         return list(csv.DictReader(handle))
+
+
+NAME = "catsdogs-test"
+
+
+@pytest.fixture
+def registry(tmp_path, monkeypatch):
+    """A fresh MLflow store with the registered model, the working directory its artifacts go to."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    tracking.configure("retrain-test")
+    client = MlflowClient()
+    client.create_registered_model(NAME)
+    yield client
+    mlflow.end_run()
+
+
+def register(client: MlflowClient, model: Path | None, manifest: Path | None = None) -> str:
+    """A run holding `model` where make export logs it (onnx/), registered; its version."""
+    with mlflow.start_run() as run:
+        if model is not None:
+            mlflow.log_artifact(str(model), artifact_path="onnx")
+        if manifest is not None:
+            mlflow.log_artifact(str(manifest), artifact_path=str(Path(MANIFEST).parent))
+    return str(client.create_model_version(NAME, f"runs:/{run.info.run_id}/onnx", run_id=run.info.run_id).version)
+
+
+@pytest.fixture
+def evaluation_data(tmp_path) -> Path:
+    """val/, test/ and recent/ folders of real photos, as make retrain assembles them."""
+    root = tmp_path / "data"
+    for split, start in (("val", 1), ("test", 4), (RECENT, 7)):
+        for label in ("cat", "dog"):
+            (root / split / label).mkdir(parents=True)
+            for photo in photos(label, 3, start):
+                shutil.copyfile(photo, root / split / label / photo.name)
+    return root
+
+
+def test_without_a_champion_the_registered_challenger_takes_the_alias(registry, onnx_model, evaluation_data, tmp_path):
+    version = register(registry, onnx_model)
+    settled = settle(NAME, version, onnx_model, evaluation_data, ("cat", "dog"), RULE, "champion", tmp_path / "w")
+    assert settled["decision"]["reason"] == "no champion yet" and settled["champion_after"] == version
+    assert str(registry.get_model_version_by_alias(NAME, "champion").version) == version
+    assert registry.get_run(settled["challenger"]["run_id"]).data.tags["retrain_promoted"] == "True"
+
+
+def test_a_challenger_no_better_than_the_champion_leaves_it_in_place(registry, onnx_model, evaluation_data, tmp_path):
+    champion = register(registry, onnx_model)
+    registry.set_registered_model_alias(NAME, "champion", champion)
+    challenger = register(registry, onnx_model)
+    settled = settle(NAME, challenger, onnx_model, evaluation_data, ("cat", "dog"), RULE, "champion", tmp_path / "w")
+    decision = settled["decision"]
+    assert not decision["promoted"] and settled["champion_after"] == champion
+    assert decision["evaluated"] == {"original": 12, "recent": 6}
+    for name, evaluation in decision["evaluations"].items():  # the same model: the same answers, no better
+        assert evaluation["n"] == decision["evaluated"][name] and evaluation["difference"] == 0
+    assert str(registry.get_model_version_by_alias(NAME, "champion").version) == champion
+
+
+def test_an_unreadable_champion_is_an_error_not_a_missing_one(registry, onnx_model, evaluation_data, tmp_path):
+    champion = register(registry, None)  # its run has no model file
+    registry.set_registered_model_alias(NAME, "champion", champion)
+    challenger = register(registry, onnx_model)
+    with pytest.raises(Exception):  # noqa: B017 - whatever MLflow raises, as long as nothing is promoted
+        settle(NAME, challenger, onnx_model, evaluation_data, ("cat", "dog"), RULE, "champion", tmp_path / "w")
+    assert str(registry.get_model_version_by_alias(NAME, "champion").version) == champion
+
+
+def test_a_challenger_whose_export_did_not_reach_the_registry_is_not_decided(registry, onnx_model, evaluation_data,
+                                                                             tmp_path):  # fmt: skip
+    other = tmp_path / "other.onnx"
+    other.write_bytes(onnx_model.read_bytes() + b"\0")  # not the file the registry holds
+    version = register(registry, onnx_model)
+    with pytest.raises(SystemExit, match="did not reach MLflow"):
+        settle(NAME, version, other, evaluation_data, ("cat", "dog"), RULE, "champion", tmp_path / "w")
+    assert "champion" not in registry.get_registered_model(NAME).aliases
+
+
+def test_recent_photos_a_retrained_champion_trained_on_are_not_used_to_judge_it(registry, onnx_model, evaluation_data,
+                                                                                tmp_path):  # fmt: skip
+    seen = sorted((evaluation_data / RECENT / "dog").iterdir())[0]
+    manifest = tmp_path / "manifest.csv"
+    digest = hashlib.sha256(seen.read_bytes()).hexdigest()
+    manifest.write_text(f"file,source,sha256,label,split\ntrain/dog/x.jpg,feedback/dog/x.jpg,{digest},dog,train\n")
+    champion = register(registry, onnx_model, manifest)
+    registry.set_registered_model_alias(NAME, "champion", champion)
+    challenger = register(registry, onnx_model)
+    decision = settle(NAME, challenger, onnx_model, evaluation_data, ("cat", "dog"), RULE, "champion", tmp_path / "w")[
+        "decision"
+    ]
+    assert decision["recent_excluded_champion_trained_on"] == [seen.name]
+    assert decision["evaluated"]["recent"] == decision["evaluations"]["recent"]["n"] == 5

@@ -7,15 +7,16 @@
    any original photo, filed under two labels, or that no longer decodes is left out, with the reason.
 2. Training: the same two stages as `make train` (training/train.py) on original train + harvested train, then the
    same export (export/convert.py, and export/quantize.py's int8 gate unless --quantize none). The model is
-   registered and given the alias `challenger`; its MLflow run gets the ONNX file CD would ship.
-3. Decision, by the rule in params.yaml `retrain`, fixed before the run and copied into the report: the champion (as
-   CD ships it: deploy/model_release.py) and the challenger (as it would ship) classify the same photos through the
-   service's own code (server.model). The challenger becomes champion only when, on the original evaluation photos
-   and on the recent photos alike, it is not worse (the lower end of the 95% interval of the paired accuracy
-   difference, Newcombe's for paired proportions, is above -max_relative_loss x the champion's accuracy: MLPerf's
-   99% of the reference, as the int8 gate) and on at least one of them it is better (more photos only it gets
-   right, McNemar's exact p < alpha / 2: two sets, Bonferroni). Too few photos make the interval too wide to show
-   "not worse", and the champion stays.
+   registered and given the alias `challenger`; its MLflow run gets the ONNX file CD would ship and the manifest of
+   what it trained on.
+3. Decision, by the rule in params.yaml `retrain`, fixed before the run and copied into the report: the champion and
+   the challenger, both as CD ships a model (downloaded from the registry by deploy/model_release.py), classify the
+   same photos through the service's own code (server.model). The challenger becomes champion only when, on the
+   original evaluation photos and on the recent photos alike, it is not worse (the lower end of the 95% interval of
+   the paired accuracy difference, Newcombe's for paired proportions, is above -max_relative_loss x the champion's
+   accuracy: MLPerf's 99% of the reference, as the int8 gate) and on at least one of them it is better (more photos
+   only it gets right, McNemar's exact p < alpha / 2: two sets, Bonferroni). Too few photos make the interval too
+   wide to show "not worse", and the champion stays. The champion alias moves last.
 
 reports/retrain.json records the data versions, the counts used, held out and left out, both evaluations, the rule,
 the statistics and the decision. CD then ships whichever version holds the champion alias, as it does after
@@ -53,6 +54,7 @@ from training.train import STAGES, train_stage
 from training.utils import git_commit, sha256_bytes, sha256_file, write_json
 
 RECENT = "recent"  # the harvested photos held out for evaluation
+MANIFEST = "retrain/manifest.csv"  # the assembled data's manifest, in the challenger's MLflow run
 RULE = (
     "The challenger becomes champion only when, on the original evaluation photos and on the recent photos alike, "
     "the lower end of the 95% interval of its paired accuracy difference with the champion (Newcombe 1998, paired "
@@ -208,7 +210,75 @@ def feedback_version(dvc_file: Path) -> str | None:
     """The md5 DVC recorded for the harvested folder (`make harvest` runs dvc add), or None."""
     if not dvc_file.is_file():
         return None
-    return str(yaml.safe_load(dvc_file.read_text()).get("outs", [{}])[0].get("md5"))
+    md5 = (yaml.safe_load(dvc_file.read_text()).get("outs") or [{}])[0].get("md5")
+    return str(md5) if md5 else None
+
+
+def champion_version(client: MlflowClient, registered: str, alias: str) -> str | None:
+    """The version holding the alias, or None when there is none yet; any other MLflow error is raised (a store that
+    cannot be read must never look like "no champion", which would promote the challenger untested)."""
+    try:
+        model = client.get_registered_model(registered)
+    except mlflow.exceptions.MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    version = model.aliases.get(alias)
+    return str(version) if version is not None else None
+
+
+def trained_on(client: MlflowClient, run_id: str) -> set[str]:
+    """sha256 of every photo a retrained model's run trained on (its logged manifest); empty for a model of `make
+    train`, whose training photos are the original ones (a harvested copy of one is left out anyway)."""
+    try:
+        manifest = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=MANIFEST))
+    except Exception:
+        return set()
+    with manifest.open(newline="") as handle:
+        return {row["sha256"] for row in csv.DictReader(handle) if row["split"] == "train"}
+
+
+def settle(registered: str, version: str, local: Path, data: Path, labels: tuple[str, ...], rule: Rule,
+           champion_alias: str, work: Path) -> dict[str, Any]:  # fmt: skip
+    """Compare the registered challenger (as CD would ship it: its run's served file, which must be the local one)
+    with the champion (as CD ships it) by the rule, then move the champion alias when it wins. Returns the record."""
+    client = MlflowClient()
+    challenger = release(registered, work / "challenger", version=version)
+    if challenger["sha256"] != sha256_file(local):
+        raise SystemExit(f"retrain: the registry's file for v{version} ({challenger['artifact']}) is not the exported "
+                         f"{local}: the export did not reach MLflow, nothing is decided")  # fmt: skip
+    photos = {
+        "original": labelled_files(data, ("val", "test"), labels),
+        "recent": labelled_files(data, (RECENT,), labels),
+    }
+    current = champion_version(client, registered, champion_alias)
+    champion = release(registered, work / "champion", version=current) if current else None
+    excluded: list[str] = []
+    if champion:  # a recent photo the champion trained on (a redrawn share or salt) is no test of it
+        seen = trained_on(client, champion["run_id"])
+        excluded = [path.name for path, _ in photos["recent"] if sha256_file(path) in seen]
+        photos["recent"] = [(path, i) for path, i in photos["recent"] if path.name not in excluded]
+        files = {name: work / name / "model.onnx" for name in ("champion", "challenger")}
+        right = {name: (correct(files["champion"], items, labels), correct(files["challenger"], items, labels))
+                 for name, items in photos.items()}  # fmt: skip
+        decision = decide(right, rule)
+    else:
+        decision = {"promoted": True, "reason": "no champion yet", "evaluations": {}}
+    decision["evaluated"] = {name: len(items) for name, items in photos.items()}
+    decision["recent_excluded_champion_trained_on"] = excluded
+    run_id = challenger["run_id"]
+    for key, value in {"retrain": "true", "retrain_promoted": str(decision["promoted"]),
+                       "recent_share": str(rule.recent_share), "recent_salt": rule.recent_salt}.items():  # fmt: skip
+        client.set_tag(run_id, key, value)
+    if decision["promoted"]:  # last: nothing after it can fail and leave a champion without its record
+        client.set_registered_model_alias(registered, champion_alias, version)
+    keys = ("version", "run_id", "artifact", "precision", "sha256")
+    return {
+        "champion": {k: champion[k] for k in keys} if champion else None,
+        "challenger": {k: challenger[k] for k in keys},
+        "decision": decision,
+        "champion_after": version if decision["promoted"] else current,
+    }
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -241,48 +311,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   "--report", str(args.work / "export.json"), *common])  # fmt: skip
     if args.quantize == "int8":
         quantize.main(["--model", str(models / "model.onnx"), "--report", str(args.work / "quantize.json"), *common])
-    client, registered = MlflowClient(), params.mlflow.registered_model
-    version = str(reports["final"]["registered_version"])
-    client.set_registered_model_alias(registered, rule.challenger_alias, version)
-    challenger_file = choose_model_file(models).path
-
-    photos = {
-        "original": labelled_files(data, ("val", "test"), labels),
-        "recent": labelled_files(data, (RECENT,), labels),
-    }
-    try:
-        champion = release(registered, args.work / "champion", alias=params.mlflow.champion_alias)
-    except mlflow.exceptions.MlflowException:
-        champion = None
-    if champion is None:
-        decision: dict[str, Any] = {"promoted": True, "reason": "no champion yet", "evaluations": {}}
-    else:
-        served = args.work / "champion" / "model.onnx"
-        right = {name: (correct(served, files, labels), correct(challenger_file, files, labels))
-                 for name, files in photos.items()}  # fmt: skip
-        decision = decide(right, rule)
-    if decision["promoted"]:
-        client.set_registered_model_alias(registered, params.mlflow.champion_alias, version)
-    run_id = reports["final"]["run_id"]
+    run_id, version = reports["final"]["run_id"], str(reports["final"]["registered_version"])
     versions = {"original": sha256_file(processed / "manifest.csv"), "assembled": sha256_file(data / "manifest.csv"),
                 "feedback_dvc_md5": feedback_version(args.feedback.with_suffix(".dvc"))}  # fmt: skip
-    client.set_tag(run_id, "retrain", "true")
-    client.set_tag(run_id, "feedback_version", str(versions["feedback_dvc_md5"]))
-    client.set_tag(run_id, "retrain_promoted", str(decision["promoted"]))
+    with mlflow.start_run(run_id=run_id):  # what it trained on, for the next retrain's comparison (trained_on)
+        mlflow.log_artifact(str(data / "manifest.csv"), artifact_path=str(Path(MANIFEST).parent))
+        mlflow.set_tag("feedback_version", str(versions["feedback_dvc_md5"]))
+    client, registered = MlflowClient(), params.mlflow.registered_model
+    client.set_registered_model_alias(registered, rule.challenger_alias, version)  # complete: trained and exported
+    settled = settle(registered, version, choose_model_file(models).path, data, labels, rule,
+                     params.mlflow.champion_alias, args.work)  # fmt: skip
+    decision = settled["decision"]
     report = {
         "data_versions": versions,
-        "counts": {**assembly.summary(), "evaluated": {name: len(files) for name, files in photos.items()}},
+        "counts": {**assembly.summary(), "evaluated": decision["evaluated"]},
         "left_out_photos": assembly.left_out,
-        "rule": {**vars(rule), "text": RULE.format(rule=rule, bonferroni=rule.alpha / len(photos))},
-        "champion": {k: champion[k] for k in ("version", "run_id", "precision", "sha256")} if champion else None,
-        "challenger": {
-            "version": version,
-            "run_id": run_id,
-            "file": challenger_file.name,
-            "sha256": sha256_file(challenger_file),
-        },
-        "decision": decision,
-        "champion_after": version if decision["promoted"] else (champion or {}).get("version"),
+        "rule": {**vars(rule), "text": RULE.format(rule=rule, bonferroni=rule.alpha / 2)},
+        **settled,
         "git_commit": git_commit(),
     }
     write_json(args.report, report)
