@@ -28,8 +28,9 @@ from typing import Any
 
 import yaml
 
+from bench.serve import start_server
 from deploy import harvest, replay
-from deploy.client import free_port, wait_ready
+from deploy.client import free_port
 from deploy.evaluate import labelled_photos
 from export import convert, quantize
 from training import retrain, train
@@ -61,15 +62,11 @@ def folder_bytes(root: Path) -> int:
 
 @contextmanager
 def service(model: Path, **env: str) -> Iterator[str]:
-    """`python -m server` on a free port with the model and extra environment; its URL once ready."""
+    """`python -m server` on a free port with the model and extra environment (bench.serve's start); its URL."""
     port = free_port()
-    environment = {**os.environ, "MODEL_PATH": str(model), "PORT": str(port), "HOST": "127.0.0.1", **env}
-    process = subprocess.Popen([sys.executable, "-m", "server"], cwd=ROOT, env=environment,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    process, _ = start_server(model, port, env=env)
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_ready(url, 120)
-        yield url
+        yield f"http://127.0.0.1:{port}"
     finally:
         process.terminate()
         process.wait(30)

@@ -66,10 +66,8 @@ async def feedback(request: Request) -> JSONResponse:
     observer: Observer = request.app.state.observer
     outcome, record = await store_call(observer.give_feedback, prediction_id, label)
     if record is None:
-        issued = issued_at(prediction_id)
-        if (
-            observer.store.shared and issued is not None and 0 <= time.time() - issued < IN_FLIGHT_S
-        ):  # another may not have yet
+        issued = issued_at(prediction_id)  # on a shared store, another replica may not have written it yet
+        if observer.store.shared and issued is not None and 0 <= time.time() - issued < IN_FLIGHT_S:
             raise ClientError(503, "prediction_not_recorded_yet", "this prediction is not recorded yet; retry",
                               {"Retry-After": "1"})  # fmt: skip
         raise ClientError(404, "unknown_prediction_id", f"no recent prediction has prediction_id {prediction_id!r}")

@@ -193,8 +193,8 @@ def observe(
     request: Request, uploads: list[tuple[str, bytes]], results: list[Prediction | ImageError]
 ) -> list[str | None]:
     """Record each prediction (errors are skipped) under an id the server issues (128 random bits and its issue
-    time), and return the
-    ids (None for an error): what POST /feedback takes. The request's X-Request-ID is kept beside it, for tracing."""
+    time), and return the ids (None for an error): what POST /feedback takes. The request's X-Request-ID is kept
+    beside it, for tracing."""
     observer: Observer = request.app.state.observer
     model: Model = request.app.state.model
     request_id: str = request.scope["state"]["request_id"]

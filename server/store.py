@@ -131,7 +131,7 @@ class PredictionStore:
             raise StoreError(f"the feedback store has schema version {version}; this service reads {SCHEMA_VERSION}")
 
     def has_table(self, name: str) -> bool:
-        if self.placeholder == "%s":
+        if self.postgres:
             row = self.run("SELECT to_regclass(?)", (name,)).fetchone()
             return row[0] is not None
         return self.run("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None

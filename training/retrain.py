@@ -42,7 +42,7 @@ from mlflow.tracking import MlflowClient
 
 from deploy.model_release import release
 from export import convert, quantize
-from imaging import DEFAULT_MAX_PIXELS, EXTENSIONS, Decoder, ImageError, label_for_name
+from imaging import DEFAULT_MAX_PIXELS, EXTENSIONS, Decoder, label_for_name
 from server.model import Model
 from server.model_file import choose_model_file
 from training import tracking
@@ -51,7 +51,7 @@ from training.data import MANIFEST_FIELDS, SPLITS, Skip, validate
 from training.model import add_pretrained_argument
 from training.stats import paired_difference, proportion
 from training.train import STAGES, train_stage
-from training.utils import git_commit, sha256_bytes, sha256_file, write_json
+from training.utils import git_commit, sha256_file, write_json
 
 RECENT = "recent"  # the harvested photos held out for evaluation
 MANIFEST = "retrain/manifest.csv"  # the assembled data's manifest, in the challenger's MLflow run
@@ -90,7 +90,6 @@ def is_recent(sha256: str, share: float, salt: str) -> bool:
 
 @dataclass
 class Assembly:
-    root: Path
     original: Counter = field(default_factory=Counter)  # split -> photos
     harvested: Counter = field(default_factory=Counter)  # "train"/"recent" -> photos
     left_out: list[tuple[str, str]] = field(default_factory=list)  # (harvested file, why)
@@ -120,27 +119,27 @@ def assemble(processed: Path, feedback: Path, out: Path, labels: tuple[str, ...]
             (out / split / label).mkdir(parents=True)
     with (processed / "manifest.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assembly = Assembly(out)
+    assembly = Assembly()
     for row in rows:
         place(processed / row["file"], out / row["file"])
         assembly.original[row["split"]] += 1
     original = {row["sha256"] for row in rows}
     files = sorted(p for p in feedback.glob("*/*") if p.is_file()) if feedback.is_dir() else []
-    digests = Counter(sha256_bytes(p.read_bytes()) for p in files)
+    digest_of = {path: sha256_file(path) for path in files}
+    copies = Counter(digest_of.values())
     decoder = Decoder.from_spec(preprocess)
     for path in files:
-        data = path.read_bytes()
-        digest, label = sha256_bytes(data), label_for_name(path.parent.name, labels)
+        digest, label = digest_of[path], label_for_name(path.parent.name, labels)
         name = f"{path.parent.name}/{path.name}"
         try:
             if label is None:
                 raise Skip(f"folder {path.parent.name} is none of the labels {list(labels)}")
             if digest in original:
                 raise Skip("identical to a photo of the original data")
-            if digests[digest] > 1:
+            if copies[digest] > 1:
                 raise Skip("filed under more than one label")
-            fmt, width, height = validate(data, decoder)
-        except (Skip, ImageError) as reason:
+            fmt, width, height = validate(path.read_bytes(), decoder)
+        except Skip as reason:
             assembly.left_out.append((name, str(reason)))
             continue
         split = RECENT if is_recent(digest, rule.recent_share, rule.recent_salt) else "train"
@@ -230,10 +229,9 @@ def champion_version(client: MlflowClient, registered: str, alias: str) -> str |
 def trained_on(client: MlflowClient, run_id: str) -> set[str]:
     """sha256 of every photo a retrained model's run trained on (its logged manifest); empty for a model of `make
     train`, whose training photos are the original ones (a harvested copy of one is left out anyway)."""
-    try:
-        manifest = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=MANIFEST))
-    except Exception:
-        return set()
+    if MANIFEST not in {artifact.path for artifact in client.list_artifacts(run_id, str(Path(MANIFEST).parent))}:
+        return set()  # a model of make train; a registry that cannot be read raises, never looks like this
+    manifest = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=MANIFEST))
     with manifest.open(newline="") as handle:
         return {row["sha256"] for row in csv.DictReader(handle) if row["split"] == "train"}
 
