@@ -15,14 +15,14 @@ import numpy as np
 import onnx
 import torch
 
-from export import mirror, not_a_pet
+from export import mirror, not_a_pet, synthetic
 from export.evaluate import METADATA_KEY, evaluate_onnx, load_split, make_session, predict, torch_probabilities
 from export.reference import reference_for_split
 from export.served import tag_served
 from imaging import DEFAULT_MAX_PIXELS
 from server.mirror import ALWAYS, MirrorGate
 from server.preprocess import Preprocessor
-from training import tracking
+from training import gates, tracking
 from training.config import DEFAULT_PARAMS, Params, load_params
 from training.model import Predictor, load_predictor
 from training.presets import PreprocessSpec
@@ -88,16 +88,22 @@ def single_view(predictor: Predictor) -> Predictor:
 def choose_mirror_gate(
     path: Path, data_dir: Path, spec: PreprocessSpec, params: Params, metadata: dict[str, Any]
 ) -> tuple[MirrorGate, dict[str, Any]]:
-    """export.mirror's gate for the model at `path`, on development data; its report holds the held-out check."""
+    """export.mirror's gate for the model at `path`, chosen on development data and kept only when training.gates
+    shows it not worse than both views always, on every photo and the pooled non-pets (held out: the ImageNet
+    non-pets not used for choosing and the generated ones)."""
     dev = [load_split(data_dir, split, spec) for split in ("train", "val")]
     test = load_split(data_dir, "test", spec)
     preprocess = Preprocessor(spec.to_dict(), max_pixels=DEFAULT_MAX_PIXELS)
     not_pets = not_a_pet.not_pet_sets(params.pet)
-    arrays = {name: np.stack([preprocess(f.read_bytes()) for f in files]) if files else np.empty((0,))
-              for name, files in not_pets.items()}  # fmt: skip
+    images = {name: [f.read_bytes() for f in files] for name, files in not_pets.items()}
+    if params.pet is not None:
+        images["held_out"] += [data for _, _, data in synthetic.generate(params.pet.synthetic_per_kind)]
+    arrays = {name: np.stack([preprocess(data) for data in items]) if items else np.empty((0,))
+              for name, items in images.items()}  # fmt: skip
     threshold = metadata["pet"]["threshold"] if metadata.get("pet") else None
     return mirror.study(path, (np.concatenate([d[0] for d in dev]), np.concatenate([d[1] for d in dev])), test,
-                        arrays["dev"], arrays["held_out"], threshold, params.train.seed)  # fmt: skip
+                        arrays["dev"], arrays["held_out"], threshold, params.train.seed,
+                        gates.Rule.from_dict(params.gates))  # fmt: skip
 
 
 def accuracy_gate(path: Path, inputs: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
@@ -170,8 +176,9 @@ def main(argv: list[str] | None = None) -> None:
         mirror_report = None
         if predictor.hflip_average and settings.mirror_gate:
             gate, mirror_report = choose_mirror_gate(staged, data_dir, spec, params, metadata)
-            metadata["mirror"] = {"gate": gate.to_dict(), "rule": mirror_report["rule"],
-                                  "chosen_on": "train+val photos and the development not-pets"}  # fmt: skip
+            metadata["mirror"] = {"gate": gate.to_dict(), "rule": mirror_report["choice"],
+                                  "chosen_on": "train+val photos and the development not-pets",
+                                  "served": mirror_report["served"]}  # fmt: skip
         write_metadata(staged, metadata)
         metadata["reference"] = reference_for_split(staged, data_dir, spec)  # drift's baseline (server.drift)
         write_metadata(staged, metadata)

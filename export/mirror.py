@@ -4,9 +4,10 @@ For every development image (the train+val photos and the development not-pets) 
 is the smallest one under which the gated answers equal always-averaged answers on every development image: a
 photo gets the second view when its first view's top probability is below the highest first-view confidence of
 any photo whose label averaging changed, or when its first-view pet score lies between the lowest and highest of
-any image whose is_pet averaging changed (the pet threshold inside that band). Stratified 5-fold cross-validation
-(choose on four folds, apply to the fifth) estimates how often the gated answer differs from the averaged one on
-images the gate was not chosen on. The held-out sets (test photos, held-out not-pets) are read only to report.
+any image whose is_pet averaging changed (the pet threshold inside that band). It is served only when training.gates
+shows it not worse than always averaging, on answers it was not chosen on: stratified 5-fold cross-validation
+(choose on four folds, apply to the fifth) for the development images, the gate chosen on all of them for the
+held-out sets (test photos, held-out and generated non-pets).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
 from export.evaluate import make_session, runner
-from server.mirror import MirrorGate
-from training.stats import paired, proportion
+from server.mirror import ALWAYS, MirrorGate
+from training import gates
+from training.stats import proportion
 
 FOLDS = 5
 
@@ -87,54 +89,55 @@ def choose(views: Views, threshold: float | None) -> MirrorGate:
 
 
 def cross_validate(views: Views, groups: np.ndarray, threshold: float | None, seed: int) -> dict[str, Any]:
-    """Choose on four folds, apply to the fifth: second-view share and answers that differ from averaging."""
-    need = label_differs = pet_differs = 0
-    splitter = StratifiedKFold(FOLDS, shuffle=True, random_state=seed)
-    for chosen_on, held in splitter.split(np.zeros((len(groups), 1)), groups):
-        result = answers(views.subset(held), choose(views.subset(chosen_on), threshold), threshold)
-        need += int(result["need"].sum())
-        label_differs += int((result["label"] != result["label_averaged"]).sum())
-        pet_differs += int((result["is_pet"] != result["is_pet_averaged"]).sum())
+    """Choose on four folds, apply to the fifth: every image's gated answer from a gate not chosen on it."""
     n = len(groups)
-    return {"folds": FOLDS, "images": n, "second_view": proportion(need, n),
-            "label_differs_from_averaging": proportion(label_differs, n),
-            "is_pet_differs_from_averaging": proportion(pet_differs, n)}  # fmt: skip
-
-
-def held_out_report(
-    gate: MirrorGate, threshold: float | None, photos: Views, targets: np.ndarray, not_pets: Views
-) -> dict[str, Any]:
-    """On the held-out sets: the second-view share, and accuracy and not-a-pet rates gated vs always averaged,
-    paired on the same images."""
-    on_photos = answers(photos, gate, threshold)
-    report: dict[str, Any] = {
-        "second_view_test_photos": proportion(int(on_photos["need"].sum()), len(photos)),
-        "accuracy_gated_vs_averaged": paired(on_photos["label_averaged"] == targets, on_photos["label"] == targets),
-    }
-    if threshold is not None:
-        report["pets_kept_gated_vs_averaged"] = paired(on_photos["is_pet_averaged"], on_photos["is_pet"])
-        if len(not_pets):
-            on_others = answers(not_pets, gate, threshold)
-            report["second_view_not_pets"] = proportion(int(on_others["need"].sum()), len(not_pets))
-            report["not_pets_flagged_gated_vs_averaged"] = paired(~on_others["is_pet_averaged"], ~on_others["is_pet"])
-    return report
+    need, label, is_pet = np.zeros(n, bool), np.zeros(n, int), np.zeros(n, bool)
+    splitter = StratifiedKFold(FOLDS, shuffle=True, random_state=seed)
+    for chosen_on, held in splitter.split(np.zeros((n, 1)), groups):
+        result = answers(views.subset(held), choose(views.subset(chosen_on), threshold), threshold)
+        need[held], label[held], is_pet[held] = result["need"], result["label"], result["is_pet"]
+    averaged = answers(views, MirrorGate(0.0), threshold)  # the averaged answers do not depend on the gate
+    return {"need": need, "label": label, "is_pet": is_pet,
+            "label_averaged": averaged["label_averaged"], "is_pet_averaged": averaged["is_pet_averaged"]}  # fmt: skip
 
 
 def study(
     path: Path, dev: tuple[np.ndarray, np.ndarray], held_out: tuple[np.ndarray, np.ndarray], dev_not_pets: np.ndarray,
-    held_out_not_pets: np.ndarray, threshold: float | None, seed: int,
+    held_out_not_pets: np.ndarray, threshold: float | None, seed: int, rule: gates.Rule,
 ) -> tuple[MirrorGate, dict[str, Any]]:  # fmt: skip
-    """The gate for the single-view model at `path` (pet threshold already chosen), and the report."""
-    views = score_views(path, dev[0]) + score_views(path, dev_not_pets)
+    """The gate for the single-view model at `path` (pet threshold already chosen), and the report.
+
+    The gate is kept only when its answers are not worse than always averaging by training.gates' rule, on every
+    image: the development images with the gate chosen on the other folds (out of fold), the held-out ones with the
+    gate chosen on all development images. Refused, every image gets both views (server.mirror.ALWAYS).
+    """
+    dev_views = score_views(path, dev[0]) + score_views(path, dev_not_pets)
+    photos = len(dev[0])
     groups = np.concatenate([dev[1], np.full(len(dev_not_pets), dev[1].max() + 1)])
-    gate = choose(views, threshold)
-    report = {
-        "rule": "the smallest gate under which every development image's label and is_pet equal always averaging",
-        "gate": gate.to_dict(),
-        "development_images": len(views),
-        "cross_validated": cross_validate(views, groups, threshold, seed),
-        "held_out": held_out_report(
-            gate, threshold, score_views(path, held_out[0]), held_out[1], score_views(path, held_out_not_pets)
-        ),
+    gate = choose(dev_views, threshold)
+    oof = cross_validate(dev_views, groups, threshold, seed)
+    test = answers(score_views(path, held_out[0]), gate, threshold)
+    others = answers(score_views(path, held_out_not_pets), gate, threshold)
+    targets = np.concatenate([dev[1], held_out[1]])
+    gated = {k: np.concatenate([oof[k][:photos], test[k]]) for k in ("label", "label_averaged", "is_pet",
+                                                                     "is_pet_averaged", "need")}  # fmt: skip
+    comparisons: dict[str, tuple[str, np.ndarray, np.ndarray]] = {
+        "accuracy: every prepared photo": ("accuracy", gated["label_averaged"] == targets, gated["label"] == targets)
     }
-    return gate, report
+    if threshold is not None:
+        comparisons["pets kept: every prepared photo"] = ("pets_kept", gated["is_pet_averaged"], gated["is_pet"])
+        flagged = np.concatenate([~oof["is_pet_averaged"][photos:], ~others["is_pet_averaged"]])
+        flagged_gated = np.concatenate([~oof["is_pet"][photos:], ~others["is_pet"]])
+        comparisons["non-pets flagged: pooled non-pets"] = ("not_pets_flagged", flagged, flagged_gated)
+    verdict = gates.judge(comparisons, rule)
+    images = len(oof["need"]) + len(test["need"]) + len(others["need"])
+    second = int(oof["need"].sum() + test["need"].sum() + others["need"].sum())
+    report = {
+        "choice": "the smallest gate under which every development image's label and is_pet equal always averaging",
+        "chosen_gate": gate.to_dict(),
+        "development_images": len(dev_views),
+        "second_view": proportion(second, images),
+        "gate": verdict,
+        "served": "gated" if verdict["accepted"] else "both views always (the gate was refused)",
+    }
+    return (gate if verdict["accepted"] else ALWAYS), report

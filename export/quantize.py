@@ -1,4 +1,5 @@
-"""Static int8 quantization (QDQ, per-channel weights) calibrated on training images, with its accuracy gate.
+"""Static int8 quantization (QDQ, per-channel weights) calibrated on training images, with its gate: int8 as served
+must be shown not worse than float32 as served on accuracy, pets kept and non-pets flagged (training.gates).
 
 Accepted, models/model.int8.onnx is written beside the float32 model, pinned to it by sha256 (`quantized_from`), and
 is what the service serves from the folder; refused, no int8 file is left and float32 is served (exit 0, one warning
@@ -19,16 +20,17 @@ import onnx
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from export import not_a_pet
+from export import answers, not_a_pet
+from export.answers import served_answers
 from export.convert import choose_mirror_gate, log_to_run, write_metadata
-from export.evaluate import evaluate_onnx, load_split, make_session, predict, read_metadata
+from export.evaluate import evaluate_onnx, load_split, read_metadata
 from export.reference import reference_for_split
 from export.served import tag_served
 from server.mirror import ALWAYS
-from training import tracking
+from training import gates, tracking
 from training.config import DEFAULT_PARAMS, load_params
-from training.presets import PreprocessSpec
-from training.stats import paired
+from training.presets import ClassificationPresetEval, PreprocessSpec
+from training.train import load_data
 from training.utils import sha256_file, write_json
 
 
@@ -101,66 +103,29 @@ def quantized_metadata(metadata: dict[str, Any], fp32_path: Path) -> dict[str, A
     }
 
 
-def compare(targets: np.ndarray, fp32: np.ndarray, int8: np.ndarray, max_relative_loss: float) -> dict[str, Any]:
-    """int8 vs float32 on the same photos: label flips, and the paired accuracy comparison with its intervals.
-
-    Accepted when the exact 95% upper bound of the share of photos only float32 gets right is at most
-    max_relative_loss of float32's accuracy (MLPerf's 99% of the FP32 reference): a bound on what int8 can lose,
-    not a point estimate that one photo moves by half a point.
-    """
-    fp32_labels, int8_labels = fp32.argmax(1), int8.argmax(1)
-    flips = np.flatnonzero(fp32_labels != int8_labels).tolist()
-    comparison = paired(fp32_labels == targets, int8_labels == targets)
-    limit = max_relative_loss * comparison["accuracy_reference"]
-    return {
-        "photos": len(targets),
-        "accuracy_fp32": comparison["accuracy_reference"],
-        "accuracy_int8": comparison["accuracy_candidate"],
-        "accuracy_drop": -comparison["difference"],
-        "paired": comparison,
-        "rule": f"the 95% upper bound of int8's paired loss <= {max_relative_loss:g} x float32's accuracy",
-        "max_relative_loss": max_relative_loss,
-        "max_loss": limit,
-        "label_flips": len(flips),
-        "flipped_indices": flips,
-        "max_abs_probability_diff": float(np.abs(fp32 - int8).max()),
-        "accepted": comparison["max_loss_upper95"] <= limit,
-    }
-
-
-Sets = dict[str, tuple[np.ndarray, np.ndarray]]  # held-out set name -> (pet scores, non-pet scores)
-
-
-def pet_rates_hold(fp32: Sets, fp32_threshold: float, int8: Sets, int8_threshold: float) -> dict[str, Any]:
-    """The not-a-pet rates of int8 at its own threshold against float32's at its own, paired on the same images of
-    each held-out set: pets kept and non-pets flagged. They hold when int8 is not worse beyond the noise (McNemar's
-    exact p >= 0.05 whenever int8 is lower): with a few hundred images a bound as tight as the accuracy rule's
-    cannot be shown either way, so this is the check the data allows, and the report keeps every count."""
-    sets: dict[str, Any] = {}
-    for name, (fp32_pets, fp32_others) in fp32.items():
-        int8_pets, int8_others = int8[name]
-        kept = paired(fp32_pets >= fp32_threshold, int8_pets >= int8_threshold)
-        caught = paired(fp32_others < fp32_threshold, int8_others < int8_threshold)
-        sets[name] = {"pets_kept": kept, "not_pets_flagged": caught}
-    worse = [
-        f"{name}: {what}" for name, rates in sets.items() for what, p in rates.items()
-        if p["difference"] < 0 and p["mcnemar_p"] < 0.05
-    ]  # fmt: skip
-    return {"sets": sets, "worse": worse, "hold": not worse}
-
-
 def evaluation_set(data_dir: Path, spec: PreprocessSpec, calibration_count: int, seed: int) -> dict[str, Any]:
-    """Calibration images (drawn from train) and every other prepared photo (rest of train, val, test) to compare on."""
-    train_inputs, train_targets = load_split(data_dir, "train", spec)
-    order = np.random.default_rng(seed).permutation(len(train_inputs))
+    """Calibration images (drawn from train) and every other prepared photo (rest of train, val, test), as files with
+    their label index, for the gate; the test split as arrays for the per-class report."""
+    train = load_data(data_dir, "train", spec, ClassificationPresetEval(spec=spec))
+    order = np.random.default_rng(seed).permutation(len(train))
     calibration, rest = order[:calibration_count], order[calibration_count:]
-    parts = [load_split(data_dir, split, spec) for split in ("val", "test")]
+    files = [train.samples[i] for i in sorted(rest)]
+    files += [sample for split in ("val", "test") for sample in load_data(data_dir, split, spec, None).samples]
     return {
-        "calibration": train_inputs[calibration],
-        "inputs": np.concatenate([train_inputs[rest], *(p[0] for p in parts)]),
-        "targets": np.concatenate([train_targets[rest], *(p[1] for p in parts)]),
-        "test": parts[1],
+        "calibration": np.stack([train[int(i)][0].numpy() for i in calibration]),
+        "photos": [(Path(path).read_bytes(), int(target)) for path, target in files],
+        "test": load_split(data_dir, "test", spec),
     }
+
+
+def judge(fp32_path: Path, int8_path: Path, photos: list[tuple[bytes, int]], not_pets: list[bytes],
+          rule: gates.Rule) -> dict[str, Any]:  # fmt: skip
+    """int8 against float32, each as served (its own mirror gate and pet threshold), on the same photos and the
+    pooled non-pets: not worse on accuracy, pets kept and non-pets flagged (training.gates)."""
+    fp32 = served_answers(fp32_path, photos, not_pets)
+    int8 = served_answers(int8_path, photos, not_pets)
+    verdict = gates.judge(answers.comparisons(fp32, int8, "prepared photos but calibration"), rule)
+    return {"photos": len(photos), "not_pets": len(not_pets) if fp32.flagged is not None else 0, **verdict}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -181,20 +146,14 @@ def remove(int8_path: Path) -> None:
 
 
 def refusal(gate: dict[str, Any]) -> str:
-    if gate.get("pet_rates_worse"):
-        return f"int8 model refused: its not-a-pet rates are worse than float32's: {'; '.join(gate['pet_rates_worse'])}"
-    return (
-        f"int8 model refused: on {gate['photos']} photos its accuracy is {gate['accuracy_int8']:.4f} vs float32 "
-        f"{gate['accuracy_fp32']:.4f}; it may lose up to {gate['paired']['max_loss_upper95']:.4%} (95% bound) > "
-        f"{gate['max_relative_loss']:g} x float32's accuracy = {gate['max_loss']:.4%} "
-        f"(export.int8_max_relative_loss); {gate['label_flips']} label flips"
-    )
+    return f"int8 model refused: {gate['reason']}"
 
 
 def main(argv: list[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
     params = load_params(args.params)
     settings = params.export
+    rule = gates.Rule.from_dict(params.gates)
     tracking.configure(params.mlflow.experiment)
     metadata = read_metadata(args.model)
     spec = PreprocessSpec.from_dict(metadata["preprocess"])
@@ -211,20 +170,15 @@ def main(argv: list[str] | None = None) -> None:
     write_metadata(int8_path, int8_metadata)
     fp32, _ = evaluate_onnx(args.model, inputs, targets, list(spec.labels))
     int8, _ = evaluate_onnx(int8_path, inputs, targets, list(spec.labels))
-    fp32_all = predict(make_session(args.model), data["inputs"])
-    int8_all = predict(make_session(int8_path), data["inputs"])
-    gate = compare(data["targets"], fp32_all, int8_all, settings.int8_max_relative_loss)
     report: dict[str, Any] = {
         "float32": fp32,
         "int8": int8,
-        "gate": gate,
-        "gate_photos": "every prepared photo except the calibration images (rest of train, val, test)",
         "calibration_images": len(calibration),
         "reduce_range": settings.int8_reduce_range,
     }
-    if gate["accepted"] and metadata.get("pet") and params.pet is not None:
+    if metadata.get("pet") and params.pet is not None:
         # int8 moves the pet score: its threshold is re-chosen on its own (always flip-averaged) scores by the same
-        # rule, its mirror gate around that threshold, and its rates must hold against float32's, each as served
+        # rule, then its mirror gate around that threshold, so that the gate below judges it as it would be served
         if metadata.get("mirror"):
             write_metadata(int8_path, {**int8_metadata, "mirror": {"gate": ALWAYS.to_dict()}})
         pet, pet_report, _ = not_a_pet.calibrate(int8_path, data_dir, params.pet)
@@ -233,13 +187,11 @@ def main(argv: list[str] | None = None) -> None:
             mirror_gate, report["mirror"] = choose_mirror_gate(int8_path, data_dir, spec, params, int8_metadata)
             int8_metadata["mirror"] = {**metadata["mirror"], "gate": mirror_gate.to_dict()}
         write_metadata(int8_path, int8_metadata)
-        _, _, fp32_sets = not_a_pet.calibrate(args.model, data_dir, params.pet)
-        _, _, int8_sets = not_a_pet.calibrate(int8_path, data_dir, params.pet)
-        rates = pet_rates_hold(fp32_sets, metadata["pet"]["threshold"], int8_sets, pet["threshold"])
         report["pet"] = {"threshold_float32": metadata["pet"].get("threshold"), "threshold_int8": pet["threshold"],
-                         "at_threshold": pet_report["at_threshold"], "paired_with_float32": rates}  # fmt: skip
-        if not rates["hold"]:
-            gate = {**gate, "accepted": False, "pet_rates_worse": rates["worse"]}
+                         "at_threshold": pet_report["at_threshold"]}  # fmt: skip
+    gate = judge(args.model, int8_path, data["photos"], answers.gate_not_pets(params.pet), rule)
+    report["gate"] = gate
+    report["gate_photos"] = "every prepared photo except the calibration images (rest of train, val, test)"
     if not gate["accepted"]:
         remove(int8_path)
         reason = refusal(gate)
@@ -249,18 +201,11 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(reason)
         print(f"warning: {reason}; serving float32 {args.model}", file=sys.stderr)
         return
-    reason = (
-        f"int8 model accepted: on {gate['photos']} photos it may lose up to {gate['paired']['max_loss_upper95']:.4%} "
-        f"(95% bound) <= {gate['max_relative_loss']:g} x float32's accuracy = {gate['max_loss']:.4%}, and its "
-        "not-a-pet rates hold"
-    )
+    reason = f"int8 model accepted: {gate['reason']}"
     write_json(args.report, {**report, "served": "int8", "reason": reason})
-    log_to_run(metadata.get("run_id"), [int8_path], {"onnx_int8_test_accuracy": int8["accuracy"],
-                                                     "onnx_int8_label_flips": gate["label_flips"]})  # fmt: skip
+    log_to_run(metadata.get("run_id"), [int8_path], {"onnx_int8_test_accuracy": int8["accuracy"]})
     tag_served(metadata.get("run_id"), int8_path.name)
-    print(
-        json.dumps({"written": str(int8_path), **{k: v for k, v in gate.items() if k != "flipped_indices"}}, indent=2)
-    )
+    print(json.dumps({"written": str(int8_path), "reason": reason}, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """make retrain: harvested photos to training or the recent set by a stable hash, the original evaluation photos
-frozen, and the champion decided by params.yaml's rule (paired interval, not worse on both sets, better on one)."""
+frozen, and the champion decided by params.yaml's gates (not worse on every measure, better on one set)."""
 
 from __future__ import annotations
 
@@ -14,14 +14,15 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import DATASET, ROOT, photos
+from export.answers import Answers
+from tests.conftest import DATASET, ROOT, SHARED, photos
 from training import tracking
 from training.config import load_params
 from training.data import prepare
 from training.retrain import MANIFEST, RECENT, Rule, assemble, decide, is_recent, settle
-from training.stats import paired, paired_difference
 
 RULE = Rule.from_params(ROOT / "params.yaml")
+NOT_PETS = [path.read_bytes() for path in sorted((SHARED / "datasets" / "not-pets-dev").glob("*.jpg"))[:8]]
 SPLIT = load_params(ROOT / "params.yaml").data.split
 
 
@@ -32,54 +33,44 @@ def outcomes(both: int, only_reference: int, only_candidate: int, neither: int) 
     return np.array(reference), np.array(candidate)
 
 
-def test_the_paired_interval_covers_the_true_difference_95_times_in_100():
-    """Newcombe's interval against simulation: two correlated classifiers near 98% accuracy on 200 photos. With so
-    few photos on which they disagree it is conservative (about 0.99, as the literature finds), never below 0.95."""
-    rng = np.random.default_rng(0)
-    cells = [0.970, 0.008, 0.012, 0.010]  # both right, only the reference, only the candidate, neither
-    truth, trials = cells[2] - cells[1], 1000
-    tables = rng.multinomial(200, cells, size=trials)
-    covered = sum(
-        low <= truth <= high
-        for low, high in (paired_difference(*outcomes(*table))["difference_ci95"] for table in tables)
-    )
-    assert 0.94 <= covered / trials <= 0.997, covered / trials
+def answers(table: tuple[int, int, int, int], pets: tuple[int, int, int, int] | None = None) -> tuple[Answers, Answers]:
+    """(champion, challenger) answers: `table` the photos' paired right/wrong counts, `pets` the pooled non-pets'
+    flagged counts (default: 645 non-pets, 630 flagged by both); every photo kept as a pet by both."""
+    right = outcomes(*table)
+    flagged = outcomes(*(pets or (630, 0, 0, 15)))
+    kept = np.ones(len(right[0]), bool)
+    return Answers(right[0], kept, flagged[0]), Answers(right[1], kept, flagged[1])
 
 
-def test_the_paired_interval_is_honest_where_the_bootstrap_is_not():
-    reference, candidate = outcomes(5, 0, 0, 0)  # five photos both get right: nothing is known to a few points
-    assert paired(reference, candidate)["difference_ci95"] == [0.0, 0.0]
-    low, high = paired_difference(reference, candidate)["difference_ci95"]
-    assert low < -0.3 and high > 0.3
-    large = paired_difference(*outcomes(3000, 20, 20, 60))  # many photos: close to the bootstrap's
-    assert abs(large["difference_ci95"][0] - paired(*outcomes(3000, 20, 20, 60))["difference_ci95"][0]) < 0.003
-    assert large["difference"] == 0 and large["difference_ci95"][0] == pytest.approx(-large["difference_ci95"][1])
-    swapped = paired_difference(*outcomes(300, 2, 9, 4)[::-1])
-    direct = paired_difference(*outcomes(300, 2, 9, 4))
-    assert swapped["difference_ci95"] == pytest.approx([-direct["difference_ci95"][1], -direct["difference_ci95"][0]])
-
-
-def test_the_rule_promotes_only_a_challenger_not_worse_on_both_sets_and_better_on_one():
-    same = outcomes(3900, 5, 5, 90)  # original photos: no change
-    better_recent = outcomes(1800, 2, 40, 158)  # recent photos: 38 more right
-    promoted = decide({"original": same, "recent": better_recent}, RULE)
+def test_the_rule_promotes_only_a_challenger_not_worse_on_every_measure_and_better_on_one_set():
+    same = (3900, 5, 5, 90)  # original photos: no change
+    better_recent = (1800, 2, 40, 158)  # recent photos: 38 more right
+    promoted = decide({"original": answers(same), "recent": answers(better_recent)}, RULE)
     assert promoted["promoted"], promoted["reason"]
-    assert promoted["evaluations"]["recent"]["better"] and not promoted["evaluations"]["original"]["better"]
-    assert promoted["evaluations"]["original"]["challenger"]["ci95"][0] < 0.977  # each accuracy with its interval
+    evaluations = promoted["evaluations"]
+    assert evaluations["accuracy: recent"]["better"] and not evaluations["accuracy: original"]["better"]
+    assert set(evaluations) == {"accuracy: original", "accuracy: recent", "pets kept: original + recent",
+                                "non-pets flagged: pooled non-pets"}  # fmt: skip
 
-    not_better = decide({"original": same, "recent": outcomes(1800, 5, 5, 190)}, RULE)
+    not_better = decide({"original": answers(same), "recent": answers((1800, 5, 5, 190))}, RULE)
     assert not not_better["promoted"] and "not better" in not_better["reason"]
 
-    worse_original = decide({"original": outcomes(3900, 60, 5, 35), "recent": better_recent}, RULE)
-    assert not worse_original["promoted"] and "not worse on original" in worse_original["reason"]
+    worse_original = decide({"original": answers((3900, 60, 5, 35)), "recent": answers(better_recent)}, RULE)
+    assert not worse_original["promoted"] and "not worse on accuracy: original" in worse_original["reason"]
+
+    # better on cat/dog photos but 20 more non-pets called pets: refused on the pet measure
+    missed_pets = {"original": answers(same, (610, 20, 0, 15)), "recent": answers(better_recent)}
+    refused = decide(missed_pets, RULE)
+    assert not refused["promoted"] and "non-pets flagged" in refused["reason"]
 
     # the 2,000-photo data's 376 evaluation photos: even a challenger losing nothing cannot show it is within 1%
-    few = decide({"original": outcomes(371, 0, 0, 5), "recent": outcomes(30, 0, 12, 0)}, RULE)
-    assert not few["promoted"] and few["evaluations"]["recent"]["better"]
-    assert few["evaluations"]["original"]["difference_ci95"][0] < -few["evaluations"]["original"]["margin"]
+    few = decide({"original": answers((371, 0, 0, 5)), "recent": answers((30, 0, 12, 0))}, RULE)
+    assert not few["promoted"] and few["evaluations"]["accuracy: recent"]["better"]
+    original = few["evaluations"]["accuracy: original"]
+    assert original["lower95"] < -original["margin"] and original["images_needed_if_all_agree"] > 376
 
-    empty = decide({"original": same, "recent": (np.zeros(0, bool), np.zeros(0, bool))}, RULE)
-    assert not empty["promoted"] and "recent (no photos)" in empty["reason"]
+    empty = decide({"original": answers(same), "recent": answers((0, 0, 0, 0))}, RULE)
+    assert not empty["promoted"] and "accuracy: recent (no images)" in empty["reason"]
 
 
 def test_a_harvested_photo_stays_on_its_side_whatever_else_is_harvested():
@@ -181,7 +172,9 @@ def evaluation_data(tmp_path) -> Path:
 
 def test_without_a_champion_the_registered_challenger_takes_the_alias(registry, onnx_model, evaluation_data, tmp_path):
     version = register(registry, onnx_model)
-    settled = settle(NAME, version, onnx_model, evaluation_data, ("cat", "dog"), RULE, "champion", tmp_path / "w")
+    settled = settle(
+        NAME, version, onnx_model, evaluation_data, ("cat", "dog"), RULE, "champion", tmp_path / "w", NOT_PETS
+    )
     assert settled["decision"]["reason"] == "no champion yet" and settled["champion_after"] == version
     assert str(registry.get_model_version_by_alias(NAME, "champion").version) == version
     assert registry.get_run(settled["challenger"]["run_id"]).data.tags["retrain_promoted"] == "True"
@@ -191,12 +184,16 @@ def test_a_challenger_no_better_than_the_champion_leaves_it_in_place(registry, o
     champion = register(registry, onnx_model)
     registry.set_registered_model_alias(NAME, "champion", champion)
     challenger = register(registry, onnx_model)
-    settled = settle(NAME, challenger, onnx_model, evaluation_data, ("cat", "dog"), RULE, "champion", tmp_path / "w")
+    settled = settle(
+        NAME, challenger, onnx_model, evaluation_data, ("cat", "dog"), RULE, "champion", tmp_path / "w", NOT_PETS
+    )
     decision = settled["decision"]
     assert not decision["promoted"] and settled["champion_after"] == champion
     assert decision["evaluated"] == {"original": 12, "recent": 6}
-    for name, evaluation in decision["evaluations"].items():  # the same model: the same answers, no better
+    for name in ("original", "recent"):  # the same model: the same answers, no better
+        evaluation = decision["evaluations"][f"accuracy: {name}"]
         assert evaluation["n"] == decision["evaluated"][name] and evaluation["difference"] == 0
+    assert decision["evaluations"]["non-pets flagged: pooled non-pets"]["n"] == len(NOT_PETS)
     assert str(registry.get_model_version_by_alias(NAME, "champion").version) == champion
 
 
@@ -205,7 +202,9 @@ def test_an_unreadable_champion_is_an_error_not_a_missing_one(registry, onnx_mod
     registry.set_registered_model_alias(NAME, "champion", champion)
     challenger = register(registry, onnx_model)
     with pytest.raises(Exception):  # noqa: B017 - whatever MLflow raises, as long as nothing is promoted
-        settle(NAME, challenger, onnx_model, evaluation_data, ("cat", "dog"), RULE, "champion", tmp_path / "w")
+        settle(
+            NAME, challenger, onnx_model, evaluation_data, ("cat", "dog"), RULE, "champion", tmp_path / "w", NOT_PETS
+        )
     assert str(registry.get_model_version_by_alias(NAME, "champion").version) == champion
 
 
@@ -215,7 +214,7 @@ def test_a_challenger_whose_export_did_not_reach_the_registry_is_not_decided(reg
     other.write_bytes(onnx_model.read_bytes() + b"\0")  # not the file the registry holds
     version = register(registry, onnx_model)
     with pytest.raises(SystemExit, match="did not reach MLflow"):
-        settle(NAME, version, other, evaluation_data, ("cat", "dog"), RULE, "champion", tmp_path / "w")
+        settle(NAME, version, other, evaluation_data, ("cat", "dog"), RULE, "champion", tmp_path / "w", NOT_PETS)
     assert "champion" not in registry.get_registered_model(NAME).aliases
 
 
@@ -228,8 +227,8 @@ def test_recent_photos_a_retrained_champion_trained_on_are_not_used_to_judge_it(
     champion = register(registry, onnx_model, manifest)
     registry.set_registered_model_alias(NAME, "champion", champion)
     challenger = register(registry, onnx_model)
-    decision = settle(NAME, challenger, onnx_model, evaluation_data, ("cat", "dog"), RULE, "champion", tmp_path / "w")[
-        "decision"
-    ]
+    decision = settle(
+        NAME, challenger, onnx_model, evaluation_data, ("cat", "dog"), RULE, "champion", tmp_path / "w", NOT_PETS
+    )["decision"]
     assert decision["recent_excluded_champion_trained_on"] == [seen.name]
-    assert decision["evaluated"]["recent"] == decision["evaluations"]["recent"]["n"] == 5
+    assert decision["evaluated"]["recent"] == decision["evaluations"]["accuracy: recent"]["n"] == 5

@@ -85,11 +85,11 @@ def test_short_real_training_run_logs_both_runs_and_writes_checkpoints(make_raw,
     second = json.loads((reports / "final.json").read_text())
     again = client.get_model_version_by_alias(params.mlflow.registered_model, params.mlflow.champion_alias)
     decision = second["champion_decision"]
-    comparison = decision["comparison"]  # same data version: compared photo by photo on val+test
+    comparison = decision["gate"]["comparisons"]["accuracy: val+test"]  # same data: photo by photo on val+test
     assert comparison["n"] == decision["photos"] == second["val_test_accuracy"]["n"]
-    better = comparison["only_candidate_right"] > comparison["only_reference_right"]
-    assert second["champion"] == (better and comparison["mcnemar_p"] < 0.05)
-    assert (again.run_id == second["run_id"]) == second["champion"]
+    # a few dozen photos cannot show "not worse" within 1%: training.gates refuses, whatever the counts
+    assert not comparison["not_worse"] and comparison["images_needed_if_all_agree"] > comparison["n"]
+    assert not second["champion"] and again.run_id == runs["final"].info.run_id
     assert "pet_head" in torch.load(out / "final.pt", weights_only=False)
 
 

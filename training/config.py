@@ -73,7 +73,6 @@ class MlflowParams:
 class ExportParams:
     opset: int
     min_accuracy: float
-    int8_max_relative_loss: float
     int8_reduce_range: bool
     calibration_images: int
     mirror_gate: bool = True
@@ -95,6 +94,7 @@ class Params:
     mlflow: MlflowParams
     export: ExportParams
     pet: PetParams | None = None
+    gates: dict[str, Any] | None = None  # training.gates.Rule reads it: the one rule of every gate
 
 
 def _stage(raw: dict[str, Any]) -> StageParams:
@@ -116,4 +116,5 @@ def load_params(path: Path = DEFAULT_PARAMS) -> Params:
         pet=PetParams(**{**raw["pet"], "shows_pet": tuple(raw["pet"].get("shows_pet") or ())})
         if raw.get("pet")
         else None,
+        gates=raw.get("gates"),
     )

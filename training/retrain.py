@@ -9,14 +9,14 @@
    same export (export/convert.py, and export/quantize.py's int8 gate unless --quantize none). The model is
    registered and given the alias `challenger`; its MLflow run gets the ONNX file CD would ship and the manifest of
    what it trained on.
-3. Decision, by the rule in params.yaml `retrain`, fixed before the run and copied into the report: the champion and
-   the challenger, both as CD ships a model (downloaded from the registry by deploy/model_release.py), classify the
-   same photos through the service's own code (server.model). The challenger becomes champion only when, on the
-   original evaluation photos and on the recent photos alike, it is not worse (the lower end of the 95% interval of
-   the paired accuracy difference, Newcombe's for paired proportions, is above -max_relative_loss x the champion's
-   accuracy: MLPerf's 99% of the reference, as the int8 gate) and on at least one of them it is better (more photos
-   only it gets right, McNemar's exact p < alpha / 2: two sets, Bonferroni). Too few photos make the interval too
-   wide to show "not worse", and the champion stays. The champion alias moves last.
+3. Decision, by params.yaml `gates` (training/gates.py, the rule every gate applies), fixed before the run and copied
+   into the report: the champion and the challenger, both as CD ships a model (downloaded from the registry by
+   deploy/model_release.py), classify the same images through the service's own code (server.model). The
+   challenger becomes champion only when it is not worse on the accuracy of the original evaluation photos and of
+   the recent photos, on the pets kept among them and on the pooled non-pets flagged (the lower end of the 95%
+   interval of each paired difference within MLPerf's 1% of the champion's rate), and better on the accuracy of at
+   least one of the two sets (McNemar's exact p < alpha / 2: two sets, Bonferroni). Too few images make an interval
+   too wide to show "not worse", and the champion stays. The champion alias moves last.
 
 reports/retrain.json records the data versions, the counts used, held out and left out, both evaluations, the rule,
 the statistics and the decision. CD then ships whichever version holds the champion alias, as it does after
@@ -42,45 +42,52 @@ from mlflow.tracking import MlflowClient
 
 from deploy.model_release import release
 from export import convert, quantize
-from imaging import DEFAULT_MAX_PIXELS, EXTENSIONS, Decoder, label_for_name
-from server.model import Model
+from export.answers import Answers, gate_not_pets, served_answers
+from imaging import EXTENSIONS, Decoder, label_for_name
 from server.model_file import choose_model_file
-from training import tracking
+from training import gates, tracking
 from training.config import DEFAULT_PARAMS, load_params
 from training.data import MANIFEST_FIELDS, SPLITS, Skip, validate
 from training.model import add_pretrained_argument
-from training.stats import paired_difference, proportion
 from training.train import STAGES, train_stage
 from training.utils import git_commit, sha256_file, write_json
 
 RECENT = "recent"  # the harvested photos held out for evaluation
 MANIFEST = "retrain/manifest.csv"  # the assembled data's manifest, in the challenger's MLflow run
 RULE = (
-    "The challenger becomes champion only when, on the original evaluation photos and on the recent photos alike, "
-    "the lower end of the 95% interval of its paired accuracy difference with the champion (Newcombe 1998, paired "
-    "proportions) is at least -{rule.max_relative_loss} x the champion's accuracy there (not worse: MLPerf's 99% of "
-    "the reference), and on at least one of the two it gets more photos right that the champion gets wrong than the "
-    "reverse with McNemar's exact p < {bonferroni} (better: alpha {rule.alpha}, Bonferroni over two sets)."
+    "The challenger becomes champion only when, against the champion on the same images (both as CD ships them), it "
+    "is not worse on the accuracy of the original evaluation photos and of the recent photos, on the pets kept among "
+    "them and on the pooled non-pets flagged, and better on the accuracy of at least one of the two sets, by "
+    "params.yaml gates: "
 )
 
 
 @dataclass(frozen=True)
 class Rule:
-    """params.yaml `retrain`: how a challenger becomes champion."""
+    """params.yaml `retrain` (how harvested photos are split, the challenger's alias) and `gates` (the one rule a
+    challenger must pass to become champion)."""
 
     recent_share: float
     recent_salt: str
-    max_relative_loss: float
-    alpha: float
     challenger_alias: str
+    gates: gates.Rule
 
     @classmethod
     def from_params(cls, path: Path) -> Rule:
-        raw = yaml.safe_load(path.read_text())["retrain"]
-        rule = cls(**{name: raw[name] for name in cls.__dataclass_fields__})
-        if not 0 < rule.recent_share < 1 or not 0 <= rule.max_relative_loss < 1 or not 0 < rule.alpha < 1:
-            raise ValueError(f"params.yaml retrain: shares and alpha must lie in (0, 1): {rule}")
+        raw = yaml.safe_load(path.read_text())
+        retrain = raw["retrain"]
+        names = [name for name in cls.__dataclass_fields__ if name != "gates"]
+        rule = cls(**{name: retrain[name] for name in names}, gates=gates.Rule.from_dict(raw.get("gates")))
+        if not 0 < rule.recent_share < 1:
+            raise ValueError(f"params.yaml retrain: recent_share must lie in (0, 1): {rule}")
         return rule
+
+    def text(self) -> str:
+        return RULE + self.gates.text()
+
+    def summary(self) -> dict[str, Any]:
+        return {"recent_share": self.recent_share, "recent_salt": self.recent_salt, "text": self.text(),
+                "challenger_alias": self.challenger_alias, "gates": vars(self.gates)}  # fmt: skip
 
 
 def is_recent(sha256: str, share: float, salt: str) -> bool:
@@ -161,48 +168,23 @@ def labelled_files(root: Path, splits: tuple[str, ...], labels: tuple[str, ...])
             for path in sorted((root / split / label).glob("*"))]  # fmt: skip
 
 
-def correct(model_path: Path, photos: list[tuple[Path, int]], labels: tuple[str, ...]) -> np.ndarray:
-    """Right or wrong, photo by photo, as the service answers (server.model: its decoding, preprocessing, mirror)."""
-    model = Model(model_path, threads=0, max_pixels=DEFAULT_MAX_PIXELS)
-    if tuple(model.labels) != labels:
-        raise SystemExit(f"{model_path} predicts {model.labels}, the data has {list(labels)}")
-    predictions = model.classify_all([path.read_bytes() for path, _ in photos])[0]
-    return np.array([getattr(p, "label", None) == labels[i] for p, (_, i) in zip(predictions, photos, strict=True)])
-
-
-def decide(sets: dict[str, tuple[np.ndarray, np.ndarray]], rule: Rule) -> dict[str, Any]:
-    """The rule on each set's (champion right, challenger right): not worse on every set, better on at least one."""
-    evaluations: dict[str, Any] = {}
-    for name, (champion, challenger) in sets.items():
-        if len(champion) == 0:
-            evaluations[name] = {"n": 0, "not_worse": False, "better": False, "why": "no photos"}
-            continue
-        comparison = paired_difference(champion, challenger)
-        margin = rule.max_relative_loss * comparison["accuracy_reference"]
-        not_worse = comparison["difference_ci95"][0] >= -margin
-        better = (comparison["only_candidate_right"] > comparison["only_reference_right"]
-                  and comparison["mcnemar_p"] < rule.alpha / len(sets))  # fmt: skip
-        evaluations[name] = {
-            "champion": proportion(int(champion.sum()), len(champion)),
-            "challenger": proportion(int(challenger.sum()), len(challenger)),
-            **comparison, "margin": margin, "not_worse": bool(not_worse), "better": bool(better),
-        }  # fmt: skip
-    worse = [name for name, e in evaluations.items() if not e["not_worse"]]
-    better = [name for name, e in evaluations.items() if e["better"]]
-    promoted = not worse and bool(better)
-    if worse:
-        why = "not shown to be not worse on " + ", ".join(
-            f"{name} (lower 95% bound {evaluations[name]['difference_ci95'][0]:+.4f} < "
-            f"-{evaluations[name]['margin']:.4f})"
-            if evaluations[name]["n"]
-            else f"{name} (no photos)"
-            for name in worse
-        )
-    elif not better:
-        why = f"not worse, but not better beyond the noise on any set (McNemar p < {rule.alpha / len(sets):.3f})"
-    else:
-        why = f"not worse on every set and better on {', '.join(better)}"
-    return {"promoted": promoted, "reason": why, "evaluations": evaluations}
+def decide(answers_by_set: dict[str, tuple[Answers, Answers]], rule: Rule) -> dict[str, Any]:
+    """training.gates' rule on each set's (champion, challenger) answers: accuracy on every set and pets kept over
+    all of them not worse, the pooled non-pets flagged not worse, better on the accuracy of at least one set."""
+    comparisons: dict[str, tuple[str, np.ndarray, np.ndarray]] = {
+        f"accuracy: {name}": ("accuracy", champion.right, challenger.right)
+        for name, (champion, challenger) in answers_by_set.items()
+    }
+    pairs = list(answers_by_set.values())
+    if all(a.kept is not None for pair in pairs for a in pair):
+        comparisons["pets kept: " + " + ".join(answers_by_set)] = (
+            "pets_kept", *(np.concatenate([pair[k].kept for pair in pairs]) for k in (0, 1)),
+        )  # fmt: skip
+        champion, challenger = pairs[0]
+        comparisons["non-pets flagged: pooled non-pets"] = ("not_pets_flagged", champion.flagged, challenger.flagged)
+    verdict = gates.judge(comparisons, rule.gates, better_on=tuple(f"accuracy: {name}" for name in answers_by_set))
+    return {"promoted": verdict["accepted"], "reason": verdict["reason"], "evaluations": verdict["comparisons"],
+            "rule": verdict["rule"]}  # fmt: skip
 
 
 def feedback_version(dvc_file: Path) -> str | None:
@@ -211,19 +193,6 @@ def feedback_version(dvc_file: Path) -> str | None:
         return None
     md5 = (yaml.safe_load(dvc_file.read_text()).get("outs") or [{}])[0].get("md5")
     return str(md5) if md5 else None
-
-
-def champion_version(client: MlflowClient, registered: str, alias: str) -> str | None:
-    """The version holding the alias, or None when there is none yet; any other MLflow error is raised (a store that
-    cannot be read must never look like "no champion", which would promote the challenger untested)."""
-    try:
-        model = client.get_registered_model(registered)
-    except mlflow.exceptions.MlflowException as error:
-        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return None
-        raise
-    version = model.aliases.get(alias)
-    return str(version) if version is not None else None
 
 
 def trained_on(client: MlflowClient, run_id: str) -> set[str]:
@@ -237,7 +206,7 @@ def trained_on(client: MlflowClient, run_id: str) -> set[str]:
 
 
 def settle(registered: str, version: str, local: Path, data: Path, labels: tuple[str, ...], rule: Rule,
-           champion_alias: str, work: Path) -> dict[str, Any]:  # fmt: skip
+           champion_alias: str, work: Path, not_pets: list[bytes]) -> dict[str, Any]:  # fmt: skip
     """Compare the registered challenger (as CD would ship it: its run's served file, which must be the local one)
     with the champion (as CD ships it) by the rule, then move the champion alias when it wins. Returns the record."""
     client = MlflowClient()
@@ -249,7 +218,7 @@ def settle(registered: str, version: str, local: Path, data: Path, labels: tuple
         "original": labelled_files(data, ("val", "test"), labels),
         "recent": labelled_files(data, (RECENT,), labels),
     }
-    current = champion_version(client, registered, champion_alias)
+    current = tracking.champion_version(client, registered, champion_alias)
     champion = release(registered, work / "champion", version=current) if current else None
     excluded: list[str] = []
     if champion:  # a recent photo the champion trained on (a redrawn share or salt) is no test of it
@@ -257,9 +226,10 @@ def settle(registered: str, version: str, local: Path, data: Path, labels: tuple
         excluded = [path.name for path, _ in photos["recent"] if sha256_file(path) in seen]
         photos["recent"] = [(path, i) for path, i in photos["recent"] if path.name not in excluded]
         files = {name: work / name / "model.onnx" for name in ("champion", "challenger")}
-        right = {name: (correct(files["champion"], items, labels), correct(files["challenger"], items, labels))
-                 for name, items in photos.items()}  # fmt: skip
-        decision = decide(right, rule)
+        read = {name: [(path.read_bytes(), i) for path, i in items] for name, items in photos.items()}
+        decision = decide({name: (served_answers(files["champion"], items, not_pets, labels),
+                                  served_answers(files["challenger"], items, not_pets, labels))
+                           for name, items in read.items()}, rule)  # fmt: skip
     else:
         decision = {"promoted": True, "reason": "no champion yet", "evaluations": {}}
     decision["evaluated"] = {name: len(items) for name, items in photos.items()}
@@ -318,13 +288,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     client, registered = MlflowClient(), params.mlflow.registered_model
     client.set_registered_model_alias(registered, rule.challenger_alias, version)  # complete: trained and exported
     settled = settle(registered, version, choose_model_file(models).path, data, labels, rule,
-                     params.mlflow.champion_alias, args.work)  # fmt: skip
+                     params.mlflow.champion_alias, args.work, gate_not_pets(params.pet))  # fmt: skip
     decision = settled["decision"]
     report = {
         "data_versions": versions,
         "counts": {**assembly.summary(), "evaluated": decision["evaluated"]},
         "left_out_photos": assembly.left_out,
-        "rule": {**vars(rule), "text": RULE.format(rule=rule, bonferroni=rule.alpha / 2)},
+        "rule": rule.summary(),
         **settled,
         "git_commit": git_commit(),
     }

@@ -9,7 +9,7 @@ import mlflow
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from training.stats import paired
+from training import gates
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -33,56 +33,67 @@ def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 DECISION_SET = "decision_set.json"  # per-photo right/wrong on val+test, the champion is decided on
-MAX_P_VALUE = 0.05
+
+
+def champion_version(client: MlflowClient, registered: str, alias: str) -> str | None:
+    """The version holding the alias, or None when the registry says there is none yet; any other MLflow error is
+    raised: a registry that cannot be read must never look like "no champion", which would promote untested."""
+    try:
+        model = client.get_registered_model(registered)
+    except mlflow.exceptions.MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    version = model.aliases.get(alias)
+    return str(version) if version is not None else None
+
+
+def decision_set(client: MlflowClient, run_id: str) -> dict[str, bool] | None:
+    """A run's per-photo results (DECISION_SET), or None when the run logged none; a registry or artifact store that
+    cannot be read raises."""
+    if DECISION_SET not in {artifact.path for artifact in client.list_artifacts(run_id)}:
+        return None
+    return dict(mlflow.artifacts.load_dict(f"runs:/{run_id}/{DECISION_SET}")["correct"])
 
 
 def promote_if_better(
-    model_name: str, version: str, correct: dict[str, bool], data_version: str, alias: str
+    model_name: str, version: str, correct: dict[str, bool], data_version: str, alias: str, rule: gates.Rule
 ) -> dict[str, Any]:
-    """Give `version` the alias only when it beats the current holder beyond the noise, on the same photos.
+    """Give `version` the alias only when training.gates' rule says so against the current holder, on the same photos.
 
     `correct` maps each val+test photo to whether the candidate got it right (also logged as the run's
     decision_set.json). The champion must have been trained and scored on the same data version; then the two are
-    compared photo by photo (McNemar's exact test on the photos only one of them gets right), and the candidate is
-    promoted only when it gets more right with p < 0.05. Returns the decision with its numbers.
+    compared photo by photo: the candidate must be shown not worse (the paired interval within the margin) and
+    better (McNemar's exact test on the photos only one of them gets right). The pet rates are judged where the
+    pet threshold exists, at export (the int8 and mirror gates) and in make retrain. Returns the decision.
     """
     client = MlflowClient()
-    try:
-        current = client.get_model_version_by_alias(model_name, alias)
-    except mlflow.exceptions.MlflowException:
-        current = None
+    current = champion_version(client, model_name, alias)
     decision: dict[str, Any] = {"photos": len(correct), "data_version": data_version}
     if current is None:
-        decision.update(promoted=True, reason="no champion yet")
+        decision.update(promoted=True, reason="no champion yet (the registry has no alias " + repr(alias) + ")")
     else:
-        champion_run = client.get_run(current.run_id)
-        decision["champion_version"] = current.version
+        champion_run = client.get_run(client.get_model_version(model_name, current).run_id)
+        decision["champion_version"] = current
         champion_data = champion_run.data.tags.get("data_version")
+        reference = decision_set(client, champion_run.info.run_id)
+        common = sorted(set(reference or {}) & set(correct))
         if champion_data != data_version:
             decision.update(
                 promoted=False,
                 reason=f"the champion was trained on data version {champion_data}: not comparable; promote by hand "
                 f"(MlflowClient().set_registered_model_alias('{model_name}', '{alias}', '{version}'))",
             )
+        elif not common:
+            decision.update(promoted=False, reason="the champion has no per-photo results to compare with")
         else:
-            try:
-                reference = mlflow.artifacts.load_dict(f"runs:/{current.run_id}/{DECISION_SET}")["correct"]
-            except Exception:
-                reference = {}
-            common = sorted(set(reference) & set(correct))
-            if not common:
-                decision.update(promoted=False, reason="the champion has no per-photo results to compare with")
-            else:
-                comparison = paired(np.array([reference[k] for k in common]), np.array([correct[k] for k in common]))
-                better = comparison["only_candidate_right"] > comparison["only_reference_right"]
-                promoted = better and comparison["mcnemar_p"] < MAX_P_VALUE
-                decision.update(
-                    promoted=promoted,
-                    comparison=comparison,
-                    reason="better beyond the noise (McNemar p < 0.05)"
-                    if promoted
-                    else "not better beyond the noise (needs more photos right with McNemar p < 0.05)",
-                )
+            name = "accuracy: val+test"
+            verdict = gates.judge(
+                {name: ("accuracy", np.array([reference[k] for k in common]), np.array([correct[k] for k in common]))},
+                rule,
+                better_on=(name,),
+            )
+            decision.update(promoted=verdict["accepted"], reason=verdict["reason"], gate=verdict)
     if decision["promoted"]:
         client.set_registered_model_alias(model_name, alias, version)
     return decision

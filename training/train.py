@@ -20,7 +20,7 @@ from torchvision.datasets import DatasetFolder
 from tqdm import tqdm
 
 from imaging import EXTENSIONS
-from training import tracking
+from training import gates, tracking
 from training.config import DEFAULT_PARAMS, Params, StageParams, load_params
 from training.metrics import classification_report, plot_confusion_matrix
 from training.model import (
@@ -195,7 +195,7 @@ def train_stage(
 ) -> dict[str, Any]:
     """Train one stage inside its own MLflow run; writes models/<name>.pt and reports/<name>.json.
 
-    decide_champion: the final model takes the champion alias by tracking.promote_if_better (same data version);
+    decide_champion: the final model takes the champion alias by tracking.promote_if_better (training.gates' rule);
     False registers it only (make retrain decides by its own rule, training/retrain.py).
     """
     spec = PreprocessSpec.from_dict(params.preprocess)
@@ -281,7 +281,7 @@ def train_stage(
         if registered and decide_champion:
             decision = tracking.promote_if_better(
                 registered, str(info.registered_model_version), correct, lineage["data_version"],
-                params.mlflow.champion_alias,
+                params.mlflow.champion_alias, gates.Rule.from_dict(params.gates),
             )  # fmt: skip
             report["champion"] = decision["promoted"]
             report["champion_decision"] = decision
