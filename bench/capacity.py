@@ -16,13 +16,16 @@ import json
 import os
 import signal
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import add_model_argument, cpu_info, write_report
+from bench.common import CpuMeter, add_model_argument, cpu_info, cpu_seconds, write_report
 from bench.loadgen import load, prepare
-from bench.serve import predict_request, start_server
+from bench.serve import ROOT, predict_request, start_server
 from deploy.client import free_port
+from imaging import DEFAULT_MAX_PIXELS
+from server.model import Model
 
 BATCH = 8
 
@@ -36,10 +39,17 @@ def v2_request(port: int, image: bytes, count: int = 1) -> bytes:
     return prepare("POST", f"http://127.0.0.1:{port}/v2/models/catsdogs/infer", content=header + data, headers=headers)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def in_process_cpu(model_path: Path, image: bytes, seconds: float) -> dict[str, float]:
+    """The in-process path the service adds to: decode, preprocess and one single-threaded session.run per image
+    (server.model.Model, as the service runs it with ORT_THREADS=1), its CPU per image on this process's cores."""
+    model = Model(model_path, threads=1, max_pixels=DEFAULT_MAX_PIXELS)
+    for _ in range(10):
+        model.classify(image)
+    images, cpu, stop = 0, cpu_seconds(os.getpid()), time.perf_counter() + seconds
+    while time.perf_counter() < stop:
+        model.classify(image)
+        images += 1
+    return {"images": images, "cpu_ms": round((cpu_seconds(os.getpid()) - cpu) * 1000 / images, 3)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -50,17 +60,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--out", type=Path, default=Path("reports/bench-capacity.json"))
+    parser.add_argument("--root", type=Path, default=ROOT, help="the checkout whose service is measured (a before)")
     args = parser.parse_args(argv)
     available = sorted(os.sched_getaffinity(0))
     if args.cpus >= len(available):
         parser.error(f"--cpus must leave a core for the load generator ({len(available)} available)")
     cores, client_cores = set(available[: args.cpus]), set(available[args.cpus :])
-    os.sched_setaffinity(0, client_cores)
     image = args.image.read_bytes()
+    os.sched_setaffinity(0, cores)  # the in-process path on the service's own cores, before the service starts
+    in_process = in_process_cpu(args.model, image, args.seconds)
+    os.sched_setaffinity(0, client_cores)
     port = free_port()
-    process, _ = start_server(args.model, port, env={"ORT_THREADS": "1"}, cores=cores)
+    process, _ = start_server(args.model, port, root=args.root, env={"ORT_THREADS": "1"}, cores=cores)
     report: dict[str, Any] = {"cpu": cpu_info(), "model": str(args.model), "image": args.image.name,
-                              "service_cpus": args.cpus, "clients": args.clients, "seconds": args.seconds}  # fmt: skip
+                              "service_cpus": args.cpus, "clients": args.clients, "seconds": args.seconds,
+                              "in_process": in_process, "root": str(args.root)}  # fmt: skip
     try:
         requests = {
             "/predict": (predict_request(port, image), 1),
@@ -71,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
             load(port, request, args.clients, 2.0)  # warm every inference slot
         report["results"] = {}
         for endpoint, (request, images) in requests.items():
-            used = cpu_seconds(process.pid)
+            used, meter = cpu_seconds(process.pid), CpuMeter(process.pid, port)
             row = load(port, request, args.clients, args.seconds)
             used = cpu_seconds(process.pid) - used
             report["results"][endpoint] = {
@@ -79,6 +93,8 @@ def main(argv: list[str] | None = None) -> None:
                 "rps_per_pinned_cpu": round(row["rps"] / args.cpus, 2),
                 "cpu_seconds": round(used, 2),
                 "requests_per_cpu_second": round(row["requests"] / used, 2),
+                # the service's own cost: its CPU less its worker threads' on the in-process path, in the same window
+                **meter.per_request(row["requests"]),
                 "images_per_cpu_second": round(images * row["requests"] / used, 2),
             }
     finally:

@@ -67,3 +67,38 @@ def cpu_info() -> dict[str, Any]:
         "logical_cpus": len(os.sched_getaffinity(0)),
         "flags": [flag for flag in wanted if flag in flags],
     }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all threads (onnxruntime's spinning ones too)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def inference_cpu_seconds(port: int) -> float:
+    """The service's catsdogs_inference_cpu_seconds_total: CPU its worker threads spent on the in-process path."""
+    import httpx2 as httpx
+
+    for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text.splitlines():
+        if line.startswith("catsdogs_inference_cpu_seconds_total "):
+            return float(line.split()[1])
+    raise RuntimeError("the service exports no catsdogs_inference_cpu_seconds_total (an older checkout?)")
+
+
+class CpuMeter:
+    """The service's CPU per request over a window, split into the in-process path (decode, preprocess, session.run
+    in the worker threads, as the service counts it) and what is beyond it: HTTP, multipart, JSON, the log line,
+    metrics, the observer, thread hand-offs, onnxruntime threads spinning. Both read from the same process over the
+    same window, so a busy neighbour moves both alike (an in-process run measured apart moved by 30% between runs)."""
+
+    def __init__(self, pid: int, port: int) -> None:
+        self.pid, self.port = pid, port
+        self.process, self.inference = cpu_seconds(pid), inference_cpu_seconds(port)
+
+    def per_request(self, requests: int) -> dict[str, float]:
+        process = cpu_seconds(self.pid) - self.process
+        inference = inference_cpu_seconds(self.port) - self.inference
+        n = max(requests, 1)
+        return {"cpu_ms_per_request": round(process * 1000 / n, 3),
+                "in_process_cpu_ms_per_request": round(inference * 1000 / n, 3),
+                "cpu_ms_beyond_in_process": round((process - inference) * 1000 / n, 3)}  # fmt: skip

@@ -36,6 +36,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.inference_cpu = Counter(
+            "catsdogs_inference_cpu_seconds",
+            "CPU time of the threads that decode, preprocess and run the model (the in-process path); the process's "
+            "CPU less this is the service's own cost",
+            registry=r,
+        )
         self.predictions = Counter("catsdogs_predictions", "Predictions by label", ["label"], registry=r)
         self.confidence = Histogram(
             "catsdogs_prediction_confidence",

@@ -44,10 +44,12 @@ class Prediction:
 
 
 def session_options(threads: int) -> ort.SessionOptions:
-    """Every graph optimisation, `threads` intra-op threads. The solo session's threads spin between operators
-    too: with them asleep, one photo on an idle service took 1.43x its in-process time with the int8 model (9.1 ms
-    against 6.3), with them spinning 1.23x; it runs only while no other inference does (`make bench`)."""
+    """Every graph optimisation, `threads` intra-op threads that sleep when they have no work. onnxruntime's default
+    is to spin between operators and after a run: a few ms faster for one photo on an idle machine, but the spinning
+    burns a core that the other inferences, the event loop and the neighbours on a shared machine need, and it is
+    counted in the service's CPU per request (docs/capacity.md: "The service's own cost per request")."""
     options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

@@ -1,4 +1,5 @@
-"""uvicorn's HTTP/1.1 protocol with a deadline for each request's line and headers, which uvicorn does not have.
+"""uvicorn's HTTP/1.1 protocol with a deadline for each request's line and headers, which uvicorn does not have,
+and a response's head and body sent in one system call.
 
 uvicorn closes a keep-alive connection that stays idle after a response (`timeout_keep_alive`), but a connection
 that sends half a request line or header and stops is kept open for ever, before the application ever sees it.
@@ -16,6 +17,56 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 TIMED_OUT = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+
+
+class CoalescingTransport:
+    """The connection's transport, with the writes made in one turn of the event loop sent in one system call.
+
+    uvicorn writes a response's status line and headers, then its body: two `send` calls for every answer, each
+    0.06 ms of CPU on the development machine (cProfile of the event loop under 16 clients). Here they leave
+    together at the end of the loop's turn, in the order written. Anything that ends or hands over the connection
+    (close, write_eof, set_protocol) sends what is pending first; abort drops it, as the real one does.
+    """
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self.transport, self.loop = transport, loop
+        self.pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self.pending:
+            self.loop.call_soon(self.flush)
+        self.pending.append(bytes(data))
+
+    def flush(self) -> None:
+        if self.pending:
+            data, self.pending = b"".join(self.pending), []
+            self.transport.write(data)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def write_eof(self) -> None:
+        self.flush()
+        self.transport.write_eof()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.flush()
+        self.transport.set_protocol(protocol)
+
+    def abort(self) -> None:
+        self.pending = []
+        self.transport.abort()
+
+    def get_write_buffer_size(self) -> int:
+        return self.transport.get_write_buffer_size() + sum(map(len, self.pending))
+
+    def __getattr__(self, name: str) -> Any:  # is_closing, get_extra_info, pause_reading, ...: the real transport's
+        return getattr(self.transport, name)
 
 
 class HeaderDeadlineProtocol(HttpToolsProtocol):
@@ -56,7 +107,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     # uvicorn's protocol interface
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
         self.start_head_clock()
 
     def data_received(self, data: bytes) -> None:

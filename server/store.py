@@ -137,14 +137,33 @@ class PredictionStore:
         return self.run("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
 
     def add(self, record: PredictionRecord) -> None:
+        self.add_many([record])
+
+    def add_many(self, records: list[PredictionRecord]) -> None:
+        """Insert predictions, in one transaction on SQLite (one commit, not one per prediction)."""
+        if not records:
+            return
         with self.lock:
-            self.run(
-                f"INSERT INTO predictions ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (record.prediction_id, record.request_id, record.time, record.model_version, record.label,
-                 json.dumps(record.probabilities), record.pet_score, record.image, None),
-            )  # fmt: skip
-            self.added += 1
-            if self.added % max(1, self.size // 100) == 0:  # evict in steps of 1% of the size
+            sqlite = not self.postgres
+            if sqlite:
+                self.run("BEGIN")
+            try:
+                for record in records:
+                    self.run(
+                        f"INSERT INTO predictions ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (record.prediction_id, record.request_id, record.time, record.model_version, record.label,
+                         json.dumps(record.probabilities), record.pet_score, record.image, None),
+                    )  # fmt: skip
+            except BaseException:
+                if sqlite and self.db.in_transaction:
+                    self.db.rollback()
+                raise
+            if sqlite:
+                self.run("COMMIT")
+            step = max(1, self.size // 100)
+            crossed = (self.added + len(records)) // step > self.added // step
+            self.added += len(records)
+            if crossed:  # evict in steps of 1% of the size
                 # the `size` most recent predictions without feedback, and the `size` most recent with one: feedback
                 # is what a retrained model learns from, and no client can grow the store past 2 x size
                 self.run("DELETE FROM predictions WHERE feedback IS NULL AND time < (SELECT time FROM predictions "

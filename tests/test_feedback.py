@@ -133,6 +133,7 @@ def test_bad_feedback_gets_a_clear_error(client, body, content_type, status, cod
 def test_the_memory_store_keeps_only_the_most_recent_predictions(onnx_model):
     with make_client(onnx_model, feedback_store_size=2) as small:
         first, second, third = (predict(small, name) for name in (CAT, DOG, CAT))
+        assert small.app.state.observer.wait_idle()  # all three recorded, the oldest evicted
         assert send(small, first, "cat").status_code == 404
         assert send(small, second, "dog").status_code == 200 and send(small, third, "cat").status_code == 200
 
@@ -328,3 +329,19 @@ def test_an_id_issued_moments_ago_on_a_shared_store_is_retried_not_refused(onnx_
             and issued_at("é" * 30) is None
         )
         assert len(base64.urlsafe_b64decode(fresh + "==")) == 22 and len(fresh) == 30
+
+
+def test_a_batch_is_recorded_whole_or_not_at_all(target):
+    """The observer records what has gathered in one call (one transaction on SQLite): a batch that fails half-way
+    leaves nothing half-written, and the store goes on."""
+    store = PredictionStore(target, 100)
+    store.add_many([record(f"batch-{i}") for i in range(5)])
+    assert all(store.get(f"batch-{i}") is not None for i in range(5))
+    with pytest.raises(Exception):  # noqa: B017 - sqlite3.IntegrityError or psycopg's UniqueViolation
+        store.add_many([record("fresh-1"), record("batch-0"), record("fresh-2")])  # batch-0 is there already
+    if not store.postgres:  # one transaction: the row before the failure is gone too
+        assert store.get("fresh-1") is None
+    assert store.get("fresh-2") is None
+    store.add_many([record("after")])
+    assert store.get("after") is not None and store.give_feedback("after", "cat")[0] is Feedback.RECORDED
+    store.close()

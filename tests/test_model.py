@@ -52,3 +52,11 @@ def test_the_solo_session_answers_like_the_shared_one(onnx_model):
     assert [model.predict(image).label for image in batch] == ["cat", "dog"] and model.running == 0
     single = Model(onnx_model, threads=2, max_pixels=50_000_000, solo_threads=2)
     assert single.solo_session is None and single.solo_threads == 2  # nothing to gain: one session
+
+
+def test_onnxruntime_threads_sleep_instead_of_spinning():
+    """A spinning intra-op thread burned 15 ms of CPU for each photo a lone client sent (docs/capacity.md, "The
+    service's own cost per request"): both sessions' threads sleep when they have no work."""
+    from server.model import session_options
+
+    assert session_options(2).get_session_config_entry("session.intra_op.allow_spinning") == "0"

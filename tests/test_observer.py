@@ -10,6 +10,7 @@ from pathlib import Path
 
 from starlette.testclient import TestClient
 
+from server import observer as observer_module
 from server.app import create_app
 from server.config import Settings
 from tests.images import photo_bytes
@@ -56,8 +57,8 @@ def test_a_full_queue_drops_the_record_not_the_prediction(onnx_model, caplog):
     with client_for(onnx_model) as client:
         observer = client.app.state.observer
         release = threading.Event()
-        original = observer.store.add
-        observer.store.add = lambda record: (release.wait(10), original(record))  # a store that hangs
+        original = observer.store.add_many
+        observer.store.add_many = lambda records: (release.wait(10), original(records))  # a store that hangs
         observer.queue.maxsize = 2
         try:
             for _ in range(5):
@@ -90,3 +91,33 @@ def test_the_prediction_log_and_samples_stay_within_their_limits(onnx_model, tmp
     assert all((tmp_path / name).stat().st_size <= 1500 + 600 for name in logs)
     samples = [p for p in (tmp_path / "predictions.jsonl.samples").iterdir()]
     assert 0 < sum(p.stat().st_size for p in samples) <= 120_000 and len(samples) < 16
+
+
+def test_predictions_are_recorded_in_batches_and_none_is_lost(onnx_model, monkeypatch):
+    """Under load the observer wakes once per batch, not once per prediction (a wake-up is a system call), and
+    records every prediction. (A long gathering pause here, so that a slow machine still makes batches.)"""
+    monkeypatch.setattr(observer_module, "GATHER_S", 1.0)
+    with client_for(onnx_model) as client:
+        observer = client.app.state.observer
+        calls: list[int] = []
+        original = observer.store.add_many
+        observer.store.add_many = lambda records: (calls.append(len(records)), original(records))
+        ids = []
+        for _ in range(12):
+            response = client.post("/predict", content=photo_bytes(CAT), headers={"content-type": "image/jpeg"})
+            ids.append(response.json()["prediction_id"])
+        assert observer.wait_idle()
+        assert sum(calls) == 12 and len(calls) < 12, calls  # 12 predictions in fewer transactions
+        assert all(observer.store.get(prediction_id) is not None for prediction_id in ids)
+
+
+def test_the_in_process_path_counts_its_own_cpu(onnx_model):
+    """catsdogs_inference_cpu_seconds_total: what the worker threads spent on decode, preprocess and session.run,
+    so that a benchmark can tell the service's own cost from the model's (bench.common.CpuMeter)."""
+    with client_for(onnx_model) as client:
+        before = metric(client.get("/metrics").text, "catsdogs_inference_cpu_seconds_total")
+        started = time.thread_time(), time.perf_counter()
+        for _ in range(3):
+            predict(client, photo_bytes(DOG))
+        after = metric(client.get("/metrics").text, "catsdogs_inference_cpu_seconds_total")
+        assert 0.001 < after - before < time.perf_counter() - started[1] + 0.5  # three inferences of real work

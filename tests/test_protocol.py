@@ -3,6 +3,7 @@ are served meanwhile."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ import pytest
 
 from bench.clients import half_open, honest
 from bench.loadgen import read_response
+from server.protocol import CoalescingTransport
 from tests.conftest import running_service
 from tests.images import photo_bytes
 from tests.service import Service
@@ -51,3 +53,46 @@ def test_a_kept_alive_connection_gets_a_new_clock_for_each_request(service):
             time.sleep(1.2)  # together longer than HEADER_TIMEOUT, each request well within it
             connection.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
             assert read_response(connection, timeout=5).status == 200
+
+
+def test_a_response_leaves_in_one_write_in_the_order_written():
+    """server.protocol.CoalescingTransport: what uvicorn writes in one turn of the loop (the head, then the body)
+    reaches the socket in one call; closing sends what is pending first; aborting drops it."""
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.writes: list[bytes] = []
+            self.closed = self.aborted = False
+
+        def write(self, data: bytes) -> None:
+            self.writes.append(data)
+
+        def close(self) -> None:
+            self.closed = True
+
+        def abort(self) -> None:
+            self.aborted = True
+
+        def is_closing(self) -> bool:
+            return self.closed
+
+    async def scenario() -> tuple[Recorder, Recorder]:
+        loop = asyncio.get_running_loop()
+        sent, aborted = Recorder(), Recorder()
+        transport = CoalescingTransport(sent, loop)  # type: ignore[arg-type]
+        transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        transport.write(memoryview(b"body"))
+        assert sent.writes == []  # not yet: at the end of this turn
+        await asyncio.sleep(0)
+        transport.write(b"late")
+        transport.close()  # sends "late" first, then closes
+        assert transport.is_closing() and transport.get_write_buffer_size is not None
+        dropped = CoalescingTransport(aborted, loop)  # type: ignore[arg-type]
+        dropped.write(b"never")
+        dropped.abort()
+        await asyncio.sleep(0)
+        return sent, aborted
+
+    sent, aborted = asyncio.run(scenario())
+    assert sent.writes == [b"HTTP/1.1 200 OK\r\n\r\nbody", b"late"] and sent.closed
+    assert aborted.writes == [] and aborted.aborted
