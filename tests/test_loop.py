@@ -15,13 +15,14 @@ from mlflow.tracking import MlflowClient
 
 from bench import loop
 from tests.conftest import ROOT, photos
-from training.retrain import RECENT, Rule, decide, is_recent
+from training import gates
+from training.retrain import RECENT, Rule, is_recent
 
 
 def table(evaluation: dict) -> tuple[np.ndarray, np.ndarray]:
     """(champion right, challenger right) photo by photo, rebuilt from a recorded evaluation's counts."""
     only_champion, only_challenger = evaluation["only_reference_right"], evaluation["only_candidate_right"]
-    both = evaluation["champion"]["count"] - only_champion
+    both = round(evaluation["accuracy_reference"] * evaluation["n"]) - only_champion
     neither = evaluation["n"] - both - only_champion - only_challenger
     champion = [True] * (both + only_champion) + [False] * (only_challenger + neither)
     challenger = [True] * both + [False] * only_champion + [True] * only_challenger + [False] * neither
@@ -90,10 +91,13 @@ def test_feedback_through_the_service_becomes_a_challenger_and_a_recorded_decisi
     decision = report["decision"]
     assert report["champion"]["version"] == "1"
     for name in ("original", "recent"):
-        evaluation = decision["evaluations"][name]
-        assert evaluation["n"] == counts["evaluated"][name]
-        assert evaluation["champion"]["ci95"][0] <= evaluation["champion"]["rate"] <= evaluation["champion"]["ci95"][1]
-    recomputed = decide({name: table(e) for name, e in decision["evaluations"].items()}, rule)  # from the counts
-    assert recomputed["promoted"] == decision["promoted"] and recomputed["reason"] == decision["reason"]
+        assert decision["evaluations"][f"accuracy: {name}"]["n"] == counts["evaluated"][name]
+    assert decision["evaluations"]["non-pets flagged: pooled non-pets"]["n"] > 0  # the pet rates are judged too
+    recomputed = gates.judge(
+        {name: (e["measure"], *table(e)) for name, e in decision["evaluations"].items()},
+        rule.gates,
+        better_on=("accuracy: original", "accuracy: recent"),
+    )  # from the counts
+    assert recomputed["accepted"] == decision["promoted"] and recomputed["reason"] == decision["reason"]
     champion = str(client.get_model_version_by_alias(registered, "champion").version)
     assert champion == report["champion_after"] == ("2" if decision["promoted"] else "1")
