@@ -68,13 +68,19 @@ def classify(model: Model, images: list[bytes], batch_size: int = 32) -> list:
 
 
 def comparisons(reference: Answers, candidate: Answers, photos: str = "photos") -> Comparisons:
-    """The three protected measures, reference against candidate on the same images (pet measures only when both
-    models have the pet output)."""
+    """The three protected measures, reference against candidate on the same images (the pet measures whenever the
+    reference has the pet output: a candidate that lost it is refused on them)."""
     pairs: dict[str, tuple[str, np.ndarray, np.ndarray]] = {
         f"accuracy: {photos}": ("accuracy", reference.right, candidate.right)
     }
-    if reference.kept is not None and candidate.kept is not None:
-        pairs[f"pets kept: {photos}"] = ("pets_kept", reference.kept, candidate.kept)
-    if reference.flagged is not None and candidate.flagged is not None:
-        pairs["non-pets flagged: pooled non-pets"] = ("not_pets_flagged", reference.flagged, candidate.flagged)
+    if reference.kept is not None:  # a candidate without the pet output has no images to show it: refused
+        none = np.zeros(0, bool)
+        pairs[f"pets kept: {photos}"] = ("pets_kept", *both(reference.kept, candidate.kept, none))
+        pairs["non-pets flagged: pooled non-pets"] = ("not_pets_flagged", *both(reference.flagged, candidate.flagged,
+                                                                                none))  # fmt: skip
     return pairs
+
+
+def both(reference: np.ndarray | None, candidate: np.ndarray | None, none: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The pair to compare, or two empty arrays (a refusal: no images) when the candidate lacks the answer."""
+    return (reference, candidate) if reference is not None and candidate is not None else (none, none)

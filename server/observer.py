@@ -102,6 +102,9 @@ class Observer:
             observations = [item for item in items if item is not None]
             try:
                 self.write(observations)
+            except Exception as error:  # a side effect failing must never reach a request, nor stop this thread
+                self.lose("write_failed", f"recording predictions failed: {type(error).__name__}: {error}",
+                          len(observations))  # fmt: skip
             finally:
                 with self.written:
                     self.pending.difference_update(item.record.prediction_id for item in observations)
@@ -119,12 +122,15 @@ class Observer:
             if self.images:  # kept first: the stored prediction names a photo that is on disk
                 try:
                     record = dataclasses.replace(record, image=self.images.save(item.data, item.content_type))
-                    if time.monotonic() - self.expired_at > EXPIRE_EVERY_S:
-                        self.expired_at = time.monotonic()
-                        self.images.expire()
                 except OSError as error:  # a full disk loses the photo, not the prediction's record
                     self.lose("image_failed", f"keeping a photo failed: {error}")
             records.append(record)
+        if self.images and time.monotonic() - self.expired_at > EXPIRE_EVERY_S:
+            self.expired_at = time.monotonic()
+            try:  # reads the store: a database that is down must not cost the records below
+                self.images.expire()
+            except Exception as error:
+                self.lose("image_failed", f"expiring kept photos failed: {type(error).__name__}: {error}", 0)
         try:
             self.store.add_many(records)
         except Exception as error:  # a side effect failing must never reach a request

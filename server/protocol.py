@@ -40,7 +40,8 @@ class CoalescingTransport:
     def flush(self) -> None:
         if self.pending:
             data, self.pending = b"".join(self.pending), []
-            self.transport.write(data)
+            if not self.transport.is_closing():  # the peer went away in the same turn: nothing to send it
+                self.transport.write(data)
 
     def writelines(self, lines: Any) -> None:
         for line in lines:

@@ -140,26 +140,29 @@ class PredictionStore:
         self.add_many([record])
 
     def add_many(self, records: list[PredictionRecord]) -> None:
-        """Insert predictions, in one transaction on SQLite (one commit, not one per prediction)."""
+        """Insert predictions: on SQLite in one transaction (one commit, not one per prediction); on PostgreSQL one
+        statement at a time, the lock taken for each, so a feedback never waits behind a whole batch."""
         if not records:
             return
-        with self.lock:
-            sqlite = not self.postgres
-            if sqlite:
+        rows = [(r.prediction_id, r.request_id, r.time, r.model_version, r.label, json.dumps(r.probabilities),
+                 r.pet_score, r.image, None) for r in records]  # fmt: skip
+        insert = f"INSERT INTO predictions ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        if self.postgres:
+            for row in rows:
+                with self.lock:
+                    self.run(insert, row)
+        else:
+            with self.lock:
                 self.run("BEGIN")
-            try:
-                for record in records:
-                    self.run(
-                        f"INSERT INTO predictions ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (record.prediction_id, record.request_id, record.time, record.model_version, record.label,
-                         json.dumps(record.probabilities), record.pet_score, record.image, None),
-                    )  # fmt: skip
-            except BaseException:
-                if sqlite and self.db.in_transaction:
-                    self.db.rollback()
-                raise
-            if sqlite:
-                self.run("COMMIT")
+                try:
+                    for row in rows:
+                        self.run(insert, row)
+                    self.run("COMMIT")
+                except BaseException:
+                    if self.db.in_transaction:  # a failed COMMIT (busy, full disk) leaves it open too
+                        self.db.rollback()
+                    raise
+        with self.lock:
             step = max(1, self.size // 100)
             crossed = (self.added + len(records)) // step > self.added // step
             self.added += len(records)

@@ -121,3 +121,22 @@ def test_the_in_process_path_counts_its_own_cpu(onnx_model):
             predict(client, photo_bytes(DOG))
         after = metric(client.get("/metrics").text, "catsdogs_inference_cpu_seconds_total")
         assert 0.001 < after - before < time.perf_counter() - started[1] + 0.5  # three inferences of real work
+
+
+def test_a_store_error_while_expiring_photos_loses_nothing_and_stops_nothing(onnx_model, tmp_path):
+    """Expiring kept photos reads the store: a database that is locked or down there must not stop the observer's
+    thread (every later prediction would stay unrecorded) nor cost the batch its records."""
+    with client_for(onnx_model, feedback_images=tmp_path / "photos") as client:
+        observer = client.app.state.observer
+
+        def broken() -> None:
+            raise sqlite3.OperationalError("database is locked")
+
+        observer.images.expire = broken
+        observer.expired_at = 0.0  # due now
+        first = client.post("/predict", content=photo_bytes(CAT), headers={"content-type": "image/jpeg"})
+        assert observer.wait_idle() and observer.worker.is_alive()
+        second = client.post("/predict", content=photo_bytes(DOG), headers={"content-type": "image/jpeg"})
+        assert observer.wait_idle() and observer.worker.is_alive()
+        for response in (first, second):
+            assert observer.store.get(response.json()["prediction_id"]) is not None

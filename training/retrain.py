@@ -176,12 +176,14 @@ def decide(answers_by_set: dict[str, tuple[Answers, Answers]], rule: Rule) -> di
         for name, (champion, challenger) in answers_by_set.items()
     }
     pairs = list(answers_by_set.values())
-    if all(a.kept is not None for pair in pairs for a in pair):
-        comparisons["pets kept: " + " + ".join(answers_by_set)] = (
-            "pets_kept", *(np.concatenate([pair[k].kept for pair in pairs]) for k in (0, 1)),
-        )  # fmt: skip
-        champion, challenger = pairs[0]
-        comparisons["non-pets flagged: pooled non-pets"] = ("not_pets_flagged", champion.flagged, challenger.flagged)
+    if any(champion.kept is not None for champion, _ in pairs):  # a challenger that lost the pet output: refused
+        if all(a.kept is not None for pair in pairs for a in pair):
+            kept = [np.concatenate([pair[k].kept for pair in pairs]) for k in (0, 1)]
+            flagged = [pairs[0][0].flagged, pairs[0][1].flagged]
+        else:
+            kept = flagged = [np.zeros(0, bool)] * 2
+        comparisons["pets kept: " + " + ".join(answers_by_set)] = ("pets_kept", *kept)
+        comparisons["non-pets flagged: pooled non-pets"] = ("not_pets_flagged", *flagged)
     verdict = gates.judge(comparisons, rule.gates, better_on=tuple(f"accuracy: {name}" for name in answers_by_set))
     return {"promoted": verdict["accepted"], "reason": verdict["reason"], "evaluations": verdict["comparisons"],
             "rule": verdict["rule"]}  # fmt: skip
