@@ -16,7 +16,6 @@ import json
 import os
 import signal
 import struct
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,6 @@ from bench.common import CpuMeter, add_model_argument, cpu_info, cpu_seconds, wr
 from bench.loadgen import load, prepare
 from bench.serve import ROOT, predict_request, start_server
 from deploy.client import free_port
-from imaging import DEFAULT_MAX_PIXELS
-from server.model import Model
 
 BATCH = 8
 
@@ -37,19 +34,6 @@ def v2_request(port: int, image: bytes, count: int = 1) -> bytes:
     header = json.dumps({"inputs": [tensor], "outputs": [{"name": "label"}, {"name": "probabilities"}]}).encode()
     headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))}
     return prepare("POST", f"http://127.0.0.1:{port}/v2/models/catsdogs/infer", content=header + data, headers=headers)
-
-
-def in_process_cpu(model_path: Path, image: bytes, seconds: float) -> dict[str, float]:
-    """The in-process path the service adds to: decode, preprocess and one single-threaded session.run per image
-    (server.model.Model, as the service runs it with ORT_THREADS=1), its CPU per image on this process's cores."""
-    model = Model(model_path, threads=1, max_pixels=DEFAULT_MAX_PIXELS)
-    for _ in range(10):
-        model.classify(image)
-    images, cpu, stop = 0, cpu_seconds(os.getpid()), time.perf_counter() + seconds
-    while time.perf_counter() < stop:
-        model.classify(image)
-        images += 1
-    return {"images": images, "cpu_ms": round((cpu_seconds(os.getpid()) - cpu) * 1000 / images, 3)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -67,14 +51,12 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--cpus must leave a core for the load generator ({len(available)} available)")
     cores, client_cores = set(available[: args.cpus]), set(available[args.cpus :])
     image = args.image.read_bytes()
-    os.sched_setaffinity(0, cores)  # the in-process path on the service's own cores, before the service starts
-    in_process = in_process_cpu(args.model, image, args.seconds)
     os.sched_setaffinity(0, client_cores)
     port = free_port()
     process, _ = start_server(args.model, port, root=args.root, env={"ORT_THREADS": "1"}, cores=cores)
     report: dict[str, Any] = {"cpu": cpu_info(), "model": str(args.model), "image": args.image.name,
                               "service_cpus": args.cpus, "clients": args.clients, "seconds": args.seconds,
-                              "in_process": in_process, "root": str(args.root)}  # fmt: skip
+                              "root": str(args.root)}  # fmt: skip
     try:
         requests = {
             "/predict": (predict_request(port, image), 1),

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from bench.common import CpuMeter, add_model_argument, cpu_info, cpu_seconds, percentiles, time_ms, write_report
+from bench.common import CpuMeter, add_model_argument, cpu_info, percentiles, time_ms, write_report
 from bench.loadgen import Client, load, one_shot, prepare
 from deploy.client import free_port
 from server.config import Settings, available_cpus
@@ -105,7 +105,6 @@ def in_process(model_path: Path, image: bytes, seconds: float) -> dict[str, Any]
     served = Model(model_path, threads=cpus, max_pixels=50_000_000)
     one_thread = Model(model_path, threads=1, max_pixels=50_000_000)
     options: dict[str, float] = {}
-    cpu_ms: dict[str, float] = {}  # CPU of the whole process per image: onnxruntime's spinning threads included
     for name, model, loops in (
         (f"1 loop x ORT {cpus} threads", served, 1),
         (f"{cpus} loops x ORT 1 thread", one_thread, cpus),
@@ -118,17 +117,15 @@ def in_process(model_path: Path, image: bytes, seconds: float) -> dict[str, Any]
                 m.classify(image)
                 d[index] += 1
 
-        started, cpu = time.perf_counter(), cpu_seconds(os.getpid())
+        started = time.perf_counter()
         threads = [threading.Thread(target=run, args=(i,)) for i in range(loops)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
         options[name] = round(sum(done) / (time.perf_counter() - started), 2)
-        cpu_ms[name] = round((cpu_seconds(os.getpid()) - cpu) * 1000 / sum(done), 3)
     return {"floor": floor, "floors": list(floors.values()), "throughput_ips": options,
-            "best_throughput_ips": max(options.values()), "cpu_ms_per_image": cpu_ms,
-            "best_cpu_ms_per_image": min(cpu_ms.values())}  # fmt: skip
+            "best_throughput_ips": max(options.values())}  # fmt: skip
 
 
 def flood(port: int, request: bytes, total: int = 256, parallel: int = 64) -> dict[str, Any]:
