@@ -13,12 +13,13 @@ has arrived; how long a body may take is bounded in server.bodies. See docs/capa
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import anyio
-import anyio.to_thread
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import Scope
 
@@ -40,7 +41,15 @@ class Admission:
         self.held_bytes = 0  # body bytes received and not yet let go
         self.holders = 0  # requests holding any body bytes
         self.limiter = anyio.CapacityLimiter(slots)  # the inference slots, waited for in arrival order
-        self.threads = anyio.CapacityLimiter(slots)  # worker threads: always free for a slot holder
+        # One thread per slot, for inference only: a slot holder always finds its thread free, and what other
+        # routes run in threads (feedback's store) cannot take it.
+        self.executor = ThreadPoolExecutor(slots, thread_name_prefix="inference")
+        # read when /metrics is scraped, not set at every change (two fewer locked updates a request)
+        metrics.admitted.set_function(lambda: self.admitted)
+        metrics.held_bytes.set_function(lambda: self.held_bytes)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False)
 
     def overloaded(self) -> Overloaded:
         self.metrics.rejected.labels("overloaded").inc()
@@ -63,7 +72,6 @@ class Admission:
         self.holders += 0 if held else 1
         self.held_bytes += size
         state["held_bytes"] = held + size
-        self.metrics.held_bytes.set(self.held_bytes)
 
     def enter(self, scope: Scope) -> None:
         """Admit the request for inference (once), or raise Overloaded when every place is taken."""
@@ -74,37 +82,46 @@ class Admission:
             raise self.overloaded()
         self.admitted += 1
         state["admitted"] = True
-        self.metrics.admitted.set(self.admitted)
 
     def release(self, scope: Scope) -> None:
         """Let go of all the request holds (the middleware, once the response is sent or the request ended)."""
         state = scope.get("state", {})
         if state.pop("admitted", False):
             self.admitted -= 1
-            self.metrics.admitted.set(self.admitted)
         held = state.pop("held_bytes", 0)
         if held:
             self.held_bytes -= held
             self.holders -= 1
-            self.metrics.held_bytes.set(self.held_bytes)
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
-        """fn(*args) in a worker thread once an inference slot is free; Overloaded after waiting `timeout` s."""
+        """fn(*args) in an inference thread once a slot is free; Overloaded after waiting `timeout` s."""
+        borrower = asyncio.current_task()
+        try:
+            self.limiter.acquire_on_behalf_of_nowait(borrower)  # a free slot and nobody before us: no wait, no timer
+        except anyio.WouldBlock:
+            await self.wait_for_slot(borrower)
+        try:
+            running = asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        except BaseException:
+            self.limiter.release_on_behalf_of(borrower)
+            raise
+        # the slot is let go when the thread is done, even if this request is cancelled while it runs
+        running.add_done_callback(lambda _: self.limiter.release_on_behalf_of(borrower))
+        return await asyncio.shield(running)
+
+    async def wait_for_slot(self, borrower: object) -> None:
+        """Wait in arrival order for an inference slot; Overloaded after `timeout` seconds."""
         self.metrics.queued.inc()
         acquired = False
         try:
             with anyio.move_on_after(self.timeout):
-                await self.limiter.acquire()
+                await self.limiter.acquire_on_behalf_of(borrower)
                 acquired = True
         finally:
             self.metrics.queued.dec()
         if not acquired:
             self.metrics.rejected.labels("queue_timeout").inc()
             raise Overloaded("queue_timeout", f"no inference slot became free within {self.timeout:g} s; retry")
-        try:
-            return await anyio.to_thread.run_sync(fn, *args, limiter=self.threads)
-        finally:
-            self.limiter.release()
 
 
 async def refuse_early(request: Request) -> None:

@@ -19,7 +19,7 @@ from server.admission import Admission
 from server.config import Settings
 from server.errors import ClientError, failed, refused
 from server.feedback import feedback
-from server.logs import get_logger
+from server.logs import get_logger, lean_records
 from server.metrics import Metrics
 from server.middleware import RequestMiddleware
 from server.model import Model, ModelError
@@ -67,12 +67,14 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     app.state.observer = Observer(settings, metrics, model)
     yield
     app.state.observer.close()
+    app.state.admission.close()
     get_logger().info("shutdown", extra={"model_version": model.version if model else None})
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
     """The ASGI application (uvicorn: `server.app:create_app` with factory=True)."""
     metrics = Metrics()
+    lean_records()
     app = Starlette(
         routes=[
             Route("/health", api.health, methods=["GET"]),

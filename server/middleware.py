@@ -23,6 +23,8 @@ class RequestMiddleware:
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app, self.metrics, self.logger = app, metrics, get_logger()
+        self.in_flight = 0
+        metrics.in_flight.set_function(lambda: self.in_flight)  # read at each scrape
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -42,14 +44,14 @@ class RequestMiddleware:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
-        self.metrics.in_flight.inc()
+        self.in_flight += 1
         try:
             await self.app(scope, receive, send_with_id)
         except Exception:
             note_error(scope, "internal_error")
             raise
         finally:
-            self.metrics.in_flight.dec()
+            self.in_flight -= 1
             admission: Admission | None = getattr(scope["app"].state, "admission", None)
             if admission is not None:  # None only before the lifespan has started
                 admission.release(scope)

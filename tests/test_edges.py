@@ -49,7 +49,7 @@ def test_json_logs_carry_no_terminal_colour_codes():
 
 
 def test_too_many_files_stops_the_parse_at_the_first_file_over_the_limit(onnx_model):
-    """The 413 comes when the third file ends, before the rest of the body is parsed: the part after it, which
+    """The 413 comes when the third file begins, before the rest of the body is parsed: the part after it, which
     Starlette would refuse as invalid multipart (no field name), is never read."""
     files = [("files", (f"{i}.jpg", photo_bytes(CAT), "image/jpeg")) for i in range(3)]
     request = httpx.Request("POST", "http://test/predict/batch", files=files)
