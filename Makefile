@@ -198,6 +198,13 @@ harvest: setup ## Feedback to a data version in data/feedback (FEEDBACK_DB, FEED
 	  $(if $(REVIEWED),--reviewed $(REVIEWED))
 	dvc add -q data/feedback
 
+# A key for the service (server/keys.py): only its hash goes to API_KEYS_FILE; the key is the output's last line.
+# NAME and SCOPES reach the program through the environment, never through the shell's parsing of this recipe.
+api-key: export KEY_NAME := $(NAME)
+api-key: export KEY_SCOPES := $(or $(SCOPES),label)
+api-key: $(SERVE_SETUP) ## A new API key: NAME=who SCOPES=label[,predict] API_KEYS_FILE=file (prints the key once)
+	@$(SERVE_PYTHON) -m server.keys --name "$$KEY_NAME" --scopes "$$KEY_SCOPES"
+
 # Photos as production traffic with feedback (deploy/replay.py): every photo under INPUT/<label>/ to URL's /predict,
 # its folder's label back through /feedback for a share of them (MISLABEL_SHARE of those get the wrong label).
 FEEDBACK_SHARE ?= 1

@@ -8,6 +8,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from server.access import check_predict
 from server.bodies import read_uploads
 from server.inference import predict_images, require_model
 from server.metrics import Metrics
@@ -46,6 +47,7 @@ async def model_info(request: Request) -> JSONResponse:
 async def predict(request: Request) -> JSONResponse:
     started = request.scope["state"]["started"]
     model = require_model(request)
+    check_predict(request)
     [(name, data)] = await read_uploads(request, "file", max_files=1)
     [result] = await predict_images(request, [data])
     if not isinstance(result, Prediction):
@@ -58,6 +60,7 @@ async def predict(request: Request) -> JSONResponse:
 async def predict_batch(request: Request) -> JSONResponse:
     started = request.scope["state"]["started"]
     model = require_model(request)
+    check_predict(request)
     uploads = await read_uploads(request, "files", max_files=request.app.state.settings.max_batch_files)
     results = await predict_images(request, [data for _, data in uploads])
     ids = observe(request, uploads, results)

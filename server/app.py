@@ -15,10 +15,12 @@ from starlette.routing import Route
 
 from imaging import ImageError, limit_pillow
 from server import api, page, v2
+from server.access import RateLimiter
 from server.admission import Admission
 from server.config import Settings
 from server.errors import ClientError, failed, refused
 from server.feedback import feedback
+from server.keys import KeyRing
 from server.logs import get_logger, lean_records
 from server.metrics import Metrics
 from server.middleware import RequestMiddleware
@@ -65,6 +67,12 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     if model:
         metrics.model_info.labels(model.version, model.precision, model.sha256).set(1)
     app.state.observer = Observer(settings, metrics, model)
+    app.state.keys = KeyRing(settings.api_keys_file) if settings.api_keys_file else None
+    app.state.limits = {
+        "predict": RateLimiter(settings.predict_rate, settings.predict_burst),
+        "feedback": RateLimiter(settings.feedback_rate, settings.feedback_burst),
+        "feedback_key": RateLimiter(settings.key_feedback_rate, settings.key_feedback_burst),
+    }
     yield
     app.state.observer.close()
     app.state.admission.close()
@@ -95,5 +103,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app.state.page = page.render(app.state.settings)
     app.state.metrics = metrics
     app.state.model, app.state.model_error = None, "the service is starting"
+    app.state.keys, app.state.limits = None, {}
     app.add_middleware(RequestMiddleware, metrics=metrics)
     return app

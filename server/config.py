@@ -76,6 +76,22 @@ def fraction(text: str) -> float:
     return value
 
 
+def number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < float("inf"):
+        raise ValueError("expected a number >= 0")
+    return value
+
+
+def boolean(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise ValueError("expected true or false")
+    return text.lower() == "true"
+
+
 def per_worker(values: Values) -> int:
     """The CPUs each worker process may use."""
     return max(1, values["cpus"] // values["workers"])
@@ -157,6 +173,19 @@ SETTINGS: tuple[Setting, ...] = (
             "days a kept photo without feedback stays in `FEEDBACK_IMAGES` (a photo with feedback stays)"),
     Setting("FEEDBACK_IMAGES_MAX_BYTES", integer(1), fixed(1024 * MIB), str(1024 * MIB),
             "the size cap of `FEEDBACK_IMAGES` (past it, the least recently sent photos are deleted first)"),
+    Setting("API_KEYS_FILE", Path, fixed(None), "unset (no keys: every client is anonymous)",
+            "the API keys (`make api-key`): one JSON line per key, only its hash kept; deleting a line revokes the "
+            "key within a second (docs/threat-model.md)"),
+    Setting("PREDICT_REQUIRES_KEY", boolean, fixed(False), "`false`",
+            "`true`: the predicting routes need a key with the `predict` scope (401 without one)"),
+    Setting("FEEDBACK_RATE", number, fixed(1.0), "1",
+            "feedbacks a second per anonymous client address, on average (0: no limit; past it 429)"),
+    Setting("FEEDBACK_BURST", integer(1), fixed(30), "30", "feedbacks an anonymous client address may send at once"),
+    Setting("KEY_FEEDBACK_RATE", number, fixed(20.0), "20", "feedbacks a second per key, on average (0: no limit)"),
+    Setting("KEY_FEEDBACK_BURST", integer(1), fixed(200), "200", "feedbacks a key may send at once"),
+    Setting("PREDICT_RATE", number, fixed(0.0), "0 (no limit)",
+            "predicting requests a second per key, or per client address when anonymous (past it 429)"),
+    Setting("PREDICT_BURST", integer(1), fixed(60), "60", "predicting requests a client may send at once"),
     Setting("PET_THRESHOLD", fraction, fixed(None), "the model's (`/model` → `pet.threshold`)",
             "`pet_score` at or above which `is_pet` is true (0 to 1; docs/not-a-pet.md)"),
     Setting("DRIFT_WINDOW", integer(1), fixed(500), "500",
@@ -176,6 +205,7 @@ RENAMED = {"MAX_QUEUE_BYTES": "MAX_ADMITTED_BYTES"}
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")  # FEEDBACK_DB: a PostgreSQL URL, not a file
 WRITTEN_FILES = ("FEEDBACK_DB", "PREDICTION_LOG")  # checked before the service starts: a bad one is exit code 2
 WRITTEN_FOLDERS = ("FEEDBACK_IMAGES",)
+READ_FILES = ("API_KEYS_FILE",)  # must be readable at start (later, an unreadable one refuses every key)
 
 
 def settings_help() -> str:
@@ -223,6 +253,14 @@ class Settings:
     feedback_images: Path | None
     feedback_images_days: int
     feedback_images_max_bytes: int
+    api_keys_file: Path | None
+    predict_requires_key: bool
+    feedback_rate: float
+    feedback_burst: int
+    key_feedback_rate: float
+    key_feedback_burst: int
+    predict_rate: float
+    predict_burst: int
     pet_threshold: float | None  # None: the threshold recorded in the model's metadata
     drift_window: int
     prediction_log: Path | None
@@ -255,7 +293,15 @@ class Settings:
         return cls(**{setting.field: values[setting.field] for setting in SETTINGS})
 
     def check_files(self) -> None:
-        """Raise ValueError, naming the variable, for a file the service must write but cannot."""
+        """Raise ValueError, naming the variable, for a file the service must write (or read) but cannot."""
+        for setting in (s for s in SETTINGS if s.name in READ_FILES):
+            path = getattr(self, setting.field)
+            if path is None:
+                continue
+            try:
+                Path(path).read_bytes()
+            except OSError as error:
+                raise ValueError(f"Invalid {setting.name}={str(path)!r}: cannot read it ({error.strerror})") from None
         for setting in (s for s in SETTINGS if s.name in WRITTEN_FILES):
             value: Path | str | None = getattr(self, setting.field)
             if value is None or str(value).startswith(POSTGRES_SCHEMES):

@@ -11,6 +11,7 @@ import anyio.to_thread
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from server.access import challenge, identify, limit
 from server.bodies import media_type, read_body
 from server.errors import RETRY_AFTER_S, ClientError
 from server.inference import require_model
@@ -55,6 +56,12 @@ async def store_call(fn: Callable[..., T], *args: object) -> T:
 async def feedback(request: Request) -> JSONResponse:
     """POST /feedback {"prediction_id", "label"}: the true label of a recent prediction."""
     model = require_model(request)
+    identity = identify(request)  # anonymous, or a key: 401 when wrong or revoked
+    if not identity.anonymous and "label" not in identity.scopes:
+        raise ClientError(403, "insufficient_scope", f"the key '{identity.name}' lacks the 'label' scope",
+                          challenge("insufficient_scope", "the key lacks the scope", "label"))  # fmt: skip
+    limits = request.app.state.limits
+    limit(request, limits["feedback"] if identity.anonymous else limits["feedback_key"], identity, "feedback")
     if media_type(request.headers) != "application/json":
         raise ClientError(415, "unsupported_media_type", f"send application/json: {EXAMPLE}")
     try:
@@ -64,7 +71,7 @@ async def feedback(request: Request) -> JSONResponse:
     if label not in model.labels:
         raise ClientError(422, "unknown_label", f"{label!r} is not a label of the model: {', '.join(model.labels)}")
     observer: Observer = request.app.state.observer
-    outcome, record = await store_call(observer.give_feedback, prediction_id, label)
+    outcome, record = await store_call(observer.give_feedback, prediction_id, label, identity.name)
     if record is None:
         issued = issued_at(prediction_id)  # on a shared store, another replica may not have written it yet
         if observer.store.shared and issued is not None and 0 <= time.time() - issued < IN_FLIGHT_S:
@@ -74,8 +81,9 @@ async def feedback(request: Request) -> JSONResponse:
     if outcome is Feedback.CONFLICT:
         raise ClientError(409, "feedback_conflict", f"this prediction already has the feedback {record.feedback!r}")
     correct = label == record.label
-    request.scope["state"]["log"] = {"feedback": label, "correct": correct, "prediction_id": prediction_id}
+    request.scope["state"]["log"] = {"feedback": label, "correct": correct, "prediction_id": prediction_id,
+                                     "source": identity.name}  # fmt: skip
     return JSONResponse(
         {"prediction_id": prediction_id, "label": label, "predicted": record.label, "correct": correct,
-         "model_version": record.model_version},
+         "model_version": record.model_version, "source": identity.name},
     )  # fmt: skip

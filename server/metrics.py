@@ -58,6 +58,10 @@ class Metrics:
         )
         for reason in ("overloaded", "queue_timeout"):
             self.rejected.labels(reason)
+        self.rate_limited = Counter(
+            "catsdogs_rate_limited", "Requests refused with 429 past a rate limit, by route and client kind",
+            ["route", "client"], registry=r,
+        )  # fmt: skip
         self.admitted = Gauge(
             "catsdogs_inference_requests_admitted", "Inference requests admitted (running or waiting)", registry=r
         )

@@ -63,5 +63,6 @@ class RequestMiddleware:
                 self.logger.info(
                     "request",
                     extra={"request_id": request_id, "method": scope["method"], "path": scope["path"],
-                           "status": status, "latency_ms": round(elapsed * 1000, 3), **state.get("log", {})},
+                           "status": status, "latency_ms": round(elapsed * 1000, 3),
+                           **({"caller": state["caller"]} if "caller" in state else {}), **state.get("log", {})},
                 )  # fmt: skip

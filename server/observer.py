@@ -160,13 +160,13 @@ class Observer:
             get_logger().warning(message, extra={"reason": reason})
 
     def give_feedback(
-        self, prediction_id: str, label: str, timeout: float = 5
+        self, prediction_id: str, label: str, source: str, timeout: float = 5
     ) -> tuple[Feedback, PredictionRecord | None]:
         """Record a feedback once its prediction is out of the queue (at most `timeout` seconds: a feedback sent right
         after its prediction must see it); a first one is counted and logged. Blocking: call it from a worker thread."""
         with self.written:
             self.written.wait_for(lambda: prediction_id not in self.pending, timeout)
-        outcome, record = self.store.give_feedback(prediction_id, label)
+        outcome, record = self.store.give_feedback(prediction_id, label, source)
         if outcome is Feedback.RECORDED and record is not None:
             correct = label == record.label
             self.metrics.feedback.labels(label, str(correct).lower()).inc()

@@ -15,6 +15,9 @@ Schema = dict[str, Any]
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/gif")
 ERRORS = {
     400: "Empty, corrupt or undecodable image, or invalid multipart body",
+    401: "A wrong, revoked or malformed key in Authorization, or none where a key is required (WWW-Authenticate)",
+    403: "The key lacks the scope this route needs",
+    429: "Past this client's rate limit (a key's, or an anonymous address's; with Retry-After)",
     404: "No such path, or no recent prediction with this request id",
     405: "Method not allowed on this path (the Allow header lists the allowed ones)",
     413: "Body over MAX_UPLOAD_BYTES, too many files, or an image over its decode budget",
@@ -45,11 +48,14 @@ def errors(*statuses: int) -> dict[str, Schema]:
     responses = {}
     for status in statuses:
         response = ok(ERRORS[status], ref("Error"))
-        if status == 503:
+        if status in (429, 503):
             response["headers"]["Retry-After"] = {
-                "description": "Seconds to wait before retrying (when the service is at capacity)",
+                "description": "Seconds to wait before retrying (at capacity, or past a rate limit)",
                 "schema": {"type": "string"},
             }
+        if status in (401, 403):
+            response["headers"]["WWW-Authenticate"] = {"description": "RFC 6750's Bearer challenge",
+                                                       "schema": {"type": "string"}}  # fmt: skip
         responses[str(status)] = response
     return responses
 
@@ -98,18 +104,25 @@ def upload_body(field: str, settings: Settings, *, many: bool) -> Schema:
     return {"required": True, "description": f"JPEG, PNG, WebP, BMP or GIF (first frame); {limit}", "content": content}
 
 
+def security(settings: Settings, needed: bool) -> list[Schema]:
+    """A Bearer key (make api-key), needed or optional (anonymous allowed)."""
+    return [{"bearer": []}] if needed else [{}, {"bearer": []}]
+
+
 def predict(settings: Settings) -> Schema:
-    responses = {"200": ok("The prediction", ref("Prediction")), **errors(400, 413, 415, 422, 503)}
+    responses = {"200": ok("The prediction", ref("Prediction")), **errors(400, 401, 403, 413, 415, 422, 429, 503)}
     post = operation("Classify one photo", responses, operation_id="predict",
-                     requestBody=upload_body("file", settings, many=False))  # fmt: skip
+                     requestBody=upload_body("file", settings, many=False),
+                     security=security(settings, settings.predict_requires_key))  # fmt: skip
     return {"post": post}
 
 
 def predict_batch(settings: Settings) -> Schema:
     responses = {"200": ok("One result per file, in order; a bad file gets an error entry", ref("BatchResult")),
-                 **errors(400, 413, 415, 422, 503)}  # fmt: skip
+                 **errors(400, 401, 403, 413, 415, 422, 429, 503)}  # fmt: skip
     post = operation(f"Classify up to {settings.max_batch_files} photos", responses, operation_id="predict_batch",
-                     requestBody=upload_body("files", settings, many=True))  # fmt: skip
+                     requestBody=upload_body("files", settings, many=True),
+                     security=security(settings, settings.predict_requires_key))  # fmt: skip
     return {"post": post}
 
 
@@ -137,12 +150,15 @@ def feedback(settings: Settings, labels: list[str] | None) -> Schema:
     answer = {"type": "object", "required": ["prediction_id", "label", "predicted", "correct", "model_version"],
               "properties": {"prediction_id": {"type": "string"}, "label": {"type": "string"},
                              "predicted": {"type": "string"}, "correct": {"type": "boolean"},
-                             "model_version": {"type": "string"}}}  # fmt: skip
+                             "model_version": {"type": "string"},
+                             "source": {"type": "string", "description": "the key's name, or anonymous"}}}  # fmt: skip
     responses = {"200": ok("Recorded (a repeat of the same label is counted once)", answer),
-                 **errors(400, 404, 409, 413, 415, 422, 503)}  # fmt: skip
+                 **errors(400, 401, 403, 404, 409, 413, 415, 422, 429, 503)}  # fmt: skip
     request = {"required": True, "content": {"application/json": {"schema": body}}}
-    return {"post": operation("The true label of a recent prediction", responses, operation_id="feedback",
-                              requestBody=request)}  # fmt: skip
+    return {"post": operation("The true label of a recent prediction: with a key of the label scope it may become "
+                              "training data; anonymous, only through a person's review", responses,
+                              operation_id="feedback", requestBody=request,
+                              security=security(settings, False))}  # fmt: skip
 
 
 # --- Open Inference Protocol (KServe V2): errors are {"error": "message"} -------------------------------------------
@@ -150,6 +166,8 @@ def feedback(settings: Settings, labels: list[str] | None) -> Schema:
 V2_ERRORS = {"400": "Bad inference request or an unusable image", "404": "Unknown model or version",
              "413": "Body over MAX_UPLOAD_BYTES, too many images, or an image over its decode budget",
              "415": "An image format that is not accepted",
+             "401": "A wrong or missing key (PREDICT_REQUIRES_KEY=true)", "403": "The key lacks the predict scope",
+             "429": "Past this client's rate limit (Retry-After)",
              "503": "No model loaded, or at capacity (with Retry-After)"}  # fmt: skip
 
 
@@ -184,7 +202,7 @@ def v2_infer(operation_id: str, params: list[Schema]) -> Schema:
                    "application/json": {"schema": header},
                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}  # fmt: skip
     responses = {"200": ok("Outputs probabilities, label (and pet_score, is_pet when the model gives them)",
-                           {"type": "object"}), **v2_errors(400, 404, 413, 415, 503)}  # fmt: skip
+                           {"type": "object"}), **v2_errors(400, 401, 403, 404, 413, 415, 429, 503)}  # fmt: skip
     post = operation("V2 inference on encoded images", responses, operation_id=operation_id, requestBody=request)
     post["parameters"] = params
     return {"post": post}
@@ -275,6 +293,8 @@ def document(
         "paths": paths(settings, labels, model_version),
         "components": {
             "schemas": schemas(),
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                           "description": "a key from `make api-key` (API_KEYS_FILE)"}},
             "headers": {"RequestId": {
                 "description": "The request's id: the client's X-Request-ID when it is 1-128 of [A-Za-z0-9._:-], "
                                "else a generated one", "schema": {"type": "string"}}},

@@ -15,24 +15,40 @@ import threading
 import time
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 import psycopg
 
 from server.config import POSTGRES_SCHEMES
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: each label's source (a key's name or "anonymous"). MIGRATIONS lead here from 1.
 STATEMENT_TIMEOUT_MS = 5000  # a PostgreSQL statement past it fails (503), never holds the store's thread for long
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS store_schema (version INTEGER NOT NULL)",
     """CREATE TABLE IF NOT EXISTS predictions (
         prediction_id TEXT PRIMARY KEY, request_id TEXT NOT NULL, time DOUBLE PRECISION NOT NULL,
         model_version TEXT NOT NULL, label TEXT NOT NULL, probabilities TEXT NOT NULL, pet_score DOUBLE PRECISION,
-        image TEXT, feedback TEXT, feedback_time DOUBLE PRECISION)""",
+        image TEXT, feedback TEXT, feedback_time DOUBLE PRECISION, feedback_source TEXT)""",
     "CREATE INDEX IF NOT EXISTS predictions_by_time ON predictions (time)",
     "CREATE INDEX IF NOT EXISTS predictions_by_image ON predictions (image)",
 )
-COLUMNS = "prediction_id, request_id, time, model_version, label, probabilities, pet_score, image, feedback"
+COLUMNS = (
+    "prediction_id, request_id, time, model_version, label, probabilities, pet_score, image, feedback, feedback_source"
+)
+ANONYMOUS = "anonymous"  # server.keys.ANONYMOUS: the source of a label given without a key
+# Version 1 shipped in two layouts: the first feedback commit's (no image column) and the one the photo column was
+# added to under the same number. Every step is idempotent (a column is added only when missing), so both upgrade.
+# The labels recorded before sources existed came from clients without keys: they are "anonymous".
+MIGRATIONS: dict[int, tuple[tuple[str, str, str], ...]] = {
+    1: (
+        ("predictions", "image", "ALTER TABLE predictions ADD COLUMN image TEXT"),
+        ("predictions", "feedback_source", "ALTER TABLE predictions ADD COLUMN feedback_source TEXT"),
+        ("", "", f"UPDATE predictions SET feedback_source = '{ANONYMOUS}' WHERE feedback IS NOT NULL "
+                 "AND feedback_source IS NULL"),
+        ("", "", "CREATE INDEX IF NOT EXISTS predictions_by_image ON predictions (image)"),
+    ),
+}  # fmt: skip
 STORE_ERRORS = (OSError, sqlite3.Error, psycopg.Error)  # a store that fails: 503 to a feedback, never a 500
 
 
@@ -49,17 +65,19 @@ class PredictionRecord:
     pet_score: float | None = None
     image: str | None = None  # the kept photo's name in FEEDBACK_IMAGES (its sha256), when photos are kept
     feedback: str | None = None
+    feedback_source: str | None = None  # who gave the feedback: a key's name, or "anonymous"
 
 
 class Feedback(Enum):
     RECORDED = "recorded"  # the first label given for this prediction
     REPEATED = "repeated"  # the same label again: accepted, counted once
+    REPLACED = "replaced"  # a key's label in place of an anonymous one: accepted, live accuracy keeps the first
     CONFLICT = "conflict"  # a different label was recorded first
     UNKNOWN = "unknown"  # never issued, or no longer kept
 
 
 class StoreError(Exception):
-    """A database this service cannot use (another schema version)."""
+    """A database this service cannot use (a newer schema version, or one that is not there read-only)."""
 
 
 class PredictionStore:
@@ -67,15 +85,16 @@ class PredictionStore:
     first use (a server that is down does not stop the service: feedback answers 503 until it is back) and opens a
     new connection once when the old one broke (a server restart)."""
 
-    def __init__(self, target: str | None, size: int) -> None:
+    def __init__(self, target: str | None, size: int, read_only: bool = False) -> None:
         self.target = str(target) if target else None  # a path given as a Path
+        self.read_only = read_only  # `make harvest`: a mistyped path never creates a database
         self.postgres = bool(self.target and self.target.startswith(POSTGRES_SCHEMES))
         self.placeholder = "%s" if self.postgres else "?"
         self.size = size
         self.lock = threading.RLock()  # one connection per process, used by one thread at a time
         self.added = 0
         self.db: Any = None
-        if not self.postgres:
+        if not self.postgres or read_only:
             with self.lock:
                 self.connect()
 
@@ -86,9 +105,16 @@ class PredictionStore:
 
     def connect(self) -> None:
         if self.postgres:
-            timeout = f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"
+            options = f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"
+            if self.read_only:
+                options += " -c default_transaction_read_only=on"
             self.db = psycopg.connect(self.target, autocommit=True, connect_timeout=3, keepalives=1,
-                                      keepalives_idle=30, options=timeout)  # fmt: skip
+                                      keepalives_idle=30, options=options)  # fmt: skip
+        elif self.read_only:
+            if not self.target or not Path(self.target).is_file():
+                raise StoreError(f"no feedback store at {self.target!r}: give the FEEDBACK_DB the service wrote")
+            self.db = sqlite3.connect(f"{Path(self.target).resolve().as_uri()}?mode=ro", uri=True,
+                                      check_same_thread=False, isolation_level=None, timeout=5)  # fmt: skip
         else:
             self.db = sqlite3.connect(self.target or ":memory:", check_same_thread=False, isolation_level=None,
                                       timeout=5)  # fmt: skip
@@ -111,24 +137,64 @@ class PredictionStore:
             return self.db.execute(sql.replace("?", self.placeholder), params)
 
     def migrate(self) -> None:
-        """Create the schema, or check it is this service's version. A predictions table of the layout before
-        schema versions (keyed by the client's request id) is kept as predictions_v0. Serialised between processes
-        (PostgreSQL's advisory lock; SQLite's write lock), as several may start at once."""
+        """Create the schema, or upgrade an older one step by step (MIGRATIONS), in one transaction with the version
+        bump on both databases; a newer version than this service's is a StoreError. A predictions table of the
+        layout before schema versions (keyed by the client's request id) is kept as predictions_v0. Serialised
+        between processes (PostgreSQL's advisory lock in a transaction; SQLite's write lock), as several may start
+        at once. A read-only store (harvest) is checked, never created or changed."""
         with self.lock:
             db = self.db
-            db.execute("SELECT pg_advisory_lock(7230613)" if self.postgres else "BEGIN IMMEDIATE")
+            if self.read_only:
+                version = self.version()
+                if version != SCHEMA_VERSION:
+                    raise StoreError(f"the feedback store at {self.where()} has schema version {version}; this reads "
+                                     f"{SCHEMA_VERSION} (start the service on it once to upgrade it)")  # fmt: skip
+                return
+            db.execute("BEGIN" if self.postgres else "BEGIN IMMEDIATE")
             try:
+                if self.postgres:
+                    db.execute("SELECT pg_advisory_xact_lock(7230613)")
                 if not self.has_table("store_schema") and self.has_table("predictions"):
                     self.run("ALTER TABLE predictions RENAME TO predictions_v0")
-                for statement in SCHEMA:
-                    self.run(statement)
-                self.run("INSERT INTO store_schema (version) SELECT ? WHERE NOT EXISTS "
-                         "(SELECT 1 FROM store_schema)", (SCHEMA_VERSION,))  # fmt: skip
-                [version] = self.run("SELECT version FROM store_schema").fetchone()
-            finally:
-                db.execute("SELECT pg_advisory_unlock(7230613)" if self.postgres else "COMMIT")
+                version = self.version()
+                if version is None:
+                    for statement in SCHEMA:
+                        self.run(statement)
+                    self.run("INSERT INTO store_schema (version) VALUES (?)", (SCHEMA_VERSION,))
+                    version = SCHEMA_VERSION
+                while version in MIGRATIONS:
+                    for table, column, statement in MIGRATIONS[version]:
+                        if not column or not self.has_column(table, column):
+                            self.run(statement)
+                    version += 1
+                    self.run("UPDATE store_schema SET version = ?", (version,))
+                db.execute("COMMIT")
+            except BaseException:
+                if (db.broken is False) if self.postgres else db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
         if version != SCHEMA_VERSION:
             raise StoreError(f"the feedback store has schema version {version}; this service reads {SCHEMA_VERSION}")
+
+    def version(self) -> int | None:
+        if not self.has_table("store_schema"):
+            return None
+        row = self.run("SELECT version FROM store_schema").fetchone()
+        return None if row is None else int(row[0])
+
+    def has_column(self, table: str, column: str) -> bool:
+        if self.postgres:
+            row = self.run("SELECT 1 FROM information_schema.columns WHERE table_name = ? AND column_name = ? "
+                           "AND table_schema = current_schema()", (table, column)).fetchone()  # fmt: skip
+            return row is not None
+        return any(info[1] == column for info in self.run(f"PRAGMA table_info({table})").fetchall())
+
+    def where(self) -> str:
+        """The store's place for messages: a file's path, or a URL's host and database (never its password)."""
+        if not self.postgres:
+            return str(self.target)
+        info = psycopg.conninfo.conninfo_to_dict(self.target)
+        return f"postgresql://{info.get('host', '')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
 
     def has_table(self, name: str) -> bool:
         if self.postgres:
@@ -145,8 +211,8 @@ class PredictionStore:
         if not records:
             return
         rows = [(r.prediction_id, r.request_id, r.time, r.model_version, r.label, json.dumps(r.probabilities),
-                 r.pet_score, r.image, None) for r in records]  # fmt: skip
-        insert = f"INSERT INTO predictions ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                 r.pet_score, r.image, None, None) for r in records]  # fmt: skip
+        insert = f"INSERT INTO predictions ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         if self.postgres:
             for row in rows:
                 with self.lock:
@@ -189,7 +255,8 @@ class PredictionStore:
 
     @staticmethod
     def record(row: tuple) -> PredictionRecord:
-        return PredictionRecord(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), row[6], row[7], row[8])
+        return PredictionRecord(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), row[6], row[7], row[8],
+                                row[9])  # fmt: skip
 
     def labelled(self, image: str) -> bool:
         """Whether any prediction of this kept photo got a feedback (it is then kept for `make harvest`)."""
@@ -197,18 +264,28 @@ class PredictionStore:
             row = self.run("SELECT 1 FROM predictions WHERE image = ? AND feedback IS NOT NULL LIMIT 1", (image,))
             return row.fetchone() is not None
 
-    def give_feedback(self, prediction_id: str, label: str) -> tuple[Feedback, PredictionRecord | None]:
-        """Record `label` for a prediction, first come first served; what happened, and the prediction."""
+    def give_feedback(
+        self, prediction_id: str, label: str, source: str = ANONYMOUS
+    ) -> tuple[Feedback, PredictionRecord | None]:
+        """Record `label` from `source` (a key's name, or anonymous) for a prediction, first come first served,
+        except that a key's label replaces an anonymous one (so an anonymous client who labels first cannot keep a
+        trusted label out of training); what happened, and the prediction."""
+        trusted = source != ANONYMOUS
+        before = self.get(prediction_id) if trusted else None
+        open_to = "feedback IS NULL"
+        if trusted:
+            open_to = "(feedback IS NULL OR feedback_source IS NULL OR feedback_source = ?)"
         with self.lock:
             changed = self.run(
-                "UPDATE predictions SET feedback = ?, feedback_time = ? WHERE prediction_id = ? AND feedback IS NULL",
-                (label, time.time(), prediction_id),
+                f"UPDATE predictions SET feedback = ?, feedback_time = ?, feedback_source = ? WHERE prediction_id = ? "
+                f"AND {open_to}",
+                (label, time.time(), source, prediction_id, *((ANONYMOUS,) if trusted else ())),
             ).rowcount
         record = self.get(prediction_id)
         if record is None:
             return Feedback.UNKNOWN, None
         if changed == 1:
-            return Feedback.RECORDED, record
+            return (Feedback.REPLACED if before and before.feedback else Feedback.RECORDED), record
         return (Feedback.REPEATED if record.feedback == label else Feedback.CONFLICT), record
 
     def close(self) -> None:

@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from imaging import ImageError
+from server.access import check_predict
 from server.admission import refuse_early
 from server.bodies import read_body
 from server.errors import ClientError
@@ -324,6 +325,7 @@ async def infer(request: Request) -> Response:
     """POST /v2/models/catsdogs/infer: the same budgets, preprocessing, inference and metrics as /predict."""
     model = served_model(request)
     settings = request.app.state.settings
+    check_predict(request)
     await refuse_early(request)  # every inference place taken: 503 before the body is read
     holder = [await read_body(request, settings.max_upload_bytes)]
     # parsing holds the body a second time (its JSON strings, or the images copied out): count it (503 past the bound)

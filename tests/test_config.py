@@ -39,6 +39,13 @@ BAD_VALUES = {
     "FEEDBACK_STORE_SIZE": ["0", "many"],
     "FEEDBACK_IMAGES_DAYS": ["0", "a week"],
     "FEEDBACK_IMAGES_MAX_BYTES": ["0", "1GiB"],
+    "PREDICT_REQUIRES_KEY": ["yes", "1"],
+    "FEEDBACK_RATE": ["-1", "fast", "inf"],
+    "FEEDBACK_BURST": ["0", "x"],
+    "KEY_FEEDBACK_RATE": ["-0.5", "x"],
+    "KEY_FEEDBACK_BURST": ["0", "lots"],
+    "PREDICT_RATE": ["-1", "nan"],
+    "PREDICT_BURST": ["0", "x"],
     "PET_THRESHOLD": ["1.5", "-0.1", "high"],
     "DRIFT_WINDOW": ["0", "x"],
     "PREDICTION_LOG_SAMPLE_EVERY": ["-1", "often"],
@@ -47,7 +54,7 @@ BAD_VALUES = {
     "PREDICTION_SAMPLES_MAX_BYTES": ["0", "lots"],
 }
 # any string is a valid path or host name
-FREE_FORM = {"MODEL_PATH", "HOST", "FEEDBACK_DB", "FEEDBACK_IMAGES", "PREDICTION_LOG"}
+FREE_FORM = {"MODEL_PATH", "HOST", "FEEDBACK_DB", "FEEDBACK_IMAGES", "API_KEYS_FILE", "PREDICTION_LOG"}
 
 
 def run_server(*args: str, timeout: float = 30, **env: str) -> subprocess.CompletedProcess[str]:

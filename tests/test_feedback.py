@@ -68,7 +68,7 @@ def test_feedback_round_trip_counts_right_and_wrong(client):
     response = send(client, cat_photo, "dog")
     assert response.status_code == 200, response.text
     assert response.json() == {"prediction_id": cat_photo, "label": "dog", "predicted": "cat", "correct": False,
-                               "model_version": "seeded-imagenet-head"}  # fmt: skip
+                               "model_version": "seeded-imagenet-head", "source": "anonymous"}  # fmt: skip
     assert send(client, predict(client, DOG), "dog").json()["correct"] is True
     assert counter(client, "dog", "false") == wrong_before + 1
     assert counter(client, "dog", "true") == right_before + 1
@@ -212,7 +212,7 @@ def test_a_store_of_another_schema_version_is_refused_and_the_old_layout_kept(tm
     with sqlite3.connect(old) as db:
         assert db.execute("SELECT request_id FROM predictions_v0").fetchall() == [("kept",)]
         db.execute("UPDATE store_schema SET version = 99")
-    with pytest.raises(StoreError, match="schema version 99; this service reads 1"):
+    with pytest.raises(StoreError, match="schema version 99; this service reads 2"):
         PredictionStore(str(old), 10)
 
 
