@@ -60,8 +60,6 @@ async def feedback(request: Request) -> JSONResponse:
     if not identity.anonymous and "label" not in identity.scopes:
         raise ClientError(403, "insufficient_scope", f"the key '{identity.name}' lacks the 'label' scope",
                           challenge("insufficient_scope", "the key lacks the scope", "label"))  # fmt: skip
-    limits = request.app.state.limits
-    limit(request, limits["feedback"] if identity.anonymous else limits["feedback_key"], identity, "feedback")
     if media_type(request.headers) != "application/json":
         raise ClientError(415, "unsupported_media_type", f"send application/json: {EXAMPLE}")
     try:
@@ -70,6 +68,8 @@ async def feedback(request: Request) -> JSONResponse:
         raise ClientError(400, "invalid_feedback", str(error)) from None
     if label not in model.labels:
         raise ClientError(422, "unknown_label", f"{label!r} is not a label of the model: {', '.join(model.labels)}")
+    limits = request.app.state.limits  # a well-formed label, before it reaches the store
+    limit(request, limits["feedback"] if identity.anonymous else limits["feedback_key"], identity, "feedback")
     observer: Observer = request.app.state.observer
     outcome, record = await store_call(observer.give_feedback, prediction_id, label, identity.name)
     if record is None:
