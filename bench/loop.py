@@ -33,6 +33,8 @@ from deploy import harvest, replay
 from deploy.client import free_port
 from deploy.evaluate import labelled_photos
 from export import convert, quantize
+from server.images import LABELLED
+from server.keys import add_key
 from training import retrain, train
 from training.config import load_params
 from training.data import prepare
@@ -77,8 +79,9 @@ Photos = list[tuple[Path, str]]  # (photo, label)
 
 def replay_into(models: Path, traffic: Path, db: Path, kept: Path, cap: int, replay_args: list[str]
                 ) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
-    """Replay the traffic folder through a service keeping photos in `kept` (FEEDBACK_IMAGES_MAX_BYTES = cap); what
-    replay counted, and the folder's size sampled every 0.2 s during the replay against its cap."""
+    """Replay the traffic folder through a service keeping photos in `kept` (FEEDBACK_IMAGES_MAX_BYTES = cap), its
+    labels given with a key of the label scope (a trusted labeller, made for the run in kept's parent); what replay
+    counted, and the folder's size sampled every 0.2 s during the replay against its cap."""
     peak, done = [0], threading.Event()
 
     def watch() -> None:
@@ -86,8 +89,12 @@ def replay_into(models: Path, traffic: Path, db: Path, kept: Path, cap: int, rep
             peak[0] = max(peak[0], folder_bytes(kept))
 
     watcher = threading.Thread(target=watch, daemon=True)
-    env = {"FEEDBACK_DB": str(db), "FEEDBACK_IMAGES": str(kept), "FEEDBACK_IMAGES_MAX_BYTES": str(cap)}
-    with service(models, **env) as url:
+    keys = kept.parent / "api-keys.jsonl"
+    keys.unlink(missing_ok=True)
+    key = add_key(keys, "loop-demo", ["label"])
+    env = {"FEEDBACK_DB": str(db), "FEEDBACK_IMAGES": str(kept), "FEEDBACK_IMAGES_MAX_BYTES": str(cap),
+           "API_KEYS_FILE": str(keys)}  # fmt: skip
+    with service(models, **env) as url, labelling_key(key):
         watcher.start()
         started = time.perf_counter()
         sent = replay.main([str(traffic), "--url", url, *replay_args])
@@ -96,7 +103,22 @@ def replay_into(models: Path, traffic: Path, db: Path, kept: Path, cap: int, rep
         watcher.join()
     end = folder_bytes(kept)
     return sent, {"cap_bytes": cap, "peak_bytes": max(peak[0], end), "end_bytes": end,
-                  "photos_kept": len(list(kept.glob("*")))}  # fmt: skip
+                  "photos_kept": len([p for p in kept.glob("*") if p.is_file()]),
+                  "labelled_waiting_bytes": folder_bytes(kept / LABELLED)}  # fmt: skip
+
+
+@contextmanager
+def labelling_key(key: str) -> Iterator[None]:
+    """API_KEY for deploy.client (how replay sends its labels) while the replay runs."""
+    before = os.environ.get("API_KEY")
+    os.environ["API_KEY"] = key
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("API_KEY")
+        else:
+            os.environ["API_KEY"] = before
 
 
 def run(work: Path, original: Photos, traffic: Photos, params: Path, pretrained: str, *, quantize_to: str = "none",

@@ -4,25 +4,43 @@ from __future__ import annotations
 
 import json
 import mimetypes
+import os
 import socket
 import time
 import urllib.error
 import urllib.request
 from typing import Any
 
+RATE_LIMIT_RETRIES = 5  # a 429 is waited out (its Retry-After, at most MAX_RETRY_AFTER_S) this many times
+MAX_RETRY_AFTER_S = 10
+
+
+def auth() -> dict[str, str]:
+    """The Authorization header for the key in the API_KEY environment variable (make api-key), or none. Read from
+    the environment, never from an argument, so the key shows in no process list and no shell history."""
+    key = os.environ.get("API_KEY", "").strip()
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
 
 def request(url: str, method: str = "GET", body: bytes | None = None, headers: dict[str, str] | None = None,
             timeout: float = 30) -> tuple[int, dict[str, Any]]:  # fmt: skip
-    """(status, JSON body) for one request; HTTP errors are returned, not raised."""
-    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as response:
-            return response.status, json.loads(response.read() or b"{}")
-    except urllib.error.HTTPError as error:
+    """(status, JSON body) for one request, with API_KEY's Authorization when set; HTTP errors are returned, not
+    raised, after a 429 has been waited out (Retry-After) up to RATE_LIMIT_RETRIES times."""
+    for attempt in range(RATE_LIMIT_RETRIES + 1):
+        req = urllib.request.Request(url, data=body, method=method, headers={**auth(), **(headers or {})})
         try:
-            return error.code, json.loads(error.read() or b"{}")
-        except json.JSONDecodeError:
-            return error.code, {}
+            with urllib.request.urlopen(req, timeout=timeout) as response:
+                return response.status, json.loads(response.read() or b"{}")
+        except urllib.error.HTTPError as error:
+            retry_after = error.headers.get("Retry-After", "")
+            if error.code == 429 and attempt < RATE_LIMIT_RETRIES and retry_after.isdigit():
+                time.sleep(min(int(retry_after), MAX_RETRY_AFTER_S))
+                continue
+            try:
+                return error.code, json.loads(error.read() or b"{}")
+            except json.JSONDecodeError:
+                return error.code, {}
+    raise AssertionError("unreachable")
 
 
 def predict(base_url: str, image: bytes, filename: str = "photo.jpg", timeout: float = 30) -> tuple[int, dict]:

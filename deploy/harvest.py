@@ -1,28 +1,37 @@
 """`make harvest`: recorded feedback becomes labelled photos, a new data version under data/feedback/<label>/.
 
-It reads what the service wrote, through the service's own store code: FEEDBACK_DB (a SQLite file or a PostgreSQL
-URL) and FEEDBACK_IMAGES (the kept photos, named by sha256). Each photo is considered once, whatever number of
-predictions and feedbacks it had. The rules, applied in this order (params.yaml `feedback`):
+It reads what the service wrote, through the service's own store code, read-only: FEEDBACK_DB (a SQLite file or a
+PostgreSQL URL; a path that holds no store is an error, never a new database) and FEEDBACK_IMAGES (the kept
+photos, named by sha256). Each photo is considered once, whatever number of predictions and feedbacks it had. Every
+label has a source: a key's name (a labeller the operator trusts: `make api-key SCOPES=label`) or `anonymous`. The
+rules, applied in this order (params.yaml `feedback`):
 
   left out   the photo is no longer kept (expired, or past the folder's cap)
   left out   it is identical (sha256) to a validation or test photo of the original data: no leakage
-  held       its feedbacks disagree (two people gave it different labels): a person decides
-  held       the feedback contradicts an answer the serving model gave with probability >= review_confidence: a
-             careless or poisoned label is likelier there than a model that sure being wrong; a person decides
-  used       otherwise: copied to data/feedback/<label>/<sha256>.<ext>. A photo harvested before is counted, not
-             copied or held again: its label changes only through a review naming it (REVIEWED=), and then it
-             keeps only the new label
+  used       a person confirmed its label in the review file (REVIEWED=)
+  held       its trusted labels disagree (two keys gave it different labels): a person decides
+  held       a trusted label contradicts an answer the serving model gave with probability >= review_confidence:
+             a careless label is likelier there than a model that sure being wrong; a person decides
+  used       a trusted label otherwise: copied to data/feedback/<label>/<sha256>.<ext>
+  left out   only anonymous labels, on a photo the serving model called not a pet (is_pet false): never harvested
+  held       only anonymous labels otherwise: anyone who can reach the service can send one, so a person decides
+
+A photo harvested before is counted, not copied or held again: its label changes only through a review naming it
+(REVIEWED=), and then it keeps only the new label. Copies are atomic (a crash leaves no truncated photo in
+data/feedback), and a kept photo that was labelled is taken out of FEEDBACK_IMAGES's labelled area once harvested.
 
 Held photos go to a review CSV (`--review-out`); a person fills its `confirmed_label` column (a label of the model,
-or empty to drop it) and `make harvest REVIEWED=that.csv` takes the confirmed ones in. It prints and writes
-(`reports/harvest.json`) what it used, held and left out, and why. `make harvest` then `dvc add`s data/feedback, so
-each harvest is a data version.
+or empty to drop it) and `make harvest REVIEWED=that.csv` takes the confirmed ones in. The review file is merged,
+never overwritten: a row still held keeps the label a person typed in it. It prints and writes
+(`reports/harvest.json`) what it used, held and left out, and why, by source. `make harvest` then `dvc add`s
+data/feedback, so each harvest is a data version.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import shutil
@@ -32,9 +41,11 @@ from pathlib import Path
 
 import yaml
 
-from server.store import PredictionRecord, PredictionStore
+from server.images import LABELLED
+from server.store import ANONYMOUS, STORE_ERRORS, PredictionRecord, PredictionStore, StoreError
 
-REVIEW_FIELDS = ["image", "labels_given", "predicted", "probability", "reason", "confirmed_label"]
+REVIEW_FIELDS = ["image", "labels_given", "sources", "predicted", "probability", "reason", "confirmed_label"]
+REVIEWED_BY = "review"  # the source of a label a person confirmed in the review file
 
 
 @dataclass
@@ -44,6 +55,10 @@ class Harvest:
     relabelled: list[str] = field(default_factory=list)
     held: list[dict[str, str]] = field(default_factory=list)
     left_out: list[tuple[str, str]] = field(default_factory=list)  # (image, why)
+    by_source: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))  # source -> outcome -> n
+
+    def count(self, sources: str, outcome: str) -> None:
+        self.by_source[sources][outcome] += 1
 
     def summary(self) -> dict:
         return {
@@ -53,6 +68,7 @@ class Harvest:
             "held_for_review": dict(Counter(row["reason"] for row in self.held)),
             "left_out": dict(Counter(why for _, why in self.left_out)),
             "used_by_label": dict(Counter(item.split("/")[0] for item in self.used + self.already)),
+            "by_source": {source: dict(outcomes) for source, outcomes in sorted(self.by_source.items())},
         }
 
 
@@ -84,51 +100,96 @@ def harvested_as(out: Path, sha: str) -> dict[str, Path]:
     return {path.parent.name: path for path in out.glob(f"*/{sha}.*")}
 
 
+def copy_atomically(source: Path, target: Path) -> None:
+    """`target` appears whole or not at all: written beside it under a hidden name, then renamed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial")
+    shutil.copyfile(source, partial)
+    partial.replace(target)
+
+
 def harvest(rows: list[PredictionRecord], images: Path, out: Path, labels: list[str], evaluation: set[str],
             review_confidence: float, confirmed: dict[str, str]) -> Harvest:  # fmt: skip
     result = Harvest()
+    for partial in out.glob("*/.*.partial"):  # a copy a crash cut short
+        partial.unlink()
     by_photo: dict[str, list[PredictionRecord]] = defaultdict(list)  # by sha256: the same bytes, whatever type
     for row in rows:
         if row.image:
             by_photo[row.image.split(".")[0]].append(row)
     for sha, records in sorted(by_photo.items()):
-        given = sorted({r.feedback for r in records if r.feedback})
+        trusted = sorted({r.feedback for r in records if r.feedback and r.feedback_source not in (None, ANONYMOUS)})
+        anonymous = sorted({r.feedback for r in records if r.feedback and r.feedback_source in (None, ANONYMOUS)})
+        keys = sorted({r.feedback_source for r in records if r.feedback and r.feedback_source not in (None, ANONYMOUS)})
         top = max(records, key=lambda r: r.probabilities[r.label])  # the surest answer the model gave it
         probability = top.probabilities[top.label]
         earlier = harvested_as(out, sha)
-        kept = next((images / r.image for r in records if r.image and (images / r.image).is_file()), None)
+        kept = next((path for r in records if r.image for path in kept_paths(images, r.image) if path.is_file()), None)
         label = confirmed.get(sha)
+        source = REVIEWED_BY if label else ",".join(keys) if trusted else ANONYMOUS
         # harvested before: its label changes only through a review (REVIEWED= naming it), never by more feedback
         if earlier and (label is None or (label in earlier and len(earlier) == 1)):
             first = sorted(earlier)[0]
             result.already.append(f"{first}/{earlier[first].name}")
+            result.count(source, "already_harvested")
             continue
         if kept is None:
             result.left_out.append((sha, "photo no longer kept"))
+            result.count(source, "left_out")
             continue
         if sha in evaluation:
             result.left_out.append((sha, "identical to an evaluation photo"))
+            result.count(source, "left_out")
             continue
         reason = ""
-        if label is None and len(given) > 1:
-            reason = "feedbacks disagree"
-        elif label is None and given[0] != top.label and probability >= review_confidence:
+        if label is None and not trusted and any(r.is_pet is False for r in records):
+            result.left_out.append((sha, "anonymous label on a photo the model called not a pet"))
+            result.count(source, "left_out")
+            continue
+        if label is None and not trusted:
+            reason = "anonymous label: a person confirms it"
+        elif label is None and len(trusted) > 1:
+            reason = "trusted labels disagree"
+        elif label is None and trusted[0] != top.label and probability >= review_confidence:
             reason = f"contradicts an answer of probability >= {review_confidence}"
         if reason:
-            held = {"image": kept.name, "labels_given": " ".join(given), "predicted": top.label,
-                    "probability": f"{probability:.4f}", "reason": reason, "confirmed_label": ""}  # fmt: skip
+            held = {"image": kept.name, "labels_given": " ".join(trusted or anonymous), "sources": source,
+                    "predicted": top.label, "probability": f"{probability:.4f}", "reason": reason,
+                    "confirmed_label": ""}  # fmt: skip
             result.held.append(held)
+            result.count(source, "held")
             continue
-        label = label or given[0]
+        label = label or trusted[0]
         for old_label, old in earlier.items():  # a photo relabelled (by a review) keeps one label only
             if old_label != label:
                 old.unlink()
                 result.relabelled.append(f"{old_label} -> {label}: {old.name}")
-        target = out / label / kept.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(kept, target)
+        copy_atomically(kept, out / label / kept.name)
         result.used.append(f"{label}/{kept.name}")
+        result.count(source, "used")
     return result
+
+
+def kept_paths(images: Path, name: str) -> list[Path]:
+    """Where the service may keep a photo: its labelled area first (server.images.LABELLED), then the folder."""
+    return [images / LABELLED / name, images / name]
+
+
+def merge_review(path: Path, held: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The held rows, each keeping the confirmed_label a person already typed for it in `path` (rows of photos no
+    longer held are done: used, harvested or left out)."""
+    typed: dict[str, str] = {}
+    if path.exists():
+        with path.open(newline="") as rows:
+            typed = {row.get("image") or "": (row.get("confirmed_label") or "").strip() for row in csv.DictReader(rows)}
+    return [{**row, "confirmed_label": typed.get(row["image"], "") or row["confirmed_label"]} for row in held]
+
+
+def write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    partial.replace(path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -146,22 +207,27 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("give FEEDBACK_DB and FEEDBACK_IMAGES (environment or --db/--images): what the service wrote")
     params = yaml.safe_load(args.params.read_text())
     labels, review_confidence = params["preprocess"]["labels"], params["feedback"]["review_confidence"]
-    store = PredictionStore(args.db, size=1)  # read only: nothing is added, so nothing is evicted
     try:
-        rows = store.feedback_rows()
-    finally:
-        store.close()
+        store = PredictionStore(args.db, size=1, read_only=True)  # nothing added, nothing evicted, nothing created
+        try:
+            rows = store.feedback_rows()
+        finally:
+            store.close()
+    except (StoreError, *STORE_ERRORS) as error:
+        raise SystemExit(f"harvest: cannot read the feedback store: {error}") from None
     result = harvest(rows, args.images, args.out, labels, evaluation_photos(args.manifest), review_confidence,
                      reviewed(args.reviewed, labels))  # fmt: skip
-    args.review_out.parent.mkdir(parents=True, exist_ok=True)
-    with args.review_out.open("w", newline="") as review:
-        writer = csv.DictWriter(review, REVIEW_FIELDS)
-        writer.writeheader()
-        writer.writerows(result.held)
+    for item in result.used + result.already:  # harvested: the labelled area lets go of it
+        (args.images / LABELLED / Path(item).name).unlink(missing_ok=True)
+    rows_out = merge_review(args.review_out, result.held)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, REVIEW_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows_out)
+    write_atomically(args.review_out, buffer.getvalue())
     report = {**result.summary(), "feedback_rows": len(rows), "rule": {"review_confidence": review_confidence},
               "left_out_photos": result.left_out, "review_csv": str(args.review_out)}  # fmt: skip
-    args.report.parent.mkdir(parents=True, exist_ok=True)
-    args.report.write_text(json.dumps(report, indent=2) + "\n")
+    write_atomically(args.report, json.dumps(report, indent=2) + "\n")
     print(json.dumps(result.summary()))
     print(f"harvest: {len(result.used)} new photos in {args.out}, {len(result.already)} already there, "
           f"{len(result.held)} held for review ({args.review_out}), {len(result.left_out)} left out")  # fmt: skip

@@ -7,7 +7,9 @@ feedbacks: a careless or hostile user, whom `make harvest` should hold for revie
 
     make replay INPUT=photos/ URL=http://127.0.0.1:8000      # then: make harvest, make retrain
 
-Run the service with FEEDBACK_DB and FEEDBACK_IMAGES set, or the photos are not kept and cannot be harvested.
+Run the service with FEEDBACK_DB and FEEDBACK_IMAGES set, or the photos are not kept and cannot be harvested. Set
+API_KEY to a key of the `label` scope (make api-key) for labels that may train a model; without one the labels are
+anonymous, and `make harvest` takes them only through a person's review.
 """
 
 from __future__ import annotations

@@ -170,9 +170,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("FEEDBACK_IMAGES", Path, fixed(None), "unset (off: no photo is written)",
             "folder keeping each predicted photo, named by its sha256, so that feedback can become training data"),
     Setting("FEEDBACK_IMAGES_DAYS", integer(1), fixed(7), "7",
-            "days a kept photo without feedback stays in `FEEDBACK_IMAGES` (a photo with feedback stays)"),
+            "days a kept photo stays in `FEEDBACK_IMAGES` after it was last sent (a labelled one: until harvested)"),
     Setting("FEEDBACK_IMAGES_MAX_BYTES", integer(1), fixed(1024 * MIB), str(1024 * MIB),
             "the size cap of `FEEDBACK_IMAGES` (past it, the least recently sent photos are deleted first)"),
+    Setting("FEEDBACK_LABELLED_MAX_BYTES", integer(1), fixed(1024 * MIB), str(1024 * MIB),
+            "labelled photos waiting for `make harvest` (`FEEDBACK_IMAGES/labelled`, outside the cap and the "
+            "retention); past it a label's photo is not kept, and an alert fires"),
     Setting("API_KEYS_FILE", Path, fixed(None), "unset (no keys: every client is anonymous)",
             "the API keys (`make api-key`): one JSON line per key, only its hash kept; deleting a line revokes the "
             "key within a second (docs/threat-model.md)"),
@@ -253,6 +256,7 @@ class Settings:
     feedback_images: Path | None
     feedback_images_days: int
     feedback_images_max_bytes: int
+    feedback_labelled_max_bytes: int
     api_keys_file: Path | None
     predict_requires_key: bool
     feedback_rate: float

@@ -1,8 +1,12 @@
 """Photos kept on disk: one folder, each photo named by its sha256 (the same photo is kept once), written atomically,
 never more than `max_bytes` in all. Used for the prediction log's samples (PREDICTION_LOG_SAMPLE_EVERY) and for the
-photos feedback may label (FEEDBACK_IMAGES): there, a photo that got no feedback is deleted `retention_s` after it
-was last sent. Past the size cap, the least recently sent photos go first, labelled or not (a labelled photo is
-harvested long before it is the oldest, and no photo can hold the folder against new ones)."""
+photos feedback may label (FEEDBACK_IMAGES): there, a photo is deleted `retention_s` after it was last sent, and
+past the size cap the least recently sent photos go first.
+
+A photo that gets a label is linked into the folder's labelled area (`LABELLED`, a hard link: no second copy) the
+moment the label is recorded, and stays there until `make harvest` takes it: neither the cap nor the retention
+touches that area, which has its own bound (FEEDBACK_LABELLED_MAX_BYTES). Past that bound a label is still recorded
+but its photo is not kept, which the `catsdogs_labelled_photos_refused_total` counter and its alert say."""
 
 from __future__ import annotations
 
@@ -11,14 +15,9 @@ import hashlib
 import mimetypes
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from pathlib import Path
 
-Labelled = Callable[[str], bool]  # whether the photo of this name got a feedback
-
-
-def never(name: str) -> bool:
-    return False
+LABELLED = "labelled"  # the subfolder of labelled photos waiting for `make harvest`
 
 
 class ImageFolder:
@@ -27,10 +26,11 @@ class ImageFolder:
     `expire`, so the folder can exceed the cap by at most what the others wrote since."""
 
     def __init__(self, folder: Path, max_bytes: int, retention_s: float | None = None,
-                 labelled: Labelled = never) -> None:  # fmt: skip
-        self.folder, self.max_bytes, self.retention_s, self.labelled = folder, max_bytes, retention_s, labelled
+                 labelled_max_bytes: int = 0) -> None:  # fmt: skip
+        self.folder, self.max_bytes, self.retention_s = folder, max_bytes, retention_s
+        self.labelled_max_bytes = labelled_max_bytes
         folder.mkdir(parents=True, exist_ok=True)
-        for partial in folder.glob(".*.partial"):  # a write a crash cut short
+        for partial in [*folder.glob(".*.partial"), *folder.glob(f"{LABELLED}/.*.partial")]:  # a crash cut it short
             partial.unlink(missing_ok=True)
         self.sizes: OrderedDict[str, int] = OrderedDict()
         self.bytes = 0
@@ -81,9 +81,44 @@ class ImageFolder:
         while self.sizes and self.bytes + incoming > self.max_bytes:
             self.delete(next(iter(self.sizes)))
 
+    def labelled_bytes(self) -> int:
+        """What the labelled area holds (read from the disk: other processes add to it, harvest empties it)."""
+        total = 0
+        with contextlib.suppress(FileNotFoundError):
+            for path in (self.folder / LABELLED).iterdir():
+                with contextlib.suppress(FileNotFoundError):
+                    total += path.stat().st_size if not path.name.startswith(".") else 0
+        return total
+
+    def keep_labelled(self, name: str) -> bool:
+        """Keep this labelled photo until it is harvested: linked into the labelled area, within its bound. False
+        when the photo is gone already (past the cap or the retention before its label came) or would pass the
+        bound."""
+        area = self.folder / LABELLED
+        target, source = area / name, self.folder / name
+        if target.is_file():
+            return True
+        try:
+            size = source.stat().st_size
+        except FileNotFoundError:
+            return False
+        if self.labelled_bytes() + size > self.labelled_max_bytes:
+            return False
+        area.mkdir(exist_ok=True)
+        partial = area / f".{name}.partial"
+        partial.unlink(missing_ok=True)
+        try:
+            partial.hardlink_to(source)
+        except FileNotFoundError:
+            return False
+        except OSError:  # a file system without hard links: a copy
+            partial.write_bytes(source.read_bytes())
+        partial.replace(target)
+        return True
+
     def expire(self, now: float | None = None) -> int:
-        """Delete the photos without feedback that were last sent longer ago than the retention time; how many.
-        The account is made true from the disk first."""
+        """Delete the photos last sent longer ago than the retention time (a labelled one lives on in the labelled
+        area); how many. The account is made true from the disk first."""
         if self.retention_s is None:
             return 0
         self.resync()
@@ -96,7 +131,6 @@ class ImageFolder:
             except FileNotFoundError:
                 self.bytes -= self.sizes.pop(name)
                 continue
-            if not self.labelled(name):
-                self.delete(name)
-                expired += 1
+            self.delete(name)
+            expired += 1
         return expired

@@ -47,7 +47,8 @@ class Observer:
         self.store = PredictionStore(settings.feedback_db, settings.feedback_store_size)
         self.images = (
             ImageFolder(settings.feedback_images, settings.feedback_images_max_bytes,
-                        retention_s=settings.feedback_images_days * 86400, labelled=self.store.labelled)
+                        retention_s=settings.feedback_images_days * 86400,
+                        labelled_max_bytes=settings.feedback_labelled_max_bytes)
             if settings.feedback_images
             else None
         )  # fmt: skip
@@ -63,6 +64,10 @@ class Observer:
             if settings.prediction_log
             else None
         )
+        if self.images:
+            images = self.images
+            metrics.labelled_bytes.set_function(images.labelled_bytes)
+            metrics.labelled_max_bytes.set(settings.feedback_labelled_max_bytes)
         reference = model.metadata.get("reference") if model else None
         if model and not reference:
             get_logger().warning("the model carries no reference distributions: no drift metrics")
@@ -80,7 +85,7 @@ class Observer:
     ) -> None:  # fmt: skip
         """Queue one prediction to be recorded; never blocks."""
         record = PredictionRecord(prediction_id, request_id, time.time(), model_version, prediction.label,
-                                  prediction.probabilities, prediction.pet_score)  # fmt: skip
+                                  prediction.probabilities, prediction.pet_score, is_pet=prediction.is_pet)  # fmt: skip
         with self.written:  # pending before it is queued: the worker may write it at once
             self.pending.add(prediction_id)
         try:
@@ -167,6 +172,16 @@ class Observer:
         with self.written:
             self.written.wait_for(lambda: prediction_id not in self.pending, timeout)
         outcome, record = self.store.give_feedback(prediction_id, label, source)
+        if self.images and record and record.image and outcome in (Feedback.RECORDED, Feedback.REPLACED):
+            try:
+                kept = self.images.keep_labelled(record.image)
+            except OSError as error:
+                kept = False
+                get_logger().warning("keeping a labelled photo failed", extra={"error": str(error)})
+            if not kept:
+                self.metrics.labelled_refused.inc()
+                self.lose("labelled_not_kept", "a labelled photo could not be kept for harvest (gone already, or "
+                          "FEEDBACK_LABELLED_MAX_BYTES reached): run make harvest", 0)  # fmt: skip
         if outcome is Feedback.RECORDED and record is not None:
             correct = label == record.label
             self.metrics.feedback.labels(label, str(correct).lower()).inc()

@@ -22,19 +22,20 @@ import psycopg
 
 from server.config import POSTGRES_SCHEMES
 
-SCHEMA_VERSION = 2  # 2: each label's source (a key's name or "anonymous"). MIGRATIONS lead here from 1.
+SCHEMA_VERSION = 2  # 2: each label's source (a key's name or "anonymous"), and is_pet. MIGRATIONS lead here.
 STATEMENT_TIMEOUT_MS = 5000  # a PostgreSQL statement past it fails (503), never holds the store's thread for long
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS store_schema (version INTEGER NOT NULL)",
     """CREATE TABLE IF NOT EXISTS predictions (
         prediction_id TEXT PRIMARY KEY, request_id TEXT NOT NULL, time DOUBLE PRECISION NOT NULL,
         model_version TEXT NOT NULL, label TEXT NOT NULL, probabilities TEXT NOT NULL, pet_score DOUBLE PRECISION,
-        image TEXT, feedback TEXT, feedback_time DOUBLE PRECISION, feedback_source TEXT)""",
+        image TEXT, feedback TEXT, feedback_time DOUBLE PRECISION, feedback_source TEXT, is_pet INTEGER)""",
     "CREATE INDEX IF NOT EXISTS predictions_by_time ON predictions (time)",
     "CREATE INDEX IF NOT EXISTS predictions_by_image ON predictions (image)",
 )
 COLUMNS = (
-    "prediction_id, request_id, time, model_version, label, probabilities, pet_score, image, feedback, feedback_source"
+    "prediction_id, request_id, time, model_version, label, probabilities, pet_score, image, feedback, "
+    "feedback_source, is_pet"
 )
 ANONYMOUS = "anonymous"  # server.keys.ANONYMOUS: the source of a label given without a key
 # Version 1 shipped in two layouts: the first feedback commit's (no image column) and the one the photo column was
@@ -44,6 +45,7 @@ MIGRATIONS: dict[int, tuple[tuple[str, str, str], ...]] = {
     1: (
         ("predictions", "image", "ALTER TABLE predictions ADD COLUMN image TEXT"),
         ("predictions", "feedback_source", "ALTER TABLE predictions ADD COLUMN feedback_source TEXT"),
+        ("predictions", "is_pet", "ALTER TABLE predictions ADD COLUMN is_pet INTEGER"),
         ("", "", f"UPDATE predictions SET feedback_source = '{ANONYMOUS}' WHERE feedback IS NOT NULL "
                  "AND feedback_source IS NULL"),
         ("", "", "CREATE INDEX IF NOT EXISTS predictions_by_image ON predictions (image)"),
@@ -66,6 +68,7 @@ class PredictionRecord:
     image: str | None = None  # the kept photo's name in FEEDBACK_IMAGES (its sha256), when photos are kept
     feedback: str | None = None
     feedback_source: str | None = None  # who gave the feedback: a key's name, or "anonymous"
+    is_pet: bool | None = None  # what the service answered (None: no pet output, or recorded before schema 2)
 
 
 class Feedback(Enum):
@@ -211,8 +214,9 @@ class PredictionStore:
         if not records:
             return
         rows = [(r.prediction_id, r.request_id, r.time, r.model_version, r.label, json.dumps(r.probabilities),
-                 r.pet_score, r.image, None, None) for r in records]  # fmt: skip
-        insert = f"INSERT INTO predictions ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                 r.pet_score, r.image, None, None, None if r.is_pet is None else int(r.is_pet))
+                for r in records]  # fmt: skip
+        insert = f"INSERT INTO predictions ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         if self.postgres:
             for row in rows:
                 with self.lock:
@@ -256,13 +260,7 @@ class PredictionStore:
     @staticmethod
     def record(row: tuple) -> PredictionRecord:
         return PredictionRecord(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), row[6], row[7], row[8],
-                                row[9])  # fmt: skip
-
-    def labelled(self, image: str) -> bool:
-        """Whether any prediction of this kept photo got a feedback (it is then kept for `make harvest`)."""
-        with self.lock:
-            row = self.run("SELECT 1 FROM predictions WHERE image = ? AND feedback IS NOT NULL LIMIT 1", (image,))
-            return row.fetchone() is not None
+                                row[9], None if row[10] is None else bool(row[10]))  # fmt: skip
 
     def give_feedback(
         self, prediction_id: str, label: str, source: str = ANONYMOUS

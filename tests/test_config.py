@@ -39,6 +39,7 @@ BAD_VALUES = {
     "FEEDBACK_STORE_SIZE": ["0", "many"],
     "FEEDBACK_IMAGES_DAYS": ["0", "a week"],
     "FEEDBACK_IMAGES_MAX_BYTES": ["0", "1GiB"],
+    "FEEDBACK_LABELLED_MAX_BYTES": ["0", "1GiB"],
     "PREDICT_REQUIRES_KEY": ["yes", "1"],
     "FEEDBACK_RATE": ["-1", "fast", "inf"],
     "FEEDBACK_BURST": ["0", "x"],

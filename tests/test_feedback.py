@@ -271,29 +271,32 @@ def test_photos_are_kept_only_when_asked_content_addressed_and_joined_to_their_p
         assert "each photo is kept for 3 days" in client.get("/").text
 
 
-def test_kept_photos_expire_without_feedback_and_never_exceed_the_cap(tmp_path):
+def test_kept_photos_expire_and_never_exceed_the_cap_and_labelled_ones_wait_for_harvest(tmp_path):
     (tmp_path / ".gone.jpg.partial").write_bytes(b"cut short")  # a crash mid-write: cleaned at start
-    labelled: set[str] = set()
-    folder = ImageFolder(tmp_path, max_bytes=250, retention_s=3600, labelled=labelled.__contains__)
+    folder = ImageFolder(tmp_path, max_bytes=250, retention_s=3600, labelled_max_bytes=150)
+
+    def files() -> int:
+        return sum(p.stat().st_size for p in tmp_path.iterdir() if p.is_file())
+
     a, b, c = (folder.save(bytes([i]) * 100, "image/jpeg") for i in range(3))  # the third evicts the oldest
-    assert a not in folder.sizes and folder.bytes == 200 == sum(p.stat().st_size for p in tmp_path.iterdir())
-    labelled.add(b)
+    assert a not in folder.sizes and folder.bytes == 200 == files()
+    assert folder.keep_labelled(b) and folder.labelled_bytes() == 100  # a label: linked, not copied
+    assert (tmp_path / "labelled" / b).samefile(tmp_path / b)
+    assert not folder.keep_labelled(a)  # gone before its label came: nothing to keep
     old = time.time() - 7200
     for name in (b, c):
         os.utime(tmp_path / name, (old, old))
     assert folder.save(bytes([2]) * 100, "image/jpeg") == c  # sent again: its retention starts again
-    assert folder.expire() == 0 and sorted(folder.sizes) == sorted([b, c])  # b is labelled, c recent
-    os.utime(tmp_path / c, (old, old))
-    assert folder.expire() == 1 and list(folder.sizes) == [b]
-    (tmp_path / b).unlink()  # deleted by someone else: written again when sent again, never left empty
-    assert folder.save(bytes([1]) * 100, "image/jpeg") == b and (tmp_path / b).read_bytes() == bytes([1]) * 100
+    assert folder.expire() == 1 and list(folder.sizes) == [c]  # b expired from the folder...
+    assert (tmp_path / "labelled" / b).read_bytes() == bytes([1]) * 100  # ...and waits in the labelled area
     d, e = (folder.save(bytes([i]) * 100, "image/jpeg") for i in (3, 4))  # full: the least recently sent goes
-    assert sorted(folder.sizes) == sorted([d, e]) and folder.bytes == 200
+    assert sorted(folder.sizes) == sorted([d, e]) and folder.bytes == 200 and (tmp_path / "labelled" / b).is_file()
+    assert not folder.keep_labelled(d)  # past the labelled area's bound: refused, the caller counts and alerts
     assert folder.save(b"x" * 300, "image/jpeg") is None  # larger than the whole cap: not kept, nothing deleted
     (tmp_path / "other-process.jpg").write_bytes(b"y" * 100)  # another process wrote the same folder
     folder.expire()  # the account is made true from the disk, then within the cap again
-    assert sum(p.stat().st_size for p in tmp_path.iterdir()) <= 250 and folder.bytes <= 250
-    assert not list(tmp_path.glob(".*"))
+    assert files() <= 250 and folder.bytes <= 250
+    assert not list(tmp_path.glob(".*")) and not list(tmp_path.glob("labelled/.*"))
 
 
 def test_a_postgresql_restart_or_outage_is_a_503_while_it_lasts_never_a_stuck_store(tmp_path, onnx_model):

@@ -1,5 +1,6 @@
 """Feedback to data: a real service process keeps photos and feedback, `deploy.harvest` turns them into labelled
-photos by its rules (used once, disagreements and confident contradictions held, evaluation photos left out)."""
+photos by its rules (trusted labels used once, disagreements and confident contradictions held, anonymous labels
+only through review and never on a photo the model called not a pet, evaluation photos left out)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,15 @@ import httpx2 as httpx
 import pytest
 
 from deploy.harvest import main as harvest
-from tests.conftest import DATASET, running_service
+from server.keys import add_key
+from tests.conftest import DATASET, SHARED, running_service
 from tests.service import Service
 
 CAT1, CAT2, CAT3, CAT4 = "cats/cat.1.jpg", "cats/cat.2.jpg", "cats/cat.3.jpg", "cats/cat.4.jpg"
 DOG2, DOG5 = "dogs/dog.2.jpg", "dogs/dog.5.jpg"
+
+
+NOT_PET = SHARED / "datasets" / "not-pets-dev"
 
 
 def name_of(photo: str) -> str:
@@ -28,22 +33,30 @@ def test_feedback_through_the_api_becomes_a_labelled_data_version(onnx_model, tm
     manifest = tmp_path / "manifest.csv"  # the original data's evaluation photos: cat.3 is one
     manifest.write_text(f"file,source,sha256,label,split\ntest/cat/x.jpg,{CAT3},{name_of(CAT3)[:-4]},cat,test\n")
 
-    def send(running: Service, photo: str, label: str) -> dict:
+    keys = tmp_path / "api-keys.jsonl"
+    labeller = {"Authorization": f"Bearer {add_key(keys, 'labeller', ['label'])}"}
+    not_pet = NOT_PET / "imagenet_574_golf_ball.jpg"
+
+    def send(running: Service, photo: str, label: str, headers: dict[str, str] | None = None) -> dict:
         body = (DATASET / photo).read_bytes()
         answer = httpx.post(f"{running.url}/predict", content=body, headers={"content-type": "image/jpeg"}, timeout=30)
         given = httpx.post(f"{running.url}/feedback", json={"prediction_id": answer.json()["prediction_id"],
-                                                           "label": label}, timeout=30)  # fmt: skip
+                                                           "label": label}, headers=headers, timeout=30)  # fmt: skip
         assert given.status_code == 200, given.text
         return answer.json()
 
-    with contextlib.contextmanager(running_service)(onnx_model, FEEDBACK_DB=str(db), FEEDBACK_IMAGES=str(images)) as on:
-        send(on, CAT1, "cat")  # right: used
-        send(on, DOG2, "dog")  # right: used
-        sure = send(on, CAT4, "dog")  # against a sure answer: held for review
-        unsure = send(on, DOG5, "cat")  # against an unsure answer: used as given
-        send(on, CAT2, "cat"), send(on, CAT2, "dog")  # the same photo, two different labels: held
-        send(on, CAT3, "cat")  # an evaluation photo: left out
+    env = {"FEEDBACK_DB": str(db), "FEEDBACK_IMAGES": str(images), "API_KEYS_FILE": str(keys)}
+    with contextlib.contextmanager(running_service)(onnx_model, **env) as on:
+        send(on, CAT1, "cat", labeller)  # right: used
+        send(on, DOG2, "dog", labeller)  # right: used
+        sure = send(on, CAT4, "dog", labeller)  # against a sure answer: held for review
+        unsure = send(on, DOG5, "cat", labeller)  # against an unsure answer: used as given
+        send(on, CAT2, "cat", labeller), send(on, CAT2, "dog", labeller)  # two different labels: held
+        send(on, CAT3, "cat", labeller)  # an evaluation photo: left out
+        anonymous = send(on, "dogs/dog.3.jpg", "dog")  # right, but anonymous: held for a person
+        car = send(on, str(not_pet), "cat")  # a non-pet confirmed as a cat by nobody in particular: left out
     assert max(sure["probabilities"].values()) >= 0.99 > max(unsure["probabilities"].values()), (sure, unsure)
+    assert car["is_pet"] is False and anonymous["is_pet"] is True
     params = tmp_path / "params.yaml"
     params.write_text(json.dumps({"preprocess": {"labels": ["cat", "dog"]}, "feedback": {"review_confidence": 0.99}}))
     review, report = tmp_path / "review.csv", tmp_path / "harvest.json"
@@ -55,11 +68,21 @@ def test_feedback_through_the_api_becomes_a_labelled_data_version(onnx_model, tm
     )
     assert (out / "cat" / name_of(CAT1)).read_bytes() == (DATASET / CAT1).read_bytes()
     summary = json.loads(report.read_text())
-    assert summary["used"] == 3 and summary["left_out"] == {"identical to an evaluation photo": 1}
-    assert summary["held_for_review"] == {"feedbacks disagree": 1, "contradicts an answer of probability >= 0.99": 1}
+    assert summary["used"] == 3 and summary["left_out"] == {
+        "identical to an evaluation photo": 1,
+        "anonymous label on a photo the model called not a pet": 1,
+    }
+    assert summary["held_for_review"] == {"trusted labels disagree": 1,
+                                          "contradicts an answer of probability >= 0.99": 1,
+                                          "anonymous label: a person confirms it": 1}  # fmt: skip
+    assert summary["by_source"] == {"anonymous": {"held": 1, "left_out": 1},
+                                    "labeller": {"used": 3, "held": 2, "left_out": 1}}  # fmt: skip
+    assert not list(out.rglob(".*")) and not (images / "labelled" / name_of(CAT1)).exists()  # taken, atomically
+    assert (images / "labelled" / name_of(CAT4)).is_file()  # held: kept until harvested
 
-    # a person confirms the cat is a cat after all (the feedback was wrong), and leaves the other undecided
+    # a person confirms the cat is a cat after all (the feedback was wrong), and leaves the others undecided
     rows = list(csv.DictReader(review.open()))
+    assert {row["sources"] for row in rows} == {"labeller", "anonymous"}
     for row in rows:
         row["confirmed_label"] = "cat" if row["image"] == name_of(CAT4) else ""
     with review.open("w", newline="") as filled:
@@ -68,13 +91,23 @@ def test_feedback_through_the_api_becomes_a_labelled_data_version(onnx_model, tm
     harvest([*common, "--reviewed", str(review)])
     summary = json.loads(report.read_text())
     assert summary["used"] == 1 and summary["already_harvested"] == 3  # each photo used once
-    assert (out / "cat" / name_of(CAT4)).is_file() and summary["held_for_review"] == {"feedbacks disagree": 1}
+    assert (out / "cat" / name_of(CAT4)).is_file() and summary["by_source"]["review"] == {"used": 1}
+    assert summary["held_for_review"] == {"trusted labels disagree": 1, "anonymous label: a person confirms it": 1}
 
+    # a person starts on the review file; a harvest meanwhile keeps what they typed (merged, never overwritten)
+    rows = list(csv.DictReader(review.open()))
+    for row in rows:
+        row["confirmed_label"] = "dog" if row["image"] == name_of("dogs/dog.3.jpg") else ""
+    with review.open("w", newline="") as filled:
+        writer = csv.DictWriter(filled, list(rows[0]))
+        writer.writeheader(), writer.writerows(rows)
     (images / name_of(CAT1)).unlink()  # expired from the service's folder: already harvested, nothing lost
     harvest(common)  # and without the review file, nothing decided is held or asked again
     summary = json.loads(report.read_text())
     assert summary["used"] == 0 and summary["already_harvested"] == 4 and (out / "cat" / name_of(CAT1)).is_file()
-    assert summary["held_for_review"] == {"feedbacks disagree": 1}
+    assert summary["held_for_review"] == {"trusted labels disagree": 1, "anonymous label: a person confirms it": 1}
+    kept = {row["image"]: row["confirmed_label"] for row in csv.DictReader(review.open())}
+    assert kept[name_of("dogs/dog.3.jpg")] == "dog"
 
     # a review may relabel a harvested photo: it then has one label only
     relabel = tmp_path / "relabel.csv"
@@ -88,6 +121,14 @@ def test_feedback_through_the_api_becomes_a_labelled_data_version(onnx_model, tm
     relabel.write_text(f"image,label\n{name_of(DOG5)},dog\n")
     with pytest.raises(SystemExit, match="needs the columns image and confirmed_label"):
         harvest([*common, "--reviewed", str(relabel)])
+
+
+def test_harvest_reads_the_store_read_only_and_never_creates_one(tmp_path):
+    missing = tmp_path / "typo.db"
+    with pytest.raises(SystemExit, match="no feedback store at"):
+        harvest(["--db", str(missing), "--images", str(tmp_path), "--out", str(tmp_path / "out"),
+                 "--review-out", str(tmp_path / "r.csv"), "--report", str(tmp_path / "h.json")])  # fmt: skip
+    assert not missing.exists()
 
 
 def test_harvest_needs_to_be_told_where_the_service_wrote(capsys, monkeypatch):
