@@ -10,6 +10,7 @@ from starlette.responses import JSONResponse, Response
 
 from server.access import check_predict
 from server.bodies import read_uploads
+from server.errors import ClientError
 from server.inference import predict_images, require_model
 from server.metrics import Metrics
 from server.model import Model, Prediction
@@ -35,6 +36,9 @@ async def health(request: Request) -> JSONResponse:
 
 async def ready(request: Request) -> JSONResponse:
     model = require_model(request)
+    store_error = request.app.state.observer.store.error
+    if store_error:  # every prediction's record and every feedback would be lost: not ready
+        raise ClientError(503, "store_unusable", f"the feedback store cannot be used: {store_error}")
     return JSONResponse(
         {"status": "ready", "model_version": model.version, "precision": model.precision, "model_sha256": model.sha256}
     )

@@ -45,6 +45,10 @@ class Observer:
     def __init__(self, settings: Settings, metrics: Metrics, model: Model | None) -> None:
         self.metrics = metrics
         self.store = PredictionStore(settings.feedback_db, settings.feedback_store_size)
+        self.store.probe()  # a store it cannot use (its schema) shows in /ready from the start
+        if self.store.error:
+            get_logger().error("the feedback store cannot be used: /ready answers 503",
+                               extra={"reason": self.store.error})  # fmt: skip
         self.images = (
             ImageFolder(settings.feedback_images, settings.feedback_images_max_bytes,
                         retention_s=settings.feedback_images_days * 86400,

@@ -9,6 +9,7 @@ two processes racing to give one prediction different labels cannot both win.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -51,7 +52,13 @@ MIGRATIONS: dict[int, tuple[tuple[str, str, str], ...]] = {
         ("", "", "CREATE INDEX IF NOT EXISTS predictions_by_image ON predictions (image)"),
     ),
 }  # fmt: skip
-STORE_ERRORS = (OSError, sqlite3.Error, psycopg.Error)  # a store that fails: 503 to a feedback, never a 500
+
+
+class StoreError(Exception):
+    """A database this service cannot use (a newer schema version, or one that is not there read-only)."""
+
+
+STORE_ERRORS = (OSError, sqlite3.Error, psycopg.Error, StoreError)  # a store that fails: 503 to a feedback, never 500
 
 
 @dataclass(frozen=True)
@@ -79,10 +86,6 @@ class Feedback(Enum):
     UNKNOWN = "unknown"  # never issued, or no longer kept
 
 
-class StoreError(Exception):
-    """A database this service cannot use (a newer schema version, or one that is not there read-only)."""
-
-
 class PredictionStore:
     """The `size` most recent predictions (oldest evicted) in SQLite or PostgreSQL. A PostgreSQL store connects on
     first use (a server that is down does not stop the service: feedback answers 503 until it is back) and opens a
@@ -97,8 +100,20 @@ class PredictionStore:
         self.lock = threading.RLock()  # one connection per process, used by one thread at a time
         self.added = 0
         self.db: Any = None
+        self.error: str | None = None  # why this store cannot be used (its schema): /ready fails, feedback is 503
         if not self.postgres or read_only:
             with self.lock:
+                try:
+                    self.connect()
+                except StoreError:
+                    if read_only:
+                        raise  # harvest says so; the service's /ready does (self.error)
+
+    def probe(self) -> None:
+        """Connect now (the service's start-up), so that a store it cannot use shows in /ready at once; a server
+        that is down is left for the first use, as before."""
+        with self.lock, contextlib.suppress(*STORE_ERRORS):
+            if self.db is None:
                 self.connect()
 
     @property
@@ -124,10 +139,18 @@ class PredictionStore:
             if self.target:
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: a crash loses at most the last commits
-        self.migrate()
+        try:
+            self.migrate()
+        except StoreError as error:
+            self.error = str(error)
+            self.db.close()
+            self.db = None
+            raise
 
     def run(self, sql: str, params: tuple = ()) -> Any:
         """One statement (the lock held); `?` placeholders in both dialects."""
+        if self.error:
+            raise StoreError(self.error)
         if self.db is None:
             self.connect()
         try:

@@ -10,9 +10,12 @@ import json
 import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,7 +29,7 @@ from server.config import Settings
 from server.images import ImageFolder
 from server.observer import issued_at, new_prediction_id
 from server.store import Feedback, PredictionRecord, PredictionStore, StoreError
-from tests.conftest import running_service
+from tests.conftest import ROOT, running_service
 from tests.images import photo_bytes
 from tests.postgres import fresh_database, postgres_server, restart
 
@@ -212,8 +215,10 @@ def test_a_store_of_another_schema_version_is_refused_and_the_old_layout_kept(tm
     with sqlite3.connect(old) as db:
         assert db.execute("SELECT request_id FROM predictions_v0").fetchall() == [("kept",)]
         db.execute("UPDATE store_schema SET version = 99")
-    with pytest.raises(StoreError, match="schema version 99; this service reads 2"):
-        PredictionStore(str(old), 10)
+    refused = PredictionStore(str(old), 10)  # a newer service's store: said, and never written
+    assert refused.error and "schema version 99; this service reads 2" in refused.error
+    with pytest.raises(StoreError, match="schema version 99"):
+        refused.get("new")
 
 
 def test_two_service_processes_share_feedback_through_postgresql(onnx_model, postgres):
@@ -348,3 +353,57 @@ def test_a_batch_is_recorded_whole_or_not_at_all(target):
     store.add_many([record("after")])
     assert store.get("after") is not None and store.give_feedback("after", "cat")[0] is Feedback.RECORDED
     store.close()
+
+
+FIRST_STORE, SHIPPED_STORE = "a2dbfe5", "f2a13b1"  # the first feedback commit's store; the one shipped before schema 2
+
+
+def store_code(commit: str) -> types.ModuleType:
+    """server/store.py as it was at `commit`, run as its own module: stores made by that code, not by hand."""
+    source = subprocess.run(["git", "show", f"{commit}:server/store.py"], cwd=ROOT, capture_output=True, text=True,
+                            check=True).stdout  # fmt: skip
+    module = types.ModuleType(f"store_at_{commit}")
+    sys.modules[module.__name__] = module  # dataclasses look their module up
+    exec(compile(source, f"{commit}:server/store.py", "exec"), module.__dict__)
+    return module
+
+
+@pytest.mark.parametrize("commit", [FIRST_STORE, SHIPPED_STORE])
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_stores_made_by_earlier_code_are_upgraded_not_refused(commit, database, tmp_path, request):
+    target = str(tmp_path / "old.db") if database == "sqlite" else fresh_database(request.getfixturevalue("postgres"))
+    old = store_code(commit)
+    fields = {f.name for f in dataclasses.fields(old.PredictionRecord)}
+    made = old.PredictionStore(target, 10)
+    for name in ("labelled", "unlabelled"):
+        extra = {"image": f"{name}.jpg"} if "image" in fields else {}
+        made.add(old.PredictionRecord(name, "r", time.time(), "v1", "cat", {"cat": 0.9, "dog": 0.1}, 0.8, **extra))
+    assert made.give_feedback("labelled", "dog")[0].value == "recorded"
+    made.close()
+    store = PredictionStore(target, 10)  # today's code: migrated in place
+    assert store.error is None and store.version() == 2
+    labelled, unlabelled = store.get("labelled"), store.get("unlabelled")
+    assert (labelled.feedback, labelled.feedback_source, labelled.label) == ("dog", "anonymous", "cat")
+    assert unlabelled.feedback is None and unlabelled.feedback_source is None and unlabelled.is_pet is None
+    assert labelled.image == ("labelled.jpg" if "image" in fields else None)
+    store.add(record("new"))
+    assert store.give_feedback("new", "cat", "labeller")[0] is Feedback.RECORDED
+    assert store.get("new").feedback_source == "labeller"
+    assert [r.prediction_id for r in store.feedback_rows()] == (["labelled"] if "image" in fields else [])
+    store.close()
+    again = PredictionStore(target, 10)  # upgraded once: opening it again changes nothing
+    assert again.version() == 2 and again.get("labelled").feedback_source == "anonymous"
+    again.close()
+
+
+def test_a_store_the_service_cannot_use_fails_ready_and_feedback_never_crashes(onnx_model, tmp_path):
+    path = tmp_path / "newer.db"
+    PredictionStore(str(path), 10).close()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE store_schema SET version = 3")  # written by a newer service
+    with make_client(onnx_model, feedback_db=str(path)) as client:
+        ready = client.get("/ready")
+        assert ready.status_code == 503 and ready.json()["error"]["code"] == "store_unusable"
+        prediction_id = predict(client, CAT)  # predictions are still answered
+        response = send(client, prediction_id, "cat")
+        assert response.status_code == 503 and response.json()["error"]["code"] == "store_unavailable"
