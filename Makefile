@@ -20,7 +20,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 .PHONY: help setup setup-serve data prepare train cv pet-methods export pipeline serve fetch-model classify test test-fast \
 	lint format \
 	mlflow-ui bench bench-model bench-hostile image image-train smoke-image smoke-compose eval-deployed screenshots drift-demo clean \
-	bench-capacity bench-clients bench-profile lint-k8s deploy-test nginx-standin harvest replay retrain loop-demo
+	bench-capacity bench-clients bench-profile lint-k8s deploy-test nginx-standin harvest replay retrain loop-demo api-key
 
 help: ## List the targets with one line each (this is the default goal)
 	@echo "Usage: make TARGET [VARIABLE=value ...]"
@@ -194,8 +194,9 @@ smoke-compose: setup ## docker compose up serve and smoke-test it
 # environment or as make variables) become data/feedback/<label>/, a DVC-tracked data version (deploy/harvest.py).
 REVIEWED ?=
 harvest: setup ## Feedback to a data version in data/feedback (FEEDBACK_DB, FEEDBACK_IMAGES; REVIEWED=filled review CSV)
-	python -m deploy.harvest $(if $(FEEDBACK_DB),--db "$(FEEDBACK_DB)") $(if $(FEEDBACK_IMAGES),--images "$(FEEDBACK_IMAGES)") \
-	  $(if $(REVIEWED),--reviewed $(REVIEWED))
+	@# FEEDBACK_DB (a URL may hold a password), FEEDBACK_IMAGES and REVIEWED reach it through the environment only:
+	@# never pasted into this shell line, never in the process list
+	python -m deploy.harvest
 	dvc add -q data/feedback
 
 # A key for the service (server/keys.py): only its hash goes to API_KEYS_FILE; the key is the output's last line.

@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("data/feedback"))
     parser.add_argument("--manifest", type=Path, default=Path("data/processed/manifest.csv"))
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--reviewed", type=Path, help="a review CSV with confirmed_label filled in")
+    parser.add_argument("--reviewed", type=Path, default=os.environ.get("REVIEWED") or None,
+                        help="REVIEWED: a review CSV with confirmed_label filled in")  # fmt: skip
     parser.add_argument("--review-out", type=Path, default=Path("reports/harvest-review.csv"))
     parser.add_argument("--report", type=Path, default=Path("reports/harvest.json"))
     args = parser.parse_args(argv)

@@ -7,6 +7,7 @@ tag names it (`onnx/model.int8.onnx` when the int8 gate accepted it, else `onnx/
 with MODEL_VERSION, MODEL_URL and MODEL_SHA256.
 
     python -m deploy.model_release --alias champion --out build/release
+    python -m deploy.model_release --follow 7       # production now runs v7 (CD, after its checks; a rollback)
     python -m deploy.model_release --version 7 --out build/release --env-out deploy/k8s/overlays/production/model.env \
         --url-template '{mlflow}/api/2.0/mlflow-artifacts/artifacts/{experiment_id}/{run_id}/artifacts/{artifact}'
 """
@@ -34,6 +35,35 @@ def registry_defaults() -> tuple[str, str]:
     """(registered model, champion alias) from params.yaml: one source of truth with training."""
     mlflow = yaml.safe_load((ROOT / "params.yaml").read_text())["mlflow"]
     return mlflow["registered_model"], mlflow["champion_alias"]
+
+
+def alias_version(client: Any, registered_model: str, alias: str) -> str | None:
+    """The version holding `alias`, or None when no version does (any other registry error is raised)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(registered_model, alias).version)
+    except MlflowException as error:
+        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def follow(registered_model: str, version: str, champion: str, candidate: str) -> dict[str, Any]:
+    """The registry follows production: `champion` moves to the version production now runs (after CD's checks
+    passed, or after a rollback), and `candidate` is cleared once it is that version. What moved."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    version = version.rsplit("-v", 1)[-1]  # "7" or "<registered model>-v7" (a release's model_version)
+    client.get_model_version(registered_model, version)  # a version that does not exist is an error, not an alias
+    before = alias_version(client, registered_model, champion)
+    client.set_registered_model_alias(registered_model, champion, version)
+    cleared = alias_version(client, registered_model, candidate) == version
+    if cleared:
+        client.delete_registered_model_alias(registered_model, candidate)
+    return {"registered_model": registered_model, "alias": champion, "before": before, "after": version,
+            "candidate_cleared": cleared}  # fmt: skip
 
 
 def release(
@@ -93,6 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     choice = parser.add_mutually_exclusive_group()
     choice.add_argument("--alias", help=f"a registry alias (default: {champion})")
     choice.add_argument("--version", help="a pinned registered version number instead of the alias")
+    choice.add_argument("--follow", metavar="VERSION",
+                        help="move the champion alias to VERSION, what production now runs (and clear the candidate "
+                        "alias if it is VERSION); downloads nothing")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("build/release"), help="gets model.onnx and release.json")
     parser.add_argument("--url-template", help="MODEL_URL for model.env, with {mlflow} {experiment_id} {run_id} "
                         "{version} {sha256} {artifact} filled in")  # fmt: skip
@@ -100,6 +133,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.env_out and not args.url_template:
         parser.error("--env-out needs --url-template")
+    if args.follow:
+        mlflow_params = yaml.safe_load((ROOT / "params.yaml").read_text())["mlflow"]
+        moved = follow(args.registered_model, args.follow, champion, mlflow_params.get("candidate_alias", "candidate"))
+        print(json.dumps(moved))
+        return
     alias = None if args.version else (args.alias or champion)
     try:
         record = release(args.registered_model, args.out, alias=alias, version=args.version)

@@ -111,3 +111,26 @@ def test_an_unknown_served_model_tag_is_refused_by_name(registry, onnx_model, in
     register_int8_run(onnx_model, int8_model, tmp_path, "model.fp16.onnx")
     with pytest.raises(SystemExit, match=r"Invalid served_model='model\.fp16\.onnx'.*Only model\.onnx, model\.int8"):
         model_release.main(["--version", "3", "--out", str(tmp_path)])
+
+
+def test_the_registry_follows_production_through_a_deploy_a_failed_one_and_a_rollback(registry, capsys):
+    """The alias before and after: retrain's winner is only a candidate; a failed CD moves nothing; a deploy that
+    passed its checks makes it champion; a rollback (CD, after bluegreen.sh rollback) moves champion back."""
+    from mlflow.tracking import MlflowClient
+
+    client, name = MlflowClient(), model_release.registry_defaults()[0]
+
+    def aliases() -> dict[str, str | None]:
+        return {alias: model_release.alias_version(client, name, alias) for alias in ("champion", "candidate")}
+
+    client.set_registered_model_alias(name, "candidate", "2")  # make retrain: v2 won against champion v1
+    assert aliases() == {"champion": "1", "candidate": "2"}  # a CD that fails its checks never calls --follow
+    model_release.main(["--follow", "2"])  # CD: v2 deployed, smoke test, evaluation and public switch passed
+    assert json.loads(capsys.readouterr().out) == {"registered_model": name, "alias": "champion", "before": "1",
+                                                   "after": "2", "candidate_cleared": True}  # fmt: skip
+    assert aliases() == {"champion": "2", "candidate": None}
+    model_release.main(["--follow", f"{name}-v1"])  # a rollback: production runs v1 again (its release record)
+    assert aliases() == {"champion": "1", "candidate": None}
+    with pytest.raises(Exception, match=r"not found|does not exist|RESOURCE_DOES_NOT_EXIST"):
+        model_release.main(["--follow", "9"])  # no such version: an error, the alias stays
+    assert aliases()["champion"] == "1"

@@ -67,6 +67,7 @@ class MlflowParams:
     experiment: str
     registered_model: str
     champion_alias: str
+    candidate_alias: str = "candidate"
 
 
 @dataclass(frozen=True)

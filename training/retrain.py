@@ -12,15 +12,17 @@
 3. Decision, by params.yaml `gates` (training/gates.py, the rule every gate applies), fixed before the run and copied
    into the report: the champion and the challenger, both as CD ships a model (downloaded from the registry by
    deploy/model_release.py), classify the same images through the service's own code (server.model). The
-   challenger becomes champion only when it is not worse on the accuracy of the original evaluation photos and of
+   challenger becomes the candidate only when it is not worse on the accuracy of the original evaluation photos and of
    the recent photos, on the pets kept among them and on the pooled non-pets flagged (the lower end of the 95%
    interval of each paired difference within MLPerf's 1% of the champion's rate), and better on the accuracy of at
    least one of the two sets (McNemar's exact p < alpha / 2: two sets, Bonferroni). Too few images make an interval
-   too wide to show "not worse", and the champion stays. The champion alias moves last.
+   too wide to show "not worse", and the champion stays. The winner gets the `candidate` alias, last.
+4. The registry follows production: `champion` is what production runs. CD deploys the candidate (the retrain
+   workflow dispatches it, pinned), and only once its smoke test, post-deployment evaluation and the public switch
+   have passed does `deploy.model_release --follow` move `champion` to it; a rollback moves it back the same way.
 
 reports/retrain.json records the data versions, the counts used, held out and left out, both evaluations, the rule,
-the statistics and the decision. CD then ships whichever version holds the champion alias, as it does after
-`make train export`.
+the statistics and the decision (`candidate`: the version CD should deploy, or null).
 """
 
 from __future__ import annotations
@@ -208,9 +210,12 @@ def trained_on(client: MlflowClient, run_id: str) -> set[str]:
 
 
 def settle(registered: str, version: str, local: Path, data: Path, labels: tuple[str, ...], rule: Rule,
-           champion_alias: str, work: Path, not_pets: list[bytes]) -> dict[str, Any]:  # fmt: skip
+           champion_alias: str, work: Path, not_pets: list[bytes], candidate_alias: str = "candidate"
+           ) -> dict[str, Any]:  # fmt: skip
     """Compare the registered challenger (as CD would ship it: its run's served file, which must be the local one)
-    with the champion (as CD ships it) by the rule, then move the champion alias when it wins. Returns the record."""
+    with the champion (what production runs) by the rule, then give it the candidate alias when it wins: the
+    champion alias moves only once CD has deployed it and its checks passed (deploy.model_release --follow).
+    Returns the record."""
     client = MlflowClient()
     challenger = release(registered, work / "challenger", version=version)
     if challenger["sha256"] != sha256_file(local):
@@ -240,14 +245,15 @@ def settle(registered: str, version: str, local: Path, data: Path, labels: tuple
     for key, value in {"retrain": "true", "retrain_promoted": str(decision["promoted"]),
                        "recent_share": str(rule.recent_share), "recent_salt": rule.recent_salt}.items():  # fmt: skip
         client.set_tag(run_id, key, value)
-    if decision["promoted"]:  # last: nothing after it can fail and leave a champion without its record
-        client.set_registered_model_alias(registered, champion_alias, version)
+    if decision["promoted"]:  # last: nothing after it can fail and leave a candidate without its record
+        client.set_registered_model_alias(registered, candidate_alias, version)
     keys = ("version", "run_id", "artifact", "precision", "sha256")
     return {
         "champion": {k: champion[k] for k in keys} if champion else None,
         "challenger": {k: challenger[k] for k in keys},
         "decision": decision,
-        "champion_after": version if decision["promoted"] else current,
+        "candidate": version if decision["promoted"] else None,
+        "champion_after": current,  # unchanged until CD deploys the candidate and its checks pass
     }
 
 
@@ -290,7 +296,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     client, registered = MlflowClient(), params.mlflow.registered_model
     client.set_registered_model_alias(registered, rule.challenger_alias, version)  # complete: trained and exported
     settled = settle(registered, version, choose_model_file(models).path, data, labels, rule,
-                     params.mlflow.champion_alias, args.work, gate_not_pets(params.pet))  # fmt: skip
+                     params.mlflow.champion_alias, args.work, gate_not_pets(params.pet),
+                     params.mlflow.candidate_alias)  # fmt: skip
     decision = settled["decision"]
     report = {
         "data_versions": versions,
@@ -301,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "git_commit": git_commit(),
     }
     write_json(args.report, report)
-    verdict = "promoted to champion" if decision["promoted"] else "champion kept"
+    verdict = "the candidate, for CD to deploy" if decision["promoted"] else "champion kept"
     print(f"retrain: challenger v{version}: {verdict}: {decision['reason']} ({args.report})", flush=True)
     return report
 
