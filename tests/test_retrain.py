@@ -174,13 +174,18 @@ def evaluation_data(tmp_path) -> Path:
     return root
 
 
-def test_without_a_champion_the_registered_challenger_takes_the_alias(registry, onnx_model, evaluation_data, tmp_path):
+def test_without_a_champion_the_challenger_becomes_the_candidate_not_the_champion(
+    registry, onnx_model, evaluation_data, tmp_path
+):
     version = register(registry, onnx_model)
     settled = settle(
         NAME, version, onnx_model, evaluation_data, ("cat", "dog"), RULE, "champion", tmp_path / "w", NOT_PETS
     )
-    assert settled["decision"]["reason"] == "no champion yet" and settled["champion_after"] == version
-    assert str(registry.get_model_version_by_alias(NAME, "champion").version) == version
+    assert settled["decision"]["reason"] == "no champion yet" and settled["candidate"] == version
+    assert settled["champion_after"] is None  # champion moves once CD has deployed it (deploy.model_release --follow)
+    assert str(registry.get_model_version_by_alias(NAME, "candidate").version) == version
+    with pytest.raises(Exception, match="champion"):
+        registry.get_model_version_by_alias(NAME, "champion")
     assert registry.get_run(settled["challenger"]["run_id"]).data.tags["retrain_promoted"] == "True"
 
 
