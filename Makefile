@@ -191,12 +191,12 @@ smoke-compose: setup ## docker compose up serve and smoke-test it
 	  --models $(MODEL_DIR) $(SMOKE_PHOTOS)
 
 # Feedback to data: the photos people labelled (what the service kept: FEEDBACK_DB, FEEDBACK_IMAGES, from the
-# environment or as make variables) become data/feedback/<label>/, a DVC-tracked data version (deploy/harvest.py).
+# environment or as make variables) become data/feedback/<label>/, a DVC-tracked data version (loop/harvest.py).
 REVIEWED ?=
 harvest: setup ## Feedback to a data version in data/feedback (FEEDBACK_DB, FEEDBACK_IMAGES; REVIEWED=filled review CSV)
 	@# FEEDBACK_DB (a URL may hold a password), FEEDBACK_IMAGES and REVIEWED reach it through the environment only:
 	@# never pasted into this shell line, never in the process list
-	python -m deploy.harvest
+	python -m loop.harvest
 	dvc add -q data/feedback
 
 # A key for the service (server/keys.py): only its hash goes to API_KEYS_FILE; the key is the output's last line.
@@ -206,26 +206,26 @@ api-key: export KEY_SCOPES := $(or $(SCOPES),label)
 api-key: $(SERVE_SETUP) ## A new API key: NAME=who SCOPES=label[,predict] API_KEYS_FILE=file (prints the key once)
 	@$(SERVE_PYTHON) -m server.keys --name "$$KEY_NAME" --scopes "$$KEY_SCOPES"
 
-# Photos as production traffic with feedback (deploy/replay.py): every photo under INPUT/<label>/ to URL's /predict,
+# Photos as production traffic with feedback (loop/replay.py): every photo under INPUT/<label>/ to URL's /predict,
 # its folder's label back through /feedback for a share of them (MISLABEL_SHARE of those get the wrong label).
 FEEDBACK_SHARE ?= 1
 MISLABEL_SHARE ?= 0
 replay: $(SERVE_SETUP) ## Replay labelled photos as traffic with feedback: INPUT=photos [URL=...] [FEEDBACK_SHARE=1]
 	@test -n "$(INPUT)" || { echo "set INPUT=folder with one folder per label (and URL=http://host:8000)" >&2; exit 2; }
-	$(SERVE_PYTHON) -m deploy.replay "$(INPUT)" --url "$(URL)" --feedback-share $(FEEDBACK_SHARE) \
+	$(SERVE_PYTHON) -m loop.replay "$(INPUT)" --url "$(URL)" --feedback-share $(FEEDBACK_SHARE) \
 	  --mislabel-share $(MISLABEL_SHARE)
 
 # The harvested photos join training only; the challenger becomes champion only by params.yaml's `retrain` rule
-# (training/retrain.py), decided on the original evaluation photos and the held-out recent photos.
+# (loop/retrain.py), decided on the original evaluation photos and the held-out recent photos.
 retrain: prepare ## data/feedback into training, a challenger registered, the champion decided (reports/retrain.json)
-	python -m training.retrain --quantize $(QUANTIZE)
+	python -m loop.retrain --quantize $(QUANTIZE)
 
-# The loop end to end on one labelled folder (bench/loop.py): part of it the original data and a champion, the rest
+# The loop end to end on one labelled folder (loop/demo.py): part of it the original data and a champion, the rest
 # replayed through a real service as traffic with feedback, then harvest, retrain, decision, into build/loop-demo.
 LOOP_PHOTOS ?= ../shared/datasets/cats-vs-dogs-2k
 LOOP_ARGS ?=
 loop-demo: setup ## The feedback loop end to end on LOOP_PHOTOS into build/loop-demo/reports/loop.json (LOOP_ARGS)
-	python -m bench.loop --photos "$(LOOP_PHOTOS)" --pretrained "$(PRETRAINED)" $(LOOP_ARGS)
+	python -m loop.demo --photos "$(LOOP_PHOTOS)" --pretrained "$(PRETRAINED)" $(LOOP_ARGS)
 
 # A real blue/green deploy (deploy/host/bluegreen.sh as CD runs it) under load: a second release, a candidate that
 # never becomes healthy, a rollback; zero failed requests (deploy/rehearse.py). DEPLOY_RELEASES: two folders, each

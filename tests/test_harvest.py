@@ -1,4 +1,4 @@
-"""Feedback to data: a real service process keeps photos and feedback, `deploy.harvest` turns them into labelled
+"""Feedback to data: a real service process keeps photos and feedback, `loop.harvest` turns them into labelled
 photos by its rules (trusted labels used once, disagreements and confident contradictions held, anonymous labels
 only through review and never on a photo the model called not a pet, evaluation photos left out)."""
 
@@ -12,7 +12,7 @@ import json
 import httpx2 as httpx
 import pytest
 
-from deploy.harvest import main as harvest
+from loop.harvest import main as harvest
 from server.keys import add_key
 from tests.conftest import DATASET, SHARED, running_service
 from tests.service import Service

@@ -14,9 +14,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from bench import loop
+from loop.retrain import RECENT, Rule, is_recent
 from tests.conftest import ROOT, photos
 from training import gates
-from training.retrain import RECENT, Rule, is_recent
 
 
 def table(evaluation: dict) -> tuple[np.ndarray, np.ndarray]:

@@ -15,11 +15,11 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from export.answers import Answers
+from loop.retrain import MANIFEST, RECENT, Rule, assemble, decide, is_recent, settle
 from tests.conftest import DATASET, ROOT, SHARED, photos
 from training import tracking
 from training.config import load_params
 from training.data import prepare
-from training.retrain import MANIFEST, RECENT, Rule, assemble, decide, is_recent, settle
 
 RULE = Rule.from_params(ROOT / "params.yaml")
 NOT_PETS = [path.read_bytes() for path in sorted((SHARED / "datasets" / "not-pets-dev").glob("*.jpg"))[:8]]

@@ -1,7 +1,7 @@
 """The one rule every gate applies before it lets a model or a variant through: not worse, paired, on enough images.
 
 The gates: the int8 copy against its float32 model (export/quantize.py), the mirror view's gate against both views
-always (export/mirror.py), `make train`'s champion (training/tracking.py) and `make retrain`'s (training/retrain.py).
+always (export/mirror.py), `make train`'s champion (training/tracking.py) and `make retrain`'s (loop/retrain.py).
 
 Each protected measure is a rate over the same images for the reference and the candidate:
 

@@ -196,7 +196,7 @@ def train_stage(
     """Train one stage inside its own MLflow run; writes models/<name>.pt and reports/<name>.json.
 
     decide_champion: the final model takes the champion alias by tracking.promote_if_better (training.gates' rule);
-    False registers it only (make retrain decides by its own rule, training/retrain.py).
+    False registers it only (make retrain decides by its own rule, loop/retrain.py).
     """
     spec = PreprocessSpec.from_dict(params.preprocess)
     settings = params.train

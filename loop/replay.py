@@ -57,7 +57,7 @@ def replay_one(base_url: str, photo: Path, truth: str, labels: list[str], feedba
 
 
 def main(argv: list[str] | None = None) -> dict[str, int]:
-    parser = argparse.ArgumentParser(prog="python -m deploy.replay", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m loop.replay", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("folder", type=Path, help="one folder per label: <folder>/<label>/*.jpg")
     parser.add_argument("--url", default="http://127.0.0.1:8000")
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
         labels = model_labels(base_url, args.wait)
         photos = labelled_photos(args.folder, labels)
     except UsageError as error:
-        print(f"deploy.replay: {error}", file=sys.stderr)
+        print(f"loop.replay: {error}", file=sys.stderr)
         sys.exit(2)
 
     def one(item: tuple[Path, str]) -> list[str]:

@@ -29,13 +29,13 @@ from typing import Any
 import yaml
 
 from bench.serve import start_server
-from deploy import harvest, replay
 from deploy.client import free_port
 from deploy.evaluate import labelled_photos
 from export import convert, quantize
+from loop import harvest, replay, retrain
 from server.images import LABELLED
 from server.keys import add_key
-from training import retrain, train
+from training import train
 from training.config import load_params
 from training.data import prepare
 
