@@ -13,7 +13,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from bench import loop
+from loop import demo
 from loop.retrain import RECENT, Rule, is_recent
 from tests.conftest import ROOT, photos
 from training import gates
@@ -51,7 +51,7 @@ def test_feedback_through_the_service_becomes_a_challenger_and_a_recorded_decisi
     original = [(p, p.parent.name[:-1]) for p in photos("cat", 30) + photos("dog", 30)]
     # production: new photos, and one the original data already has
     traffic = [(p, p.parent.name[:-1]) for p in photos("cat", 20, 100) + photos("dog", 20, 100) + photos("cat", 1)]
-    summary = loop.run(workspace, original, traffic, params, str(weights), mislabel_share=0.1, storage_cap=400_000)
+    summary = demo.run(workspace, original, traffic, params, str(weights), mislabel_share=0.1, storage_cap=400_000)
 
     client, registered = MlflowClient(), yaml.safe_load(params.read_text())["mlflow"]["registered_model"]
     sent = summary["replay"]
