@@ -48,9 +48,15 @@ active() { # the colour proxy/upstream.conf sends traffic to
     *) echo "proxy/upstream.conf sends traffic to port $port, neither colour's" >&2; exit 1 ;;
   esac
 }
+# A colour listens on the host's loopback only, so whatever reaches its container comes from this host through
+# Docker's port publishing, from the network's gateway: nginx, whose X-Forwarded-For (the client's address, set,
+# never appended) the per-address rate limits then believe. Docker's default address pools; set
+# FORWARDED_ALLOW_IPS to your daemon's if it assigns others.
+TRUSTED_PROXIES=${FORWARDED_ALLOW_IPS:-172.16.0.0/12,192.168.0.0/16,10.0.0.0/8}
 compose() { # compose COLOUR ARGS...: the serve service as project PROJECT-COLOUR
   local colour=$1; shift
-  PORT="127.0.0.1:$(port_of "$colour")" docker compose -p "$PROJECT-$colour" -f docker-compose.yml "$@" 9>&-
+  PORT="127.0.0.1:$(port_of "$colour")" FORWARDED_ALLOW_IPS="$TRUSTED_PROXIES" \
+    docker compose -p "$PROJECT-$colour" -f docker-compose.yml "$@" 9>&-
 }
 proxy() { docker compose -p "$PROJECT-proxy" -f deploy/host/proxy.yml "$@" 9>&-; }  # 9: the lock, not theirs
 container_of() { # container_of PROJECT SERVICE: its container's id (running or not), or nothing
