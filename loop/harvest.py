@@ -18,11 +18,12 @@ rules, applied in this order (params.yaml `feedback`):
 
 A photo harvested before is counted, not copied or held again: its label changes only through a review naming it
 (REVIEWED=), and then it keeps only the new label. Copies are atomic (a crash leaves no truncated photo in
-data/feedback), and a kept photo that was labelled is taken out of FEEDBACK_IMAGES's labelled area once harvested.
+data/feedback). A trusted label's photo waits in FEEDBACK_IMAGES's labelled area (server.images) until harvest
+takes it or leaves it out for good; then harvest deletes it there (so harvest needs write access to that folder).
 
 Held photos go to a review CSV (`--review-out`); a person fills its `confirmed_label` column (a label of the model,
-or empty to drop it) and `make harvest REVIEWED=that.csv` takes the confirmed ones in. The review file is merged,
-never overwritten: a row still held keeps the label a person typed in it. It prints and writes
+`none` to drop the photo, or empty to decide later) and `make harvest REVIEWED=that.csv` takes the decided ones in.
+The review file is merged, never overwritten: a row still held keeps what a person typed in it. It prints and writes
 (`reports/harvest.json`) what it used, held and left out, and why, by source. `make harvest` then `dvc add`s
 data/feedback, so each harvest is a data version.
 """
@@ -46,6 +47,7 @@ from server.store import ANONYMOUS, STORE_ERRORS, PredictionRecord, PredictionSt
 
 REVIEW_FIELDS = ["image", "labels_given", "sources", "predicted", "probability", "reason", "confirmed_label"]
 REVIEWED_BY = "review"  # the source of a label a person confirmed in the review file
+DROPPED = "none"  # a confirmed_label that drops the photo: a person said it is no training photo
 
 
 @dataclass
@@ -81,7 +83,7 @@ def evaluation_photos(manifest: Path) -> set[str]:
 
 
 def reviewed(path: Path | None, labels: list[str]) -> dict[str, str]:
-    """sha256 -> the label a person confirmed, from a filled review CSV (an empty confirmed_label leaves it out)."""
+    """sha256 -> the label a person confirmed (or DROPPED), from a filled review CSV (an empty one: not decided)."""
     if path is None:
         return {}
     with path.open(newline="") as rows:
@@ -89,9 +91,10 @@ def reviewed(path: Path | None, labels: list[str]) -> dict[str, str]:
         if not {"image", "confirmed_label"} <= set(reader.fieldnames or []):
             raise SystemExit(f"{path}: a review CSV needs the columns image and confirmed_label ({REVIEW_FIELDS})")
         confirmed = {(row["image"] or "").split(".")[0]: (row["confirmed_label"] or "").strip() for row in reader}
-    unusable = sorted(f"{sha[:12]}: {label!r}" for sha, label in confirmed.items() if label and label not in labels)
+    allowed = [*labels, DROPPED]
+    unusable = sorted(f"{sha[:12]}: {label!r}" for sha, label in confirmed.items() if label and label not in allowed)
     if unusable:
-        raise SystemExit(f"{path}: confirmed_label must be one of {labels} or empty; not {', '.join(unusable)}")
+        raise SystemExit(f"{path}: confirmed_label must be one of {allowed} or empty; not {', '.join(unusable)}")
     return {sha: label for sha, label in confirmed.items() if label}
 
 
@@ -139,6 +142,10 @@ def harvest(rows: list[PredictionRecord], images: Path, out: Path, labels: list[
             continue
         if sha in evaluation:
             result.left_out.append((sha, "identical to an evaluation photo"))
+            result.count(source, "left_out")
+            continue
+        if label == DROPPED:
+            result.left_out.append((sha, "dropped by a person's review"))
             result.count(source, "left_out")
             continue
         reason = ""
@@ -220,6 +227,9 @@ def main(argv: list[str] | None = None) -> None:
                      reviewed(args.reviewed, labels))  # fmt: skip
     for item in result.used + result.already:  # harvested: the labelled area lets go of it
         (args.images / LABELLED / Path(item).name).unlink(missing_ok=True)
+    for sha, _ in result.left_out:  # never to be harvested (an evaluation photo, dropped, not a pet): nor kept
+        for path in (args.images / LABELLED).glob(f"{sha}.*"):
+            path.unlink(missing_ok=True)
     rows_out = merge_review(args.review_out, result.held)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, REVIEW_FIELDS)

@@ -25,7 +25,7 @@ from server.logs import get_logger
 from server.metrics import Metrics
 from server.model import Model, Prediction
 from server.predlog import PredictionLog
-from server.store import Feedback, PredictionRecord, PredictionStore
+from server.store import ANONYMOUS, Feedback, PredictionRecord, PredictionStore
 
 QUEUE_SIZE = 1000  # predictions waiting to be recorded: about a minute of full load; past it they are dropped
 # Under load the worker takes what has gathered, records it in one go, then sleeps this long, so that a prediction
@@ -176,7 +176,10 @@ class Observer:
         with self.written:
             self.written.wait_for(lambda: prediction_id not in self.pending, timeout)
         outcome, record = self.store.give_feedback(prediction_id, label, source)
-        if self.images and record and record.image and outcome in (Feedback.RECORDED, Feedback.REPLACED):
+        # a trusted label's photo waits for harvest outside the cap; an anonymous one's does not (a client without
+        # a key cannot fill the labelled area): it is kept as any photo is, long enough for a person's review
+        trusted = source != ANONYMOUS
+        if self.images and record and record.image and trusted and outcome in (Feedback.RECORDED, Feedback.REPLACED):
             try:
                 kept = self.images.keep_labelled(record.image)
             except OSError as error:

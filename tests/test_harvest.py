@@ -108,6 +108,16 @@ def test_feedback_through_the_api_becomes_a_labelled_data_version(onnx_model, tm
     assert summary["held_for_review"] == {"trusted labels disagree": 1, "anonymous label: a person confirms it": 1}
     kept = {row["image"]: row["confirmed_label"] for row in csv.DictReader(review.open())}
     assert kept[name_of("dogs/dog.3.jpg")] == "dog"
+    assert not (images / "labelled" / name_of("dogs/dog.3.jpg")).exists()  # an anonymous label's photo is not kept
+    assert not (images / "labelled" / name_of(CAT3)).exists()  # an evaluation photo: left out, let go of
+
+    # the person drops the photo the labeller's two labels disagree on
+    drop = tmp_path / "drop.csv"
+    drop.write_text(f"image,confirmed_label\n{name_of(CAT2)},none\n")
+    harvest([*common, "--reviewed", str(drop)])
+    summary = json.loads(report.read_text())
+    assert summary["left_out"]["dropped by a person's review"] == 1
+    assert not (images / "labelled" / name_of(CAT2)).exists()
 
     # a review may relabel a harvested photo: it then has one label only
     relabel = tmp_path / "relabel.csv"
