@@ -8,6 +8,7 @@ rules, applied in this order (params.yaml `feedback`):
 
   left out   the photo is no longer kept (expired, or past the folder's cap)
   left out   it is identical (sha256) to a validation or test photo of the original data: no leakage
+  left out   it is identical to a training photo of the original data: not new (counted apart, as such)
   used       a person confirmed its label in the review file (REVIEWED=)
   held       its trusted labels disagree (two keys gave it different labels): a person decides
   held       a trusted label contradicts an answer the serving model gave with probability >= review_confidence:
@@ -47,6 +48,8 @@ from server.store import ANONYMOUS, STORE_ERRORS, PredictionRecord, PredictionSt
 
 REVIEW_FIELDS = ["image", "labels_given", "sources", "predicted", "probability", "reason", "confirmed_label"]
 REVIEWED_BY = "review"  # the source of a label a person confirmed in the review file
+IN_TRAINING = "identical to a training photo"  # already in the data: not new
+IN_EVALUATION = "identical to an evaluation photo"
 DROPPED = "none"  # a confirmed_label that drops the photo: a person said it is no training photo
 
 
@@ -74,12 +77,12 @@ class Harvest:
         }
 
 
-def evaluation_photos(manifest: Path) -> set[str]:
-    """The sha256 of every validation and test photo of the original data (data/processed/manifest.csv)."""
+def evaluation_photos(manifest: Path, splits: tuple[str, ...] = ("val", "test")) -> set[str]:
+    """The sha256 of every photo of these splits of the original data (data/processed/manifest.csv)."""
     if not manifest.exists():
         return set()
     with manifest.open(newline="") as rows:
-        return {row["sha256"] for row in csv.DictReader(rows) if row["split"] in ("val", "test")}
+        return {row["sha256"] for row in csv.DictReader(rows) if row["split"] in splits}
 
 
 def reviewed(path: Path | None, labels: list[str]) -> dict[str, str]:
@@ -112,7 +115,8 @@ def copy_atomically(source: Path, target: Path) -> None:
 
 
 def harvest(rows: list[PredictionRecord], images: Path, out: Path, labels: list[str], evaluation: set[str],
-            review_confidence: float, confirmed: dict[str, str]) -> Harvest:  # fmt: skip
+            review_confidence: float, confirmed: dict[str, str], training: frozenset[str] = frozenset()
+            ) -> Harvest:  # fmt: skip
     result = Harvest()
     for partial in out.glob("*/.*.partial"):  # a copy a crash cut short
         partial.unlink()
@@ -141,7 +145,11 @@ def harvest(rows: list[PredictionRecord], images: Path, out: Path, labels: list[
             result.count(source, "left_out")
             continue
         if sha in evaluation:
-            result.left_out.append((sha, "identical to an evaluation photo"))
+            result.left_out.append((sha, IN_EVALUATION))
+            result.count(source, "left_out")
+            continue
+        if sha in training:
+            result.left_out.append((sha, IN_TRAINING))
             result.count(source, "left_out")
             continue
         if label == DROPPED:
@@ -223,8 +231,9 @@ def main(argv: list[str] | None = None) -> None:
             store.close()
     except (StoreError, *STORE_ERRORS) as error:
         raise SystemExit(f"harvest: cannot read the feedback store: {error}") from None
+    training = frozenset(evaluation_photos(args.manifest, ("train",)))
     result = harvest(rows, args.images, args.out, labels, evaluation_photos(args.manifest), review_confidence,
-                     reviewed(args.reviewed, labels))  # fmt: skip
+                     reviewed(args.reviewed, labels), training)  # fmt: skip
     for item in result.used + result.already:  # harvested: the labelled area lets go of it
         (args.images / LABELLED / Path(item).name).unlink(missing_ok=True)
     for sha, _ in result.left_out:  # never to be harvested (an evaluation photo, dropped, not a pet): nor kept
@@ -240,8 +249,11 @@ def main(argv: list[str] | None = None) -> None:
               "left_out_photos": result.left_out, "review_csv": str(args.review_out)}  # fmt: skip
     write_atomically(args.report, json.dumps(report, indent=2) + "\n")
     print(json.dumps(result.summary()))
-    print(f"harvest: {len(result.used)} new photos in {args.out}, {len(result.already)} already there, "
-          f"{len(result.held)} held for review ({args.review_out}), {len(result.left_out)} left out")  # fmt: skip
+    reasons = Counter(why for _, why in result.left_out)
+    print(f"harvest: {len(result.used)} new photos in {args.out}; not new: {len(result.already)} harvested before, "
+          f"{reasons[IN_TRAINING]} already training photos, {reasons[IN_EVALUATION]} evaluation photos (left out); "
+          f"{len(result.held)} held for review ({args.review_out}); "
+          f"{len(result.left_out) - reasons[IN_TRAINING] - reasons[IN_EVALUATION]} otherwise left out")  # fmt: skip
 
 
 if __name__ == "__main__":

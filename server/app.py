@@ -68,6 +68,20 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         metrics.model_info.labels(model.version, model.precision, model.sha256).set(1)
     app.state.observer = Observer(settings, metrics, model)
     app.state.keys = KeyRing(settings.api_keys_file) if settings.api_keys_file else None
+    photos, keys = settings.feedback_images, app.state.keys
+    kept = (
+        f"{photos}: {settings.feedback_images_days} days after last sent, at most "
+        f"{settings.feedback_images_max_bytes} bytes; labelled by a key: until harvested, at most "
+        f"{settings.feedback_labelled_max_bytes} bytes"
+    )
+    get_logger().info(
+        "feedback",
+        extra={"feedback_store": app.state.observer.store.where(),
+               "photos_kept": kept if photos else "no (FEEDBACK_IMAGES unset)",
+               "api_keys": f"{settings.api_keys_file} ({len(keys.entries)} keys)" if keys
+                           else "none (API_KEYS_FILE unset: every client is anonymous)",
+               "predict_requires_key": settings.predict_requires_key},
+    )  # fmt: skip
     app.state.limits = {
         "predict": RateLimiter(settings.predict_rate, settings.predict_burst),
         "feedback": RateLimiter(settings.feedback_rate, settings.feedback_burst),

@@ -216,9 +216,12 @@ class PredictionStore:
         return any(info[1] == column for info in self.run(f"PRAGMA table_info({table})").fetchall())
 
     def where(self) -> str:
-        """The store's place for messages: a file's path, or a URL's host and database (never its password)."""
+        """The store's kind and place for messages and the start-up log: memory, a SQLite file's path, or a
+        PostgreSQL URL's host, port and database (never its user or password)."""
+        if self.target is None:
+            return "memory (this process only; lost at restart)"
         if not self.postgres:
-            return str(self.target)
+            return f"sqlite {self.target}"
         info = psycopg.conninfo.conninfo_to_dict(self.target)
         return f"postgresql://{info.get('host', '')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
 

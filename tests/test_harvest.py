@@ -18,7 +18,7 @@ from tests.conftest import DATASET, SHARED, running_service
 from tests.service import Service
 
 CAT1, CAT2, CAT3, CAT4 = "cats/cat.1.jpg", "cats/cat.2.jpg", "cats/cat.3.jpg", "cats/cat.4.jpg"
-DOG2, DOG5 = "dogs/dog.2.jpg", "dogs/dog.5.jpg"
+DOG2, DOG5, DOG6 = "dogs/dog.2.jpg", "dogs/dog.5.jpg", "dogs/dog.6.jpg"
 
 
 NOT_PET = SHARED / "datasets" / "not-pets-dev"
@@ -31,7 +31,8 @@ def name_of(photo: str) -> str:
 def test_feedback_through_the_api_becomes_a_labelled_data_version(onnx_model, tmp_path):
     db, images, out = tmp_path / "feedback.db", tmp_path / "kept", tmp_path / "feedback"
     manifest = tmp_path / "manifest.csv"  # the original data's evaluation photos: cat.3 is one
-    manifest.write_text(f"file,source,sha256,label,split\ntest/cat/x.jpg,{CAT3},{name_of(CAT3)[:-4]},cat,test\n")
+    manifest.write_text(f"file,source,sha256,label,split\ntest/cat/x.jpg,{CAT3},{name_of(CAT3)[:-4]},cat,test\n"
+                        f"train/dog/y.jpg,{DOG6},{name_of(DOG6)[:-4]},dog,train\n")  # fmt: skip
 
     keys = tmp_path / "api-keys.jsonl"
     labeller = {"Authorization": f"Bearer {add_key(keys, 'labeller', ['label'])}"}
@@ -53,6 +54,7 @@ def test_feedback_through_the_api_becomes_a_labelled_data_version(onnx_model, tm
         unsure = send(on, DOG5, "cat", labeller)  # against an unsure answer: used as given
         send(on, CAT2, "cat", labeller), send(on, CAT2, "dog", labeller)  # two different labels: held
         send(on, CAT3, "cat", labeller)  # an evaluation photo: left out
+        send(on, DOG6, "dog", labeller)  # already a training photo: left out, counted as not new
         anonymous = send(on, "dogs/dog.3.jpg", "dog")  # right, but anonymous: held for a person
         car = send(on, str(not_pet), "cat")  # a non-pet confirmed as a cat by nobody in particular: left out
     assert max(sure["probabilities"].values()) >= 0.99 > max(unsure["probabilities"].values()), (sure, unsure)
@@ -70,13 +72,14 @@ def test_feedback_through_the_api_becomes_a_labelled_data_version(onnx_model, tm
     summary = json.loads(report.read_text())
     assert summary["used"] == 3 and summary["left_out"] == {
         "identical to an evaluation photo": 1,
+        "identical to a training photo": 1,
         "anonymous label on a photo the model called not a pet": 1,
     }
     assert summary["held_for_review"] == {"trusted labels disagree": 1,
                                           "contradicts an answer of probability >= 0.99": 1,
                                           "anonymous label: a person confirms it": 1}  # fmt: skip
     assert summary["by_source"] == {"anonymous": {"held": 1, "left_out": 1},
-                                    "labeller": {"used": 3, "held": 2, "left_out": 1}}  # fmt: skip
+                                    "labeller": {"used": 3, "held": 2, "left_out": 2}}  # fmt: skip
     assert not list(out.rglob(".*")) and not (images / "labelled" / name_of(CAT1)).exists()  # taken, atomically
     assert (images / "labelled" / name_of(CAT4)).is_file()  # held: kept until harvested
 

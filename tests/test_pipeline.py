@@ -129,3 +129,27 @@ def test_the_committed_lock_records_the_committed_code_and_params():
             if code or change.get("changed params"):
                 stale[stage] = {**code, **change.get("changed params", {})}
     assert not stale, f"dvc.lock is stale for the committed code or params (run make train export): {stale}"
+
+
+def test_git_commit_is_dirty_for_code_changes_not_for_what_the_pipeline_rewrites(tmp_path, monkeypatch):
+    from training.utils import git_commit
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)  # fmt: skip
+
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  s:\n    cmd: x\n    outs:\n      - out.csv:\n          cache: false\n    metrics:\n"
+        "      - reports/m.json:\n          cache: false\n"
+    )
+    (tmp_path / "reports").mkdir()
+    for name in ("dvc.lock", "out.csv", "reports/m.json", "code.py"):
+        (tmp_path / name).write_text("before\n")
+    git("init", "-q"), git("add", "."), git("commit", "-qm", "c")
+    monkeypatch.chdir(tmp_path)
+    clean = git_commit()
+    for name in ("dvc.lock", "out.csv", "reports/m.json"):  # what make train export rewrites
+        (tmp_path / name).write_text("after\n")
+    assert git_commit() == clean and not clean.endswith("-dirty") and len(clean) == 40
+    (tmp_path / "code.py").write_text("changed\n")
+    assert git_commit() == f"{clean}-dirty"

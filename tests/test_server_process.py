@@ -30,6 +30,10 @@ def test_real_uvicorn_serves_predictions_with_request_ids(service):
     assert line["ts"].endswith("Z") and line["method"] == "POST"
     startup = [r for r in service.records() if r["message"] == "startup"]
     assert startup and startup[0]["model_version"] == "seeded-imagenet-head" and startup[0]["load_seconds"] > 0
+    assert startup[0]["model_path"] and startup[0]["model_choice"]  # the file served, and why
+    [feedback] = [r for r in service.records() if r["message"] == "feedback"]  # where feedback goes, said at start
+    assert feedback["feedback_store"].startswith("memory") and feedback["photos_kept"].startswith("no")
+    assert feedback["api_keys"].startswith("none") and feedback["predict_requires_key"] is False
 
 
 def test_oversized_streamed_body_is_refused_while_it_streams(service):

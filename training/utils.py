@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 
 def seed_everything(seed: int) -> None:
@@ -40,12 +41,31 @@ def write_json(path: Path, data: object) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def pipeline_outputs(dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
+    """dvc.lock and every output, metric and plot dvc.yaml declares: the tracked files the pipeline itself rewrites."""
+    paths = ["dvc.lock"]
+    try:
+        stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return paths
+    for stage in stages.values():
+        for kind in ("outs", "metrics", "plots"):
+            paths += [next(iter(entry)) if isinstance(entry, dict) else str(entry) for entry in stage.get(kind, [])]
+    return paths
+
+
 def git_commit() -> str:
-    """The current commit, suffixed with -dirty when tracked files changed; 'unknown' outside git."""
+    """The current commit, suffixed with -dirty when tracked files changed other than those the pipeline rewrites
+    itself (a model trained by `make train export` on a clean checkout names its commit, not `-dirty`); 'unknown'
+    outside git."""
+    excluded = [f":(exclude){path}" for path in pipeline_outputs()]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *excluded],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
