@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import functools
 import logging.config
+import signal
 import sys
+from types import FrameType
 
 import uvicorn
 
@@ -21,6 +23,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         epilog=settings_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+
+
+def stopped(signum: int, frame: FrameType | None) -> None:
+    """uvicorn, once its graceful shutdown is done, raises again the signal that stopped it (for a parent to see):
+    here that is the end of a clean stop, so the process exits 0 (no traceback for Ctrl-C, no "Terminated" from
+    `make serve`)."""
+    sys.exit(0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,6 +51,8 @@ def main(argv: list[str] | None = None) -> None:
         max_timeout=settings.header_timeout_max,
         min_rate=settings.read_min_rate,
     )
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, stopped)
     uvicorn.run(
         "server.app:create_app",
         factory=True,
