@@ -20,7 +20,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 .PHONY: help setup setup-serve data prepare train cv pet-methods export pipeline serve fetch-model classify test test-fast \
 	lint format \
 	mlflow-ui bench bench-model bench-hostile image image-train smoke-image smoke-compose eval-deployed screenshots drift-demo clean \
-	bench-capacity bench-clients bench-profile lint-k8s deploy-test nginx-standin harvest replay retrain loop-demo api-key
+	bench-capacity bench-clients bench-profile bench-quickstart lint-k8s deploy-test nginx-standin harvest replay retrain loop-demo api-key
 
 help: ## List the targets with one line each (this is the default goal)
 	@echo "Usage: make TARGET [VARIABLE=value ...]"
@@ -116,6 +116,9 @@ bench-capacity: setup ## Requests/s per CPU through the service (/predict and V2
 
 bench-profile: setup ## Where the exported models spend their time (onnxruntime's profiler) into reports/bench-profile.json
 	python -m bench.profile $(wildcard models/model.onnx models/model.int8.onnx)
+
+bench-quickstart: setup ## README's quick start timed step by step on a fresh clone into reports/bench-quickstart.json
+	python -m bench.quickstart $(if $(RAW_DATA),--raw-data "$$RAW_DATA") $(if $(PRETRAINED),--pretrained "$$PRETRAINED")
 
 bench-clients: setup ## Honest users' latency beside 40 slow uploads and 300 half-open connections (BENCH_IMAGE)
 	@test -n "$(BENCH_IMAGE)" || { echo "set BENCH_IMAGE=path/to/photo.jpg (or run make prepare)" >&2; exit 2; }

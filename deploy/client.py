@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-RATE_LIMIT_RETRIES = 5  # a 429 is waited out (its Retry-After, at most MAX_RETRY_AFTER_S) this many times
+RATE_LIMIT_RETRIES = 30  # a 429 is waited out (its Retry-After, at most MAX_RETRY_AFTER_S) this many times
 MAX_RETRY_AFTER_S = 10
 
 
