@@ -36,6 +36,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ REVIEW_FIELDS = ["image", "labels_given", "sources", "predicted", "probability",
 REVIEWED_BY = "review"  # the source of a label a person confirmed in the review file
 IN_TRAINING = "identical to a training photo"  # already in the data: not new
 IN_EVALUATION = "identical to an evaluation photo"
+KEPT_NAME = re.compile(r"^[0-9a-f]{64}\.[a-z0-9]{1,8}$")  # server.images: <sha256>.<extension>
 DROPPED = "none"  # a confirmed_label that drops the photo: a person said it is no training photo
 
 
@@ -122,7 +124,7 @@ def harvest(rows: list[PredictionRecord], images: Path, out: Path, labels: list[
         partial.unlink()
     by_photo: dict[str, list[PredictionRecord]] = defaultdict(list)  # by sha256: the same bytes, whatever type
     for row in rows:
-        if row.image:
+        if row.image and KEPT_NAME.match(row.image):  # a name the service wrote: never a path out of the folder
             by_photo[row.image.split(".")[0]].append(row)
     for sha, records in sorted(by_photo.items()):
         trusted = sorted({r.feedback for r in records if r.feedback and r.feedback_source not in (None, ANONYMOUS)})
@@ -140,6 +142,14 @@ def harvest(rows: list[PredictionRecord], images: Path, out: Path, labels: list[
             result.already.append(f"{first}/{earlier[first].name}")
             result.count(source, "already_harvested")
             continue
+        if label == DROPPED:  # a person's review drops it, a harvested copy too
+            for old in earlier.values():
+                old.unlink()
+            result.left_out.append((sha, "dropped by a person's review"))
+            result.count(source, "left_out")
+            continue
+        if kept is None and earlier:  # relabelled by a review after the service let go of it: the harvested copy
+            kept = sorted(earlier.values())[0]
         if kept is None:
             result.left_out.append((sha, "photo no longer kept"))
             result.count(source, "left_out")
@@ -150,10 +160,6 @@ def harvest(rows: list[PredictionRecord], images: Path, out: Path, labels: list[
             continue
         if sha in training:
             result.left_out.append((sha, IN_TRAINING))
-            result.count(source, "left_out")
-            continue
-        if label == DROPPED:
-            result.left_out.append((sha, "dropped by a person's review"))
             result.count(source, "left_out")
             continue
         reason = ""
@@ -175,12 +181,14 @@ def harvest(rows: list[PredictionRecord], images: Path, out: Path, labels: list[
             result.count(source, "held")
             continue
         label = label or trusted[0]
+        target = out / label / f"{sha}{kept.suffix}"
+        if kept != target:
+            copy_atomically(kept, target)
         for old_label, old in earlier.items():  # a photo relabelled (by a review) keeps one label only
             if old_label != label:
                 old.unlink()
                 result.relabelled.append(f"{old_label} -> {label}: {old.name}")
-        copy_atomically(kept, out / label / kept.name)
-        result.used.append(f"{label}/{kept.name}")
+        result.used.append(f"{label}/{target.name}")
         result.count(source, "used")
     return result
 
@@ -234,7 +242,10 @@ def main(argv: list[str] | None = None) -> None:
     training = frozenset(evaluation_photos(args.manifest, ("train",)))
     result = harvest(rows, args.images, args.out, labels, evaluation_photos(args.manifest), review_confidence,
                      reviewed(args.reviewed, labels), training)  # fmt: skip
-    for item in result.used + result.already:  # harvested: the labelled area lets go of it
+    # The labelled area lets go of a photo once it is in a data version that came back (found harvested before:
+    # data/feedback as checked out, dvc pull'ed), never of one just copied, which exists only here until the new
+    # version is pushed and merged.
+    for item in result.already:
         (args.images / LABELLED / Path(item).name).unlink(missing_ok=True)
     for sha, _ in result.left_out:  # never to be harvested (an evaluation photo, dropped, not a pet): nor kept
         for path in (args.images / LABELLED).glob(f"{sha}.*"):

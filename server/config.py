@@ -298,6 +298,8 @@ class Settings:
 
     def check_files(self) -> None:
         """Raise ValueError, naming the variable, for a file the service must write (or read) but cannot."""
+        if self.predict_requires_key and self.api_keys_file is None:
+            raise ValueError("PREDICT_REQUIRES_KEY=true needs API_KEYS_FILE: without keys every prediction is a 401")
         for setting in (s for s in SETTINGS if s.name in READ_FILES):
             path = getattr(self, setting.field)
             if path is None:

@@ -86,8 +86,8 @@ class Metrics:
             "catsdogs_model_info", "The served model", ["version", "precision", "sha256"], registry=r
         )
         self.feedback = Counter(
-            "catsdogs_feedback", "Feedback by true label and whether the prediction was right", ["label", "correct"],
-            registry=r,
+            "catsdogs_feedback", "Feedback by true label, whether the prediction was right, and whether it came with "
+            "a key (source key) or without (anonymous)", ["label", "correct", "source"], registry=r,
         )  # fmt: skip
         self.observations_lost = Counter(
             "catsdogs_observations_lost", "Predictions answered but not recorded (store, drift, log), by reason",

@@ -191,7 +191,8 @@ class Observer:
                           "FEEDBACK_LABELLED_MAX_BYTES reached): run make harvest", 0)  # fmt: skip
         if outcome is Feedback.RECORDED and record is not None:
             correct = label == record.label
-            self.metrics.feedback.labels(label, str(correct).lower()).inc()
+            kind = "anonymous" if source == ANONYMOUS else "key"  # never a key's name: one series per kind
+            self.metrics.feedback.labels(label, str(correct).lower(), kind).inc()
             if self.prediction_log:
                 try:
                     self.prediction_log.feedback(prediction_id, record.model_version, label, record.label, correct)

@@ -23,10 +23,15 @@ import psycopg
 
 from server.config import POSTGRES_SCHEMES
 
-SCHEMA_VERSION = 2  # 2: each label's source (a key's name or "anonymous"), and is_pet. MIGRATIONS lead here.
+# Two numbers, as SQLite's own file format keeps a read and a write version apart: a reader checks `version` and
+# refuses any other (bumped only by a change older code cannot read or write safely); `revision` counts the additive
+# steps (columns older code never names), so the previous release still runs on an upgraded store (a blue/green
+# rollback). Revision 2: each label's source (a key's name or "anonymous") and is_pet. MIGRATIONS lead here.
+SCHEMA_VERSION = 1
+SCHEMA_REVISION = 2
 STATEMENT_TIMEOUT_MS = 5000  # a PostgreSQL statement past it fails (503), never holds the store's thread for long
 SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS store_schema (version INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS store_schema (version INTEGER NOT NULL, revision INTEGER)",
     """CREATE TABLE IF NOT EXISTS predictions (
         prediction_id TEXT PRIMARY KEY, request_id TEXT NOT NULL, time DOUBLE PRECISION NOT NULL,
         model_version TEXT NOT NULL, label TEXT NOT NULL, probabilities TEXT NOT NULL, pet_score DOUBLE PRECISION,
@@ -39,11 +44,14 @@ COLUMNS = (
     "feedback_source, is_pet"
 )
 ANONYMOUS = "anonymous"  # server.keys.ANONYMOUS: the source of a label given without a key
+ANONYMOUS_LABEL = f"feedback IS NOT NULL AND (feedback_source IS NULL OR feedback_source = '{ANONYMOUS}')"
+TRUSTED_LABEL = f"feedback IS NOT NULL AND feedback_source IS NOT NULL AND feedback_source <> '{ANONYMOUS}'"
 # Version 1 shipped in two layouts: the first feedback commit's (no image column) and the one the photo column was
 # added to under the same number. Every step is idempotent (a column is added only when missing), so both upgrade.
 # The labels recorded before sources existed came from clients without keys: they are "anonymous".
-MIGRATIONS: dict[int, tuple[tuple[str, str, str], ...]] = {
+MIGRATIONS: dict[int, tuple[tuple[str, str, str], ...]] = {  # revision -> its steps to the next one
     1: (
+        ("store_schema", "revision", "ALTER TABLE store_schema ADD COLUMN revision INTEGER"),
         ("predictions", "image", "ALTER TABLE predictions ADD COLUMN image TEXT"),
         ("predictions", "feedback_source", "ALTER TABLE predictions ADD COLUMN feedback_source TEXT"),
         ("predictions", "is_pet", "ALTER TABLE predictions ADD COLUMN is_pet INTEGER"),
@@ -141,8 +149,9 @@ class PredictionStore:
                 self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: a crash loses at most the last commits
         try:
             self.migrate()
-        except StoreError as error:
-            self.error = str(error)
+        except BaseException as error:  # not upgraded: never left half-connected on the old layout
+            if isinstance(error, StoreError):
+                self.error = str(error)
             self.db.close()
             self.db = None
             raise
@@ -163,18 +172,19 @@ class PredictionStore:
             return self.db.execute(sql.replace("?", self.placeholder), params)
 
     def migrate(self) -> None:
-        """Create the schema, or upgrade an older one step by step (MIGRATIONS), in one transaction with the version
-        bump on both databases; a newer version than this service's is a StoreError. A predictions table of the
-        layout before schema versions (keyed by the client's request id) is kept as predictions_v0. Serialised
-        between processes (PostgreSQL's advisory lock in a transaction; SQLite's write lock), as several may start
-        at once. A read-only store (harvest) is checked, never created or changed."""
+        """Create the schema, or upgrade an older revision step by step (MIGRATIONS), in one transaction with the
+        revision bump on both databases; another `version` is a StoreError (a newer revision is not: its columns are
+        additive). A predictions table of the layout before schema versions (keyed by the client's request id) is
+        kept as predictions_v0. Serialised between processes (PostgreSQL's advisory lock in a transaction; SQLite's
+        write lock), as several may start at once. A read-only store (harvest) is checked, never created or changed."""
         with self.lock:
             db = self.db
             if self.read_only:
-                version = self.version()
-                if version != SCHEMA_VERSION:
-                    raise StoreError(f"the feedback store at {self.where()} has schema version {version}; this reads "
-                                     f"{SCHEMA_VERSION} (start the service on it once to upgrade it)")  # fmt: skip
+                version, revision = self.version(), self.revision()
+                if version != SCHEMA_VERSION or revision < SCHEMA_REVISION:
+                    raise StoreError(f"the feedback store at {self.where()} has schema version {version} revision "
+                                     f"{revision}; this reads {SCHEMA_VERSION} revision {SCHEMA_REVISION} or later "
+                                     "(start the service on it once to upgrade it)")  # fmt: skip
                 return
             db.execute("BEGIN" if self.postgres else "BEGIN IMMEDIATE")
             try:
@@ -186,14 +196,16 @@ class PredictionStore:
                 if version is None:
                     for statement in SCHEMA:
                         self.run(statement)
-                    self.run("INSERT INTO store_schema (version) VALUES (?)", (SCHEMA_VERSION,))
+                    self.run("INSERT INTO store_schema (version, revision) VALUES (?, ?)",
+                             (SCHEMA_VERSION, SCHEMA_REVISION))  # fmt: skip
                     version = SCHEMA_VERSION
-                while version in MIGRATIONS:
-                    for table, column, statement in MIGRATIONS[version]:
+                revision = self.revision()
+                while version == SCHEMA_VERSION and revision in MIGRATIONS:
+                    for table, column, statement in MIGRATIONS[revision]:
                         if not column or not self.has_column(table, column):
                             self.run(statement)
-                    version += 1
-                    self.run("UPDATE store_schema SET version = ?", (version,))
+                    revision += 1
+                    self.run("UPDATE store_schema SET revision = ?", (revision,))
                 db.execute("COMMIT")
             except BaseException:
                 if (db.broken is False) if self.postgres else db.in_transaction:
@@ -207,6 +219,13 @@ class PredictionStore:
             return None
         row = self.run("SELECT version FROM store_schema").fetchone()
         return None if row is None else int(row[0])
+
+    def revision(self) -> int:
+        """The store's layout revision: 1 for a store from before revisions were counted."""
+        if not self.has_column("store_schema", "revision"):
+            return 1
+        row = self.run("SELECT revision FROM store_schema").fetchone()
+        return 1 if row is None or row[0] is None else int(row[0])
 
     def has_column(self, table: str, column: str) -> bool:
         if self.postgres:
@@ -263,13 +282,16 @@ class PredictionStore:
             crossed = (self.added + len(records)) // step > self.added // step
             self.added += len(records)
             if crossed:  # evict in steps of 1% of the size
-                # the `size` most recent predictions without feedback, and the `size` most recent with one: feedback
-                # is what a retrained model learns from, and no client can grow the store past 2 x size
+                # the `size` most recent predictions without feedback, the `size` most recent with an anonymous
+                # label and the `size` most recent with a key's: feedback is what a retrained model learns from, a
+                # flood of anonymous labels never pushes a trusted one out, and no client can grow the store past
+                # 3 x size
                 self.run("DELETE FROM predictions WHERE feedback IS NULL AND time < (SELECT time FROM predictions "
                          "WHERE feedback IS NULL ORDER BY time DESC LIMIT 1 OFFSET ?)", (self.size - 1,))  # fmt: skip
-                self.run("DELETE FROM predictions WHERE feedback IS NOT NULL AND feedback_time < (SELECT "
-                         "feedback_time FROM predictions WHERE feedback IS NOT NULL ORDER BY feedback_time DESC "
-                         "LIMIT 1 OFFSET ?)", (self.size - 1,))  # fmt: skip
+                for kind in (ANONYMOUS_LABEL, TRUSTED_LABEL):
+                    self.run(f"DELETE FROM predictions WHERE {kind} AND feedback_time < (SELECT feedback_time FROM "
+                             f"predictions WHERE {kind} ORDER BY feedback_time DESC LIMIT 1 OFFSET ?)",
+                             (self.size - 1,))  # fmt: skip
 
     def get(self, prediction_id: str) -> PredictionRecord | None:
         with self.lock:

@@ -192,3 +192,11 @@ def test_api_keys_file_that_cannot_be_read_stops_the_start(onnx_model, tmp_path)
         [sys.executable, "-m", "server"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
     )
     assert run.returncode == 2 and "API_KEYS_FILE" in run.stderr
+
+
+def test_keys_required_without_a_keys_file_stops_the_start(onnx_model):
+    env = {**os.environ, "MODEL_PATH": str(onnx_model), "PORT": "1", "PREDICT_REQUIRES_KEY": "true"}
+    env.pop("API_KEYS_FILE", None)
+    run = subprocess.run([sys.executable, "-m", "server"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    assert run.returncode == 2 and "PREDICT_REQUIRES_KEY=true needs API_KEYS_FILE" in run.stderr

@@ -60,7 +60,7 @@ def send(client: TestClient, prediction_id: str, label: str):
 
 
 def counter(client: TestClient, label: str, correct: str) -> float:
-    prefix = f'catsdogs_feedback_total{{correct="{correct}",label="{label}"}} '
+    prefix = f'catsdogs_feedback_total{{correct="{correct}",label="{label}",source="anonymous"}} '
     lines = [line for line in client.get("/metrics").text.splitlines() if line.startswith(prefix)]
     return float(lines[0].split()[-1]) if lines else 0.0
 
@@ -216,7 +216,7 @@ def test_a_store_of_another_schema_version_is_refused_and_the_old_layout_kept(tm
         assert db.execute("SELECT request_id FROM predictions_v0").fetchall() == [("kept",)]
         db.execute("UPDATE store_schema SET version = 99")
     refused = PredictionStore(str(old), 10)  # a newer service's store: said, and never written
-    assert refused.error and "schema version 99; this service reads 2" in refused.error
+    assert refused.error and "schema version 99; this service reads 1" in refused.error
     with pytest.raises(StoreError, match="schema version 99"):
         refused.get("new")
 
@@ -254,6 +254,12 @@ def test_labelled_predictions_are_kept_apart_and_bounded_too(target):
         store.give_feedback(f"more-{i}", "cat")
     store.add(record("last"))
     assert store.get("labelled") is None and store.get("more-2") is not None
+    store.add(record("trusted"))
+    assert store.give_feedback("trusted", "cat", "labeller")[0] is Feedback.RECORDED
+    for i in range(6):  # a flood of anonymous labels never pushes a key's label out: each kind has its own bound
+        store.add(record(f"flood-{i}"))
+        store.give_feedback(f"flood-{i}", "dog")
+    assert store.get("trusted").feedback_source == "labeller" and store.get("flood-0") is None
     store.close()
 
 
@@ -381,7 +387,7 @@ def test_stores_made_by_earlier_code_are_upgraded_not_refused(commit, database, 
     assert made.give_feedback("labelled", "dog")[0].value == "recorded"
     made.close()
     store = PredictionStore(target, 10)  # today's code: migrated in place
-    assert store.error is None and store.version() == 2
+    assert store.error is None and (store.version(), store.revision()) == (1, 2)
     labelled, unlabelled = store.get("labelled"), store.get("unlabelled")
     assert (labelled.feedback, labelled.feedback_source, labelled.label) == ("dog", "anonymous", "cat")
     assert unlabelled.feedback is None and unlabelled.feedback_source is None and unlabelled.is_pet is None
@@ -392,8 +398,18 @@ def test_stores_made_by_earlier_code_are_upgraded_not_refused(commit, database, 
     assert [r.prediction_id for r in store.feedback_rows()] == (["labelled"] if "image" in fields else [])
     store.close()
     again = PredictionStore(target, 10)  # upgraded once: opening it again changes nothing
-    assert again.version() == 2 and again.get("labelled").feedback_source == "anonymous"
+    assert again.revision() == 2 and again.get("labelled").feedback_source == "anonymous"
     again.close()
+    rolled_back = old.PredictionStore(target, 10)  # the earlier release on the upgraded store: a blue/green rollback
+    extra = {"image": "later.jpg"} if "image" in fields else {}
+    rolled_back.add(
+        old.PredictionRecord("later", "r", time.time(), "v1", "dog", {"cat": 0.2, "dog": 0.8}, 0.9, **extra)
+    )
+    assert rolled_back.give_feedback("later", "dog")[0].value == "recorded"
+    rolled_back.close()
+    after = PredictionStore(target, 10)  # and back again: its label has no source, which reads as anonymous
+    assert after.get("later").feedback == "dog" and after.get("later").feedback_source is None
+    after.close()
 
 
 def test_a_store_the_service_cannot_use_fails_ready_and_feedback_never_crashes(onnx_model, tmp_path):

@@ -80,7 +80,8 @@ def test_feedback_through_the_api_becomes_a_labelled_data_version(onnx_model, tm
                                           "anonymous label: a person confirms it": 1}  # fmt: skip
     assert summary["by_source"] == {"anonymous": {"held": 1, "left_out": 1},
                                     "labeller": {"used": 3, "held": 2, "left_out": 2}}  # fmt: skip
-    assert not list(out.rglob(".*")) and not (images / "labelled" / name_of(CAT1)).exists()  # taken, atomically
+    assert not list(out.rglob(".*"))  # copied atomically
+    assert (images / "labelled" / name_of(CAT1)).is_file()  # kept until its data version comes back
     assert (images / "labelled" / name_of(CAT4)).is_file()  # held: kept until harvested
 
     # a person confirms the cat is a cat after all (the feedback was wrong), and leaves the others undecided
@@ -111,6 +112,7 @@ def test_feedback_through_the_api_becomes_a_labelled_data_version(onnx_model, tm
     assert summary["held_for_review"] == {"trusted labels disagree": 1, "anonymous label: a person confirms it": 1}
     kept = {row["image"]: row["confirmed_label"] for row in csv.DictReader(review.open())}
     assert kept[name_of("dogs/dog.3.jpg")] == "dog"
+    assert not (images / "labelled" / name_of(CAT1)).exists()  # found harvested before: let go of
     assert not (images / "labelled" / name_of("dogs/dog.3.jpg")).exists()  # an anonymous label's photo is not kept
     assert not (images / "labelled" / name_of(CAT3)).exists()  # an evaluation photo: left out, let go of
 
@@ -122,12 +124,18 @@ def test_feedback_through_the_api_becomes_a_labelled_data_version(onnx_model, tm
     assert summary["left_out"]["dropped by a person's review"] == 1
     assert not (images / "labelled" / name_of(CAT2)).exists()
 
-    # a review may relabel a harvested photo: it then has one label only
+    # a review may relabel a harvested photo, even once the service let go of it: it then has one label only
+    for kept_copy in (images / name_of(DOG5), images / "labelled" / name_of(DOG5)):
+        kept_copy.unlink(missing_ok=True)
     relabel = tmp_path / "relabel.csv"
     relabel.write_text(f"image,confirmed_label\n{name_of(DOG5)},dog\n")
     harvest([*common, "--reviewed", str(relabel)])
     assert json.loads(report.read_text())["relabelled"] == 1
-    assert (out / "dog" / name_of(DOG5)).is_file() and not (out / "cat" / name_of(DOG5)).exists()
+    assert (out / "dog" / name_of(DOG5)).read_bytes() == (DATASET / DOG5).read_bytes()
+    assert not (out / "cat" / name_of(DOG5)).exists()
+    relabel.write_text(f"image,confirmed_label\n{name_of(DOG5)},none\n")  # and drop a harvested photo
+    harvest([*common, "--reviewed", str(relabel)])
+    assert not list(out.rglob(name_of(DOG5)))
     relabel.write_text(f"image,confirmed_label\n{name_of(DOG5)},Dog\n")  # not a label: refused, not dropped
     with pytest.raises(SystemExit, match="confirmed_label must be one of"):
         harvest([*common, "--reviewed", str(relabel)])

@@ -114,7 +114,7 @@ def test_batch_of_photos_answers_feedback_and_desktop_screenshot(service, browse
         lambda d: "recorded as dog" in cards[0].find_element(By.CSS_SELECTOR, ".thanks").text
     )
     after = feedback_counts(service)
-    key = 'catsdogs_feedback_total{correct="false",label="dog"}'
+    key = 'catsdogs_feedback_total{correct="false",label="dog",source="anonymous"}'
     assert after[key] == before.get(key, 0) + 1
 
     events = [json.loads(line) for line in service.prediction_log.read_text().splitlines()]

@@ -257,10 +257,12 @@ def test_v2_predictions_take_feedback_and_feed_drift_like_predict(client, servic
         assert time.perf_counter() < deadline, "the two predictions never reached the drift window"
         time.sleep(0.05)
     labels = [x.decode() for x in result.as_numpy("label")]
-    right = metrics_value(service, "catsdogs_feedback_total", correct="true", label=labels[1])
+    right = metrics_value(service, "catsdogs_feedback_total", correct="true", label=labels[1], source="anonymous")
     answer = httpx.post(f"{service.url}/feedback", json={"prediction_id": ids[1], "label": labels[1]}, timeout=10)
     assert answer.status_code == 200 and answer.json()["correct"] is True
-    assert metrics_value(service, "catsdogs_feedback_total", correct="true", label=labels[1]) == right + 1
+    assert metrics_value(service, "catsdogs_feedback_total", correct="true", label=labels[1], source="anonymous") == (
+        right + 1
+    )
     single = client.infer("catsdogs", [image_input(images[:1])], headers={"X-Request-ID": "v2-one"})
     [one] = single.get_response()["parameters"]["prediction_ids"]
     assert one not in ids and len(one) >= 22
