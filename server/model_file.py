@@ -68,7 +68,10 @@ def choose_model_file(path: Path) -> ModelFile:
         return fall_back(
             float32, f"{INT8} was quantized from another {FLOAT32} (sha256 {source[:12]}, this one {current[:12]})"
         )
-    return ModelFile(int8, f"{INT8} was quantized from the {FLOAT32} beside it (sha256 {current[:12]})")
+    return ModelFile(
+        int8,
+        f"{INT8} was quantized from the {FLOAT32} beside it (sha256 {current[:12]}); its gate: reports/quantize.json",
+    )
 
 
 def fall_back(float32: Path, why: str) -> ModelFile:
