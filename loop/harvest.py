@@ -44,7 +44,7 @@ from pathlib import Path
 
 import yaml
 
-from server.images import LABELLED
+from server.images import ANONYMOUS_LABELLED, LABELLED
 from server.store import ANONYMOUS, STORE_ERRORS, PredictionRecord, PredictionStore, StoreError
 
 REVIEW_FIELDS = ["image", "labels_given", "sources", "predicted", "probability", "reason", "confirmed_label"]
@@ -194,8 +194,8 @@ def harvest(rows: list[PredictionRecord], images: Path, out: Path, labels: list[
 
 
 def kept_paths(images: Path, name: str) -> list[Path]:
-    """Where the service may keep a photo: its labelled area first (server.images.LABELLED), then the folder."""
-    return [images / LABELLED / name, images / name]
+    """Where the service may keep a photo: its labelled areas first (server.images), then the folder."""
+    return [images / LABELLED / name, images / ANONYMOUS_LABELLED / name, images / name]
 
 
 def merge_review(path: Path, held: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -245,11 +245,12 @@ def main(argv: list[str] | None = None) -> None:
     # The labelled area lets go of a photo once it is in a data version that came back (found harvested before:
     # data/feedback as checked out, dvc pull'ed), never of one just copied, which exists only here until the new
     # version is pushed and merged.
-    for item in result.already:
-        (args.images / LABELLED / Path(item).name).unlink(missing_ok=True)
-    for sha, _ in result.left_out:  # never to be harvested (an evaluation photo, dropped, not a pet): nor kept
-        for path in (args.images / LABELLED).glob(f"{sha}.*"):
-            path.unlink(missing_ok=True)
+    for area in (LABELLED, ANONYMOUS_LABELLED):
+        for item in result.already:
+            (args.images / area / Path(item).name).unlink(missing_ok=True)
+        for sha, _ in result.left_out:  # never to be harvested (an evaluation photo, dropped, not a pet): nor kept
+            for path in (args.images / area).glob(f"{sha}.*"):
+                path.unlink(missing_ok=True)
     rows_out = merge_review(args.review_out, result.held)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, REVIEW_FIELDS)

@@ -176,6 +176,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("FEEDBACK_LABELLED_MAX_BYTES", integer(1), fixed(1024 * MIB), str(1024 * MIB),
             "labelled photos waiting for `make harvest` (`FEEDBACK_IMAGES/labelled`, outside the cap and the "
             "retention); past it a label's photo is not kept, and an alert fires"),
+    Setting("FEEDBACK_ANONYMOUS_LABELLED_MAX_BYTES", integer(1), fixed(256 * MIB), str(256 * MIB),
+            "photos labelled without a key, waiting for a person's review (`FEEDBACK_IMAGES/labelled-anonymous`); "
+            "their own bound, so they never take a key's room"),
     Setting("API_KEYS_FILE", Path, fixed(None), "unset (no keys: every client is anonymous)",
             "the API keys (`make api-key`): one JSON line per key, only its hash kept; deleting a line revokes the "
             "key within a second (docs/threat-model.md)"),
@@ -257,6 +260,7 @@ class Settings:
     feedback_images_days: int
     feedback_images_max_bytes: int
     feedback_labelled_max_bytes: int
+    feedback_anonymous_labelled_max_bytes: int
     api_keys_file: Path | None
     predict_requires_key: bool
     feedback_rate: float

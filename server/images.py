@@ -3,10 +3,12 @@ never more than `max_bytes` in all. Used for the prediction log's samples (PREDI
 photos feedback may label (FEEDBACK_IMAGES): there, a photo is deleted `retention_s` after it was last sent, and
 past the size cap the least recently sent photos go first.
 
-A photo that gets a label is linked into the folder's labelled area (`LABELLED`, a hard link: no second copy) the
-moment the label is recorded, and stays there until `make harvest` takes it: neither the cap nor the retention
-touches that area, which has its own bound (FEEDBACK_LABELLED_MAX_BYTES). Past that bound a label is still recorded
-but its photo is not kept, which the `catsdogs_labelled_photos_refused_total` counter and its alert say."""
+A photo that gets a label is linked into a labelled area (a hard link: no second copy) the moment the label is
+recorded, and stays there until `make harvest` takes it or leaves it out for good: neither the cap nor the retention
+touches those areas. A key's label goes to `LABELLED` (bound: FEEDBACK_LABELLED_MAX_BYTES), a label without a key to
+`ANONYMOUS_LABELLED` (FEEDBACK_ANONYMOUS_LABELLED_MAX_BYTES), so a client without a key can fill only its own area.
+Past an area's bound a label is still recorded but its photo is not kept, which the
+`catsdogs_labelled_photos_refused_total` counter and its alert say."""
 
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-LABELLED = "labelled"  # the subfolder of labelled photos waiting for `make harvest`
+LABELLED = "labelled"  # the subfolder of photos a key labelled, waiting for `make harvest`
+ANONYMOUS_LABELLED = "labelled-anonymous"  # photos labelled without a key, waiting for a person's review
 
 
 class ImageFolder:
@@ -26,11 +29,11 @@ class ImageFolder:
     `expire`, so the folder can exceed the cap by at most what the others wrote since."""
 
     def __init__(self, folder: Path, max_bytes: int, retention_s: float | None = None,
-                 labelled_max_bytes: int = 0) -> None:  # fmt: skip
+                 labelled_max_bytes: int = 0, anonymous_labelled_max_bytes: int = 0) -> None:  # fmt: skip
         self.folder, self.max_bytes, self.retention_s = folder, max_bytes, retention_s
-        self.labelled_max_bytes = labelled_max_bytes
+        self.bounds = {LABELLED: labelled_max_bytes, ANONYMOUS_LABELLED: anonymous_labelled_max_bytes}
         folder.mkdir(parents=True, exist_ok=True)
-        for partial in [*folder.glob(".*.partial"), *folder.glob(f"{LABELLED}/.*.partial")]:  # a crash cut it short
+        for partial in folder.glob("**/.*.partial"):  # a crash cut it short
             partial.unlink(missing_ok=True)
         self.sizes: OrderedDict[str, int] = OrderedDict()
         self.bytes = 0
@@ -81,20 +84,20 @@ class ImageFolder:
         while self.sizes and self.bytes + incoming > self.max_bytes:
             self.delete(next(iter(self.sizes)))
 
-    def labelled_bytes(self) -> int:
-        """What the labelled area holds (read from the disk: other processes add to it, harvest empties it)."""
+    def labelled_bytes(self, area: str = LABELLED) -> int:
+        """What a labelled area holds (read from the disk: other processes add to it, harvest empties it)."""
         total = 0
         with contextlib.suppress(FileNotFoundError):
-            for path in (self.folder / LABELLED).iterdir():
+            for path in (self.folder / area).iterdir():
                 with contextlib.suppress(FileNotFoundError):
                     total += path.stat().st_size if not path.name.startswith(".") else 0
         return total
 
-    def keep_labelled(self, name: str) -> bool:
+    def keep_labelled(self, name: str, area_name: str = LABELLED) -> bool:
         """Keep this labelled photo until it is harvested: linked into the labelled area, within its bound. False
         when the photo is gone already (past the cap or the retention before its label came) or would pass the
         bound."""
-        area = self.folder / LABELLED
+        area = self.folder / area_name
         target, source = area / name, self.folder / name
         if target.is_file():
             return True
@@ -102,7 +105,7 @@ class ImageFolder:
             size = source.stat().st_size
         except FileNotFoundError:
             return False
-        if self.labelled_bytes() + size > self.labelled_max_bytes:
+        if self.labelled_bytes(area_name) + size > self.bounds[area_name]:
             return False
         area.mkdir(exist_ok=True)
         partial = area / f".{name}.partial"

@@ -59,16 +59,16 @@ class Metrics:
         for reason in ("overloaded", "queue_timeout"):
             self.rejected.labels(reason)
         self.labelled_bytes = Gauge(
-            "catsdogs_labelled_photos_bytes",
-            "Labelled photos waiting for make harvest (FEEDBACK_IMAGES/labelled)",
-            registry=r,
-        )
+            "catsdogs_labelled_photos_bytes", "Labelled photos waiting for make harvest, by label source (key or "
+            "anonymous)", ["source"], registry=r,
+        )  # fmt: skip
         self.labelled_max_bytes = Gauge(
-            "catsdogs_labelled_photos_max_bytes", "FEEDBACK_LABELLED_MAX_BYTES, the labelled photos' bound", registry=r
+            "catsdogs_labelled_photos_max_bytes", "The labelled photos' bound, by label source", ["source"], registry=r
         )
         self.labelled_refused = Counter(
-            "catsdogs_labelled_photos_refused", "Labels whose photo could not be kept for harvest", registry=r
-        )
+            "catsdogs_labelled_photos_refused", "Labels whose photo could not be kept for harvest, by label source",
+            ["source"], registry=r,
+        )  # fmt: skip
         self.rate_limited = Counter(
             "catsdogs_rate_limited", "Requests refused with 429 past a rate limit, by route and client kind",
             ["route", "client"], registry=r,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import functools
 import mimetypes
 import queue
 import secrets
@@ -20,13 +21,14 @@ from imaging import ImageError
 from server.bodies import media_type
 from server.config import Settings
 from server.drift import DriftMonitor
-from server.images import ImageFolder
+from server.images import ANONYMOUS_LABELLED, LABELLED, ImageFolder
 from server.logs import get_logger
 from server.metrics import Metrics
 from server.model import Model, Prediction
 from server.predlog import PredictionLog
 from server.store import ANONYMOUS, Feedback, PredictionRecord, PredictionStore
 
+AREAS = {"key": LABELLED, "anonymous": ANONYMOUS_LABELLED}  # where a labelled photo waits, by its label's source
 QUEUE_SIZE = 1000  # predictions waiting to be recorded: about a minute of full load; past it they are dropped
 # Under load the worker takes what has gathered, records it in one go, then sleeps this long, so that a prediction
 # put on the queue meanwhile wakes no thread (a wake-up is a system call per prediction, 0.2-0.3 ms of CPU per
@@ -52,7 +54,8 @@ class Observer:
         self.images = (
             ImageFolder(settings.feedback_images, settings.feedback_images_max_bytes,
                         retention_s=settings.feedback_images_days * 86400,
-                        labelled_max_bytes=settings.feedback_labelled_max_bytes)
+                        labelled_max_bytes=settings.feedback_labelled_max_bytes,
+                        anonymous_labelled_max_bytes=settings.feedback_anonymous_labelled_max_bytes)
             if settings.feedback_images
             else None
         )  # fmt: skip
@@ -69,9 +72,9 @@ class Observer:
             else None
         )
         if self.images:
-            images = self.images
-            metrics.labelled_bytes.set_function(images.labelled_bytes)
-            metrics.labelled_max_bytes.set(settings.feedback_labelled_max_bytes)
+            for kind, area in AREAS.items():
+                metrics.labelled_bytes.labels(kind).set_function(functools.partial(self.images.labelled_bytes, area))
+                metrics.labelled_max_bytes.labels(kind).set(self.images.bounds[area])
         reference = model.metadata.get("reference") if model else None
         if model and not reference:
             get_logger().warning("the model carries no reference distributions: no drift metrics")
@@ -176,22 +179,22 @@ class Observer:
         with self.written:
             self.written.wait_for(lambda: prediction_id not in self.pending, timeout)
         outcome, record = self.store.give_feedback(prediction_id, label, source)
-        # a trusted label's photo waits for harvest outside the cap; an anonymous one's does not (a client without
-        # a key cannot fill the labelled area): it is kept as any photo is, long enough for a person's review
-        trusted = source != ANONYMOUS
-        if self.images and record and record.image and trusted and outcome in (Feedback.RECORDED, Feedback.REPLACED):
+        # the photo waits for harvest outside the cap and the retention, in its source's area (each with its own
+        # bound: a client without a key never takes a key's room)
+        kind = "anonymous" if source == ANONYMOUS else "key"
+        if self.images and record and record.image and outcome in (Feedback.RECORDED, Feedback.REPLACED):
             try:
-                kept = self.images.keep_labelled(record.image)
+                kept = self.images.keep_labelled(record.image, AREAS[kind])
             except OSError as error:
                 kept = False
                 get_logger().warning("keeping a labelled photo failed", extra={"error": str(error)})
             if not kept:
-                self.metrics.labelled_refused.inc()
-                self.lose("labelled_not_kept", "a labelled photo could not be kept for harvest (gone already, or "
-                          "FEEDBACK_LABELLED_MAX_BYTES reached): run make harvest", 0)  # fmt: skip
+                self.metrics.labelled_refused.labels(kind).inc()
+                self.lose("labelled_not_kept", "a labelled photo could not be kept for harvest (gone already, or its "
+                          "area's bound reached): run make harvest", 0)  # fmt: skip
         if outcome is Feedback.RECORDED and record is not None:
             correct = label == record.label
-            kind = "anonymous" if source == ANONYMOUS else "key"  # never a key's name: one series per kind
+            # `kind`, never a key's name: one series per kind
             self.metrics.feedback.labels(label, str(correct).lower(), kind).inc()
             if self.prediction_log:
                 try:

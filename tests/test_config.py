@@ -40,6 +40,7 @@ BAD_VALUES = {
     "FEEDBACK_IMAGES_DAYS": ["0", "a week"],
     "FEEDBACK_IMAGES_MAX_BYTES": ["0", "1GiB"],
     "FEEDBACK_LABELLED_MAX_BYTES": ["0", "1GiB"],
+    "FEEDBACK_ANONYMOUS_LABELLED_MAX_BYTES": ["0", "lots"],
     "PREDICT_REQUIRES_KEY": ["yes", "1"],
     "FEEDBACK_RATE": ["-1", "fast", "inf"],
     "FEEDBACK_BURST": ["0", "x"],

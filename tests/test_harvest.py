@@ -113,7 +113,11 @@ def test_feedback_through_the_api_becomes_a_labelled_data_version(onnx_model, tm
     kept = {row["image"]: row["confirmed_label"] for row in csv.DictReader(review.open())}
     assert kept[name_of("dogs/dog.3.jpg")] == "dog"
     assert not (images / "labelled" / name_of(CAT1)).exists()  # found harvested before: let go of
-    assert not (images / "labelled" / name_of("dogs/dog.3.jpg")).exists()  # an anonymous label's photo is not kept
+    anonymous_photo = name_of("dogs/dog.3.jpg")  # held for a person: kept in the anonymous area, never a key's
+    assert (images / "labelled-anonymous" / anonymous_photo).is_file() and not (
+        images / "labelled" / anonymous_photo
+    ).exists()
+    assert not list((images / "labelled-anonymous").glob(f"{hashlib.sha256(not_pet.read_bytes()).hexdigest()}.*"))
     assert not (images / "labelled" / name_of(CAT3)).exists()  # an evaluation photo: left out, let go of
 
     # the person drops the photo the labeller's two labels disagree on
