@@ -38,6 +38,7 @@ import json
 import os
 import re
 import shutil
+import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,8 @@ REVIEWED_BY = "review"  # the source of a label a person confirmed in the review
 IN_TRAINING = "identical to a training photo"  # already in the data: not new
 IN_EVALUATION = "identical to an evaluation photo"
 KEPT_NAME = re.compile(r"^[0-9a-f]{64}\.[a-z0-9]{1,8}$")  # server.images: <sha256>.<extension>
+ORPHAN_AFTER_S = 3600
+DECIDED = "decided by a person's review"  # a review-file row that records a decision taken in
 DROPPED = "none"  # a confirmed_label that drops the photo: a person said it is no training photo
 
 
@@ -136,7 +139,16 @@ def harvest(rows: list[PredictionRecord], images: Path, out: Path, labels: list[
         kept = next((path for r in records if r.image for path in kept_paths(images, r.image) if path.is_file()), None)
         label = confirmed.get(sha)
         source = REVIEWED_BY if label else ",".join(keys) if trusted else ANONYMOUS
-        # harvested before: its label changes only through a review (REVIEWED= naming it), never by more feedback
+        # harvested before: its label changes only through a review (REVIEWED= naming it), never by more feedback;
+        # a key's label that contradicts it goes to review, where a person can make that change
+        contradicted = earlier and label is None and set(trusted) - set(earlier)
+        if contradicted and kept is not None:
+            held = {"image": kept.name, "labels_given": " ".join(trusted), "sources": source, "predicted": top.label,
+                    "probability": f"{probability:.4f}", "reason": "a trusted label contradicts the harvested one",
+                    "confirmed_label": ""}  # fmt: skip
+            result.held.append(held)
+            result.count(source, "held")
+            continue
         if earlier and (label is None or (label in earlier and len(earlier) == 1)):
             first = sorted(earlier)[0]
             result.already.append(f"{first}/{earlier[first].name}")
@@ -190,6 +202,30 @@ def harvest(rows: list[PredictionRecord], images: Path, out: Path, labels: list[
                 result.relabelled.append(f"{old_label} -> {label}: {old.name}")
         result.used.append(f"{label}/{target.name}")
         result.count(source, "used")
+    for sha, label in sorted(confirmed.items()):  # a decision on a photo the store no longer holds: its harvested copy
+        if sha in by_photo:
+            continue
+        earlier = harvested_as(out, sha)
+        if not earlier and label == DROPPED:
+            continue  # dropped, and nothing of it left
+        if not earlier:
+            result.left_out.append((sha, "the review names a photo harvest has no record of"))
+            result.count(REVIEWED_BY, "left_out")
+        elif label == DROPPED:
+            for old in earlier.values():
+                old.unlink()
+            result.left_out.append((sha, "dropped by a person's review"))
+            result.count(REVIEWED_BY, "left_out")
+        elif label not in earlier or len(earlier) > 1:
+            source_copy = sorted(earlier.values())[0]
+            target = out / label / source_copy.name
+            copy_atomically(source_copy, target)
+            for old_label, old in earlier.items():
+                if old_label != label:
+                    old.unlink()
+                    result.relabelled.append(f"{old_label} -> {label}: {old.name}")
+            result.used.append(f"{label}/{target.name}")
+            result.count(REVIEWED_BY, "used")
     return result
 
 
@@ -198,14 +234,31 @@ def kept_paths(images: Path, name: str) -> list[Path]:
     return [images / LABELLED / name, images / ANONYMOUS_LABELLED / name, images / name]
 
 
-def merge_review(path: Path, held: list[dict[str, str]]) -> list[dict[str, str]]:
-    """The held rows, each keeping the confirmed_label a person already typed for it in `path` (rows of photos no
-    longer held are done: used, harvested or left out)."""
+def merge_review(path: Path, held: list[dict[str, str]], decisions: dict[str, str]) -> list[dict[str, str]]:
+    """The held rows, each keeping the confirmed_label a person already typed for it in `path`, then a row for each
+    decision taken in (`decisions`: sha256 -> label or none), kept so that it is never forgotten or asked again
+    (other rows of photos no longer held are done: used, harvested or left out)."""
     typed: dict[str, str] = {}
     if path.exists():
         with path.open(newline="") as rows:
             typed = {row.get("image") or "": (row.get("confirmed_label") or "").strip() for row in csv.DictReader(rows)}
-    return [{**row, "confirmed_label": typed.get(row["image"], "") or row["confirmed_label"]} for row in held]
+    rows_out = [{**row, "confirmed_label": typed.get(row["image"], "") or row["confirmed_label"]} for row in held]
+    listed = {row["image"].split(".")[0] for row in rows_out}
+    rows_out += [{"image": sha, "labels_given": "", "sources": REVIEWED_BY, "predicted": "", "probability": "",
+                  "reason": DECIDED, "confirmed_label": label}
+                 for sha, label in sorted(decisions.items()) if sha not in listed]  # fmt: skip
+    return rows_out
+
+
+def decided(path: Path) -> dict[str, str]:
+    """sha256 -> label (or none) of every decision a harvest took in before, from the review file it keeps: a
+    person's decision stays taken in every later harvest, with or without REVIEWED=. (A label typed in a held row
+    counts only once a harvest is given the file with REVIEWED=.)"""
+    if not path.exists():
+        return {}
+    with path.open(newline="") as rows:
+        taken = [row for row in csv.DictReader(rows) if row.get("reason") == DECIDED and row.get("confirmed_label")]
+    return {(row.get("image") or "").split(".")[0]: (row.get("confirmed_label") or "").strip() for row in taken}
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -240,18 +293,23 @@ def main(argv: list[str] | None = None) -> None:
     except (StoreError, *STORE_ERRORS) as error:
         raise SystemExit(f"harvest: cannot read the feedback store: {error}") from None
     training = frozenset(evaluation_photos(args.manifest, ("train",)))
+    decisions = {**decided(args.review_out), **reviewed(args.reviewed, labels)}
     result = harvest(rows, args.images, args.out, labels, evaluation_photos(args.manifest), review_confidence,
-                     reviewed(args.reviewed, labels), training)  # fmt: skip
+                     decisions, training)  # fmt: skip
     # The labelled area lets go of a photo once it is in a data version that came back (found harvested before:
     # data/feedback as checked out, dvc pull'ed), never of one just copied, which exists only here until the new
     # version is pushed and merged.
+    recorded = {row.image.split(".")[0] for row in rows if row.image}
+    released = {Path(item).name.split(".")[0] for item in result.already} | {sha for sha, _ in result.left_out}
     for area in (LABELLED, ANONYMOUS_LABELLED):
-        for item in result.already:
-            (args.images / area / Path(item).name).unlink(missing_ok=True)
-        for sha, _ in result.left_out:  # never to be harvested (an evaluation photo, dropped, not a pet): nor kept
-            for path in (args.images / area).glob(f"{sha}.*"):
+        for path in (args.images / area).glob("*.*"):
+            sha = path.name.split(".")[0]
+            # harvested before, or left out for good (an evaluation photo, dropped, not a pet); or a photo whose
+            # record the store no longer holds (an hour old at least: not one labelled while this harvest ran)
+            orphan = sha not in recorded and time.time() - path.stat().st_mtime > ORPHAN_AFTER_S
+            if not path.name.startswith(".") and (sha in released or orphan):
                 path.unlink(missing_ok=True)
-    rows_out = merge_review(args.review_out, result.held)
+    rows_out = merge_review(args.review_out, result.held, decisions)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, REVIEW_FIELDS)
     writer.writeheader()

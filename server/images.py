@@ -98,9 +98,11 @@ class ImageFolder:
         when the photo is gone already (past the cap or the retention before its label came) or would pass the
         bound."""
         area = self.folder / area_name
-        target, source = area / name, self.folder / name
+        target = area / name
         if target.is_file():
             return True
+        sources = [self.folder / name, *(self.folder / other / name for other in self.bounds if other != area_name)]
+        source = next((path for path in sources if path.is_file()), sources[0])  # gone from the folder: another area
         try:
             size = source.stat().st_size
         except FileNotFoundError:

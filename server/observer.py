@@ -192,7 +192,8 @@ class Observer:
                 self.metrics.labelled_refused.labels(kind).inc()
                 self.lose("labelled_not_kept", "a labelled photo could not be kept for harvest (gone already, or its "
                           "area's bound reached): run make harvest", 0)  # fmt: skip
-        if outcome is Feedback.RECORDED and record is not None:
+        # a first label counts, and a key's label in place of an anonymous one counts for the keys
+        if record is not None and (outcome is Feedback.RECORDED or (outcome is Feedback.REPLACED and kind == "key")):
             correct = label == record.label
             # `kind`, never a key's name: one series per kind
             self.metrics.feedback.labels(label, str(correct).lower(), kind).inc()

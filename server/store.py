@@ -199,6 +199,11 @@ class PredictionStore:
                     self.run("INSERT INTO store_schema (version, revision) VALUES (?, ?)",
                              (SCHEMA_VERSION, SCHEMA_REVISION))  # fmt: skip
                     version = SCHEMA_VERSION
+                if version == 2 and not self.has_column("store_schema", "revision"):
+                    # written by this work's first cut, which counted the additive step as version 2: the same layout
+                    self.run("ALTER TABLE store_schema ADD COLUMN revision INTEGER")
+                    self.run("UPDATE store_schema SET version = ?, revision = ?", (SCHEMA_VERSION, 2))
+                    version = SCHEMA_VERSION
                 revision = self.revision()
                 while version == SCHEMA_VERSION and revision in MIGRATIONS:
                     for table, column, statement in MIGRATIONS[revision]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import hashlib
 import json
 
@@ -101,7 +102,8 @@ def test_feedback_through_the_api_becomes_a_labelled_data_version(onnx_model, tm
     # a person starts on the review file; a harvest meanwhile keeps what they typed (merged, never overwritten)
     rows = list(csv.DictReader(review.open()))
     for row in rows:
-        row["confirmed_label"] = "dog" if row["image"] == name_of("dogs/dog.3.jpg") else ""
+        if row["image"] == name_of("dogs/dog.3.jpg"):
+            row["confirmed_label"] = "dog"
     with review.open("w", newline="") as filled:
         writer = csv.DictWriter(filled, list(rows[0]))
         writer.writeheader(), writer.writerows(rows)
@@ -140,6 +142,7 @@ def test_feedback_through_the_api_becomes_a_labelled_data_version(onnx_model, tm
     relabel.write_text(f"image,confirmed_label\n{name_of(DOG5)},none\n")  # and drop a harvested photo
     harvest([*common, "--reviewed", str(relabel)])
     assert not list(out.rglob(name_of(DOG5)))
+    assert "trusted labels disagree" not in json.loads(report.read_text())["held_for_review"]  # CAT2's drop stays
     relabel.write_text(f"image,confirmed_label\n{name_of(DOG5)},Dog\n")  # not a label: refused, not dropped
     with pytest.raises(SystemExit, match="confirmed_label must be one of"):
         harvest([*common, "--reviewed", str(relabel)])
@@ -162,3 +165,20 @@ def test_harvest_needs_to_be_told_where_the_service_wrote(capsys, monkeypatch):
     with pytest.raises(SystemExit) as stopped:
         harvest([])
     assert stopped.value.code == 2 and "give FEEDBACK_DB and FEEDBACK_IMAGES" in capsys.readouterr().err
+
+
+def test_a_keys_label_against_a_harvested_photo_is_held_and_a_review_reaches_photos_the_store_forgot(tmp_path):
+    from loop.harvest import harvest as rules
+    from server.store import PredictionRecord
+
+    images, out = tmp_path / "kept", tmp_path / "feedback"
+    photo, forgotten = "a" * 64 + ".jpg", "b" * 64 + ".jpg"
+    images.mkdir(), (out / "cat").mkdir(parents=True)
+    for name in (photo, forgotten):
+        (out / "cat" / name).write_bytes(b"harvested before")
+    (images / photo).write_bytes(b"harvested before")
+    later = PredictionRecord("p", "r", 0.0, "v", "cat", {"cat": 0.6, "dog": 0.4}, 0.9, photo, "dog", "labeller", True)
+    hostile = dataclasses.replace(later, prediction_id="q", image="../../etc/passwd")  # never a path
+    result = rules([later, hostile], images, out, ["cat", "dog"], set(), 0.99, {forgotten[:64]: "none"})
+    assert [row["reason"] for row in result.held] == ["a trusted label contradicts the harvested one"]
+    assert (out / "cat" / photo).is_file() and not (out / "cat" / forgotten).exists()  # dropped, record or not
