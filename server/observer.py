@@ -195,7 +195,6 @@ class Observer:
         # a first label counts, and a key's label in place of an anonymous one counts for the keys
         if record is not None and (outcome is Feedback.RECORDED or (outcome is Feedback.REPLACED and kind == "key")):
             correct = label == record.label
-            # `kind`, never a key's name: one series per kind
             self.metrics.feedback.labels(label, str(correct).lower(), kind).inc()
             if self.prediction_log:
                 try:
