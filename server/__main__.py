@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         timeout=settings.header_timeout,
         max_timeout=settings.header_timeout_max,
         min_rate=settings.read_min_rate,
+        max_connections=settings.max_connections,
     )
     for stop in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop, stopped)

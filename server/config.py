@@ -149,6 +149,9 @@ SETTINGS: tuple[Setting, ...] = (
             "bytes/s on average"),
     Setting("READ_MIN_RATE", integer(1), fixed(500), "500",
             "bytes per second that earn a slow client one more second (headers and body)"),
+    Setting("MAX_CONNECTIONS", integer(1), fixed(512), "512",
+            "open connections per worker; a request on one beyond it is answered 503 and closed (nginx's "
+            "`worker_connections` default)"),
     Setting("DECODE_CONCURRENCY", integer(1), per_worker, "CPUs / `WORKERS`",
             "images decoded at once (each decode has its own memory peak)"),
     Setting("MAX_UPLOAD_BYTES", integer(1), fixed(10 * MIB), str(10 * MIB),
@@ -167,6 +170,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("FEEDBACK_DB", str, fixed(None), "unset (memory)",
             "the feedback store: a SQLite file (survives restarts; one host's processes) or a `postgresql://` URL "
             "(several processes or replicas)"),
+    Setting("STORE_TIMEOUT", integer(1), fixed(10), "10",
+            "seconds a `POST /feedback` waits on the feedback store (a hung or locked database) before 503 "
+            "`store_unavailable`"),
     Setting("FEEDBACK_IMAGES", Path, fixed(None), "unset (off: no photo is written)",
             "folder keeping each predicted photo, named by its sha256, so that feedback can become training data"),
     Setting("FEEDBACK_IMAGES_DAYS", integer(1), fixed(7), "7",
@@ -179,6 +185,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("FEEDBACK_ANONYMOUS_LABELLED_MAX_BYTES", integer(1), fixed(256 * MIB), str(256 * MIB),
             "photos labelled without a key, waiting for a person's review (`FEEDBACK_IMAGES/labelled-anonymous`); "
             "their own bound, so they never take a key's room"),
+    Setting("OBSERVER_MAX_BYTES", integer(1), fixed(64 * MIB), str(64 * MIB),
+            "uploads held while they wait to be kept (`FEEDBACK_IMAGES`, the log's samples) behind a slow store or "
+            "disk; past it a prediction is answered but not recorded (counted, logged once)"),
     Setting("API_KEYS_FILE", Path, fixed(None), "unset (no keys: every client is anonymous)",
             "the API keys (`make api-key`): one JSON line per key, only its hash kept; deleting a line revokes the "
             "key within a second (docs/threat-model.md)"),
@@ -246,6 +255,7 @@ class Settings:
     body_timeout: int
     body_timeout_max: int
     read_min_rate: int
+    max_connections: int
     decode_concurrency: int
     max_upload_bytes: int
     max_image_pixels: int
@@ -256,11 +266,13 @@ class Settings:
     graceful_timeout: int
     feedback_store_size: int
     feedback_db: str | None
+    store_timeout: int
     feedback_images: Path | None
     feedback_images_days: int
     feedback_images_max_bytes: int
     feedback_labelled_max_bytes: int
     feedback_anonymous_labelled_max_bytes: int
+    observer_max_bytes: int
     api_keys_file: Path | None
     predict_requires_key: bool
     feedback_rate: float

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
-import anyio.to_thread
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -17,12 +16,11 @@ from server.errors import RETRY_AFTER_S, ClientError
 from server.inference import require_model
 from server.logs import get_logger
 from server.observer import Observer, issued_at
-from server.store import STORE_ERRORS, Feedback
+from server.store import STORE_ERRORS, Feedback, PredictionRecord
 
 MAX_FEEDBACK_BYTES = 4096
 IN_FLIGHT_S = 30  # an id issued this recently and not found may still be in another replica's queue
 MAX_ID_CHARS = 128
-T = TypeVar("T")
 EXAMPLE = '{"prediction_id": "...", "label": "..."}'
 
 
@@ -42,13 +40,29 @@ def parse_feedback(body: bytes) -> tuple[str, str]:
     return prediction_id, label
 
 
-async def store_call(fn: Callable[..., T], *args: object) -> T:
-    """A call to the prediction store, off the event loop; a store that fails (a locked or full database, a database
-    server that is down) is a 503 the client may retry, never a 500."""
+async def give_feedback(
+    request: Request, prediction_id: str, label: str, source: str
+) -> tuple[Feedback, PredictionRecord | None]:
+    """Observer.give_feedback on the store's own threads (never the pool V2's parsing uses), answered within
+    STORE_TIMEOUT seconds whatever the database does: a store that fails or hangs (a locked or full database, a
+    database server down or not answering) is a 503 the client may retry, never a 500 and never a hang. A call
+    still waiting for a thread at its deadline never starts; one running is bounded by the store's own deadlines."""
+    observer: Observer = request.app.state.observer
+    timeout = request.app.state.settings.store_timeout
+    deadline = time.monotonic() + timeout
+
+    def call() -> tuple[Feedback, PredictionRecord | None]:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        return observer.give_feedback(prediction_id, label, source, timeout=min(5, remaining))
+
     try:
-        return await anyio.to_thread.run_sync(fn, *args)
-    except STORE_ERRORS as error:  # the detail (a path, a host, SQL) is for the log, not for the client
-        get_logger().warning("the prediction store failed", extra={"error": f"{type(error).__name__}: {error}"})
+        async with asyncio.timeout(timeout):
+            return await asyncio.get_running_loop().run_in_executor(observer.calls, call)
+    except (*STORE_ERRORS, TimeoutError) as error:  # the detail (a path, a host, SQL) is for the log, not the client
+        reason = f"no answer within {timeout} s" if isinstance(error, TimeoutError) else type(error).__name__
+        get_logger().warning("the prediction store failed", extra={"error": f"{reason}: {error}"})
         raise ClientError(503, "store_unavailable", "the prediction store is unavailable; retry",
                           {"Retry-After": str(RETRY_AFTER_S)}) from None  # fmt: skip
 
@@ -71,7 +85,7 @@ async def feedback(request: Request) -> JSONResponse:
     limits = request.app.state.limits  # a well-formed label, before it reaches the store
     limit(request, limits["feedback"] if identity.anonymous else limits["feedback_key"], identity, "feedback")
     observer: Observer = request.app.state.observer
-    outcome, record = await store_call(observer.give_feedback, prediction_id, label, identity.name)
+    outcome, record = await give_feedback(request, prediction_id, label, identity.name)
     if record is None:
         issued = issued_at(prediction_id)  # on a shared store, another replica may not have written it yet
         if observer.store.shared and issued is not None and 0 <= time.time() - issued < IN_FLIGHT_S:

@@ -12,7 +12,9 @@ import queue
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from starlette.requests import Request
@@ -36,6 +38,8 @@ QUEUE_SIZE = 1000  # predictions waiting to be recorded: about a minute of full 
 GATHER_S = 0.05
 BATCH = 256  # at most this many predictions recorded in one transaction
 EXPIRE_EVERY_S = 60  # how often kept photos past their retention are looked for
+STORE_THREADS = 4  # feedbacks at the store at once, per process: their own pool, never the one V2 parsing uses
+UNSETTLED = 10_000  # feedbacks remembered whose store call failed (it may have committed before it failed)
 
 
 class Observer:
@@ -80,7 +84,15 @@ class Observer:
             get_logger().warning("the model carries no reference distributions: no drift metrics")
         self.drift = DriftMonitor(reference, settings.drift_window, metrics.drift_psi, metrics.drift_window)
         self.queue: queue.Queue[Observation | None] = queue.Queue(QUEUE_SIZE)
+        # an upload's bytes ride along only when something keeps them (photos for feedback, the log's samples), and
+        # the queue holds at most max_bytes of them: a slow store must not grow the process by the uploads it answered
+        self.keeps_bytes = bool(self.images or (self.prediction_log and self.prediction_log.samples))
+        self.max_bytes = settings.observer_max_bytes
+        self.queued_bytes = 0
         self.pending: set[str] = set()  # ids queued, not yet in the store
+        self.calls = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="store")  # feedback's store calls
+        self.unsettled: OrderedDict[str, tuple[str, str]] = OrderedDict()  # prediction id -> (label, source)
+        self.unsettled_lock = threading.Lock()
         self.written = threading.Condition()
         self.reported: set[str] = set()
         self.worker = threading.Thread(target=self.drain, name="observer", daemon=True)
@@ -93,13 +105,21 @@ class Observer:
         """Queue one prediction to be recorded; never blocks."""
         record = PredictionRecord(prediction_id, request_id, time.time(), model_version, prediction.label,
                                   prediction.probabilities, prediction.pet_score, is_pet=prediction.is_pet)  # fmt: skip
+        data = data if self.keeps_bytes else b""
         with self.written:  # pending before it is queued: the worker may write it at once
-            self.pending.add(prediction_id)
+            full = self.queued_bytes + len(data) > self.max_bytes
+            if not full:
+                self.pending.add(prediction_id)
+                self.queued_bytes += len(data)
         try:
+            if full:
+                raise queue.Full
             self.queue.put_nowait(Observation(record, prediction, data, content_type))
         except queue.Full:
-            with self.written:
-                self.pending.discard(prediction_id)
+            if not full:
+                with self.written:
+                    self.pending.discard(prediction_id)
+                    self.queued_bytes -= len(data)
             self.lose("queue_full", "the observer's queue is full: predictions are answered but not recorded")
 
     def drain(self) -> None:
@@ -120,6 +140,7 @@ class Observer:
             finally:
                 with self.written:
                     self.pending.difference_update(item.record.prediction_id for item in observations)
+                    self.queued_bytes -= sum(len(item.data) for item in observations)
                     self.written.notify_all()
             if stop:
                 return
@@ -175,10 +196,25 @@ class Observer:
         self, prediction_id: str, label: str, source: str, timeout: float = 5
     ) -> tuple[Feedback, PredictionRecord | None]:
         """Record a feedback once its prediction is out of the queue (at most `timeout` seconds: a feedback sent right
-        after its prediction must see it); a first one is counted and logged. Blocking: call it from a worker thread."""
+        after its prediction must see it); a first one is counted and logged. Blocking: call it from a worker thread.
+
+        A store call that fails may have committed first (its connection cut after the change): the client is told
+        503 and retries, and the retry finds its own label there. So a failed call is remembered, and the retry that
+        finds the same label from the same source is counted and keeps its photo as the first would have."""
         with self.written:
             self.written.wait_for(lambda: prediction_id not in self.pending, timeout)
-        outcome, record = self.store.give_feedback(prediction_id, label, source)
+        try:
+            outcome, record = self.store.give_feedback(prediction_id, label, source)
+        except Exception:
+            with self.unsettled_lock:
+                self.unsettled[prediction_id] = (label, source)
+                while len(self.unsettled) > UNSETTLED:
+                    self.unsettled.popitem(last=False)
+            raise
+        with self.unsettled_lock:
+            tried = self.unsettled.pop(prediction_id, None)
+        if outcome is Feedback.REPEATED and tried == (label, source) and record and record.feedback_source == source:
+            outcome = Feedback.RECORDED
         # the photo waits for harvest outside the cap and the retention, in its source's area (each with its own
         # bound: a client without a key never takes a key's room)
         kind = "anonymous" if source == ANONYMOUS else "key"
@@ -214,6 +250,7 @@ class Observer:
         with contextlib.suppress(queue.Full):
             self.queue.put(None, timeout=timeout)
         self.worker.join(timeout)
+        self.calls.shutdown(wait=False, cancel_futures=True)
         self.store.close()
         if self.prediction_log:
             self.prediction_log.close()

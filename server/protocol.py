@@ -6,17 +6,43 @@ that sends half a request line or header and stops is kept open for ever, before
 Here every request's head must be complete within HEADER_TIMEOUT seconds, one more for every READ_MIN_RATE bytes
 received, at most HEADER_TIMEOUT_MAX (Apache's RequestReadTimeout header=20-40,MinRate=500); past that the
 client gets 408 and the connection is closed. The body's deadline is server.bodies'.
+
+The clock also runs from any byte that arrives between requests (uvicorn's keep-alive timer stops at the first byte,
+and bytes that start no request, such as empty lines, start nothing else): a connection that sends anything but a
+request is closed within the head deadline too. A response sent before its request's body was read (413, 401, 429,
+...) ends the connection as nginx's lingering close does: the rest of the body is read and dropped, and the
+connection closed after LINGERING_TIMEOUT_S without a byte or HEADER_TIMEOUT in all (nginx: lingering_timeout 5 s,
+lingering_time 30 s), so the client can read its answer and a client that goes on dripping is cut off.
+
+A worker holds at most MAX_CONNECTIONS connections: each request on one opened beyond it is answered 503
+`too_many_connections` and the connection closed (uvicorn's own limit_concurrency would refuse every connection's
+requests alike, the ones it already holds too, and with a plain-text body).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
+from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from server.errors import RETRY_AFTER_S
+
 TIMED_OUT = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+LINGERING_TIMEOUT_S = 5  # nginx's lingering_timeout
+
+
+async def too_many_connections(scope: Scope, receive: Receive, send: Send) -> None:
+    """The answer to every request on a connection opened past MAX_CONNECTIONS."""
+    message = "this worker holds as many connections as it may; retry, or reuse a connection"
+    body = json.dumps({"error": {"code": "too_many_connections", "message": message}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"retry-after", str(RETRY_AFTER_S).encode()), (b"connection", b"close")]  # fmt: skip
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 class CoalescingTransport:
@@ -74,12 +100,16 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
     """HttpToolsProtocol, plus the clock that runs from a request's first byte (or the connection's opening) to
     the end of its headers."""
 
-    def __init__(self, *args: Any, timeout: float, max_timeout: float, min_rate: float, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, timeout: float, max_timeout: float, min_rate: float, max_connections: int, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
+        self.max_connections = max_connections
         self.header_timeout, self.header_timeout_max, self.min_rate = timeout, max_timeout, min_rate
         self.head_started: float | None = None
         self.head_bytes = 0
         self.head_timer: asyncio.TimerHandle | None = None
+        self.lingering: tuple[float, asyncio.TimerHandle] | None = None  # (when it must end, the silence timer)
 
     def start_head_clock(self) -> None:
         if self.head_started is None:
@@ -106,15 +136,47 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
             self.transport.write(TIMED_OUT)
             self.transport.close()
 
+    def between_requests(self) -> bool:
+        return self.cycle is None or self.cycle.response_complete
+
+    def linger(self) -> None:
+        """The answer went before its request's body: read and drop the rest a while, then close."""
+        self.stop_head_clock()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()  # the answer is all there is: the client sees it end
+        self.lingering = (time.monotonic() + self.header_timeout, self.loop.call_later(LINGERING_TIMEOUT_S, self.close))
+
+    def close(self) -> None:
+        if self.lingering is not None:
+            self.lingering[1].cancel()
+        if not self.transport.is_closing():
+            self.transport.close()
+
     # uvicorn's protocol interface
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
+        if len(self.connections) > self.max_connections:  # this one included: it is past the limit
+            self.app = too_many_connections
         self.start_head_clock()
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering is not None:  # the rest of a refused body: dropped
+            ends, silence = self.lingering
+            silence.cancel()
+            remaining = min(ends - time.monotonic(), LINGERING_TIMEOUT_S)
+            self.lingering = (ends, self.loop.call_later(max(0, remaining), self.close))
+            return
+        if self.between_requests():
+            self.start_head_clock()  # whatever these bytes are, a request's head must be complete in time
         if self.head_started is not None:
             self.head_bytes += len(data)
         super().data_received(data)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.cycle is not None and self.cycle.more_body and not self.transport.is_closing():
+            self._unset_keepalive_if_required()
+            self.linger()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -126,4 +188,6 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.stop_head_clock()
+        if self.lingering is not None:
+            self.lingering[1].cancel()
         super().connection_lost(exc)

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import socket
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -30,6 +33,16 @@ from server.config import POSTGRES_SCHEMES
 SCHEMA_VERSION = 1
 SCHEMA_REVISION = 2
 STATEMENT_TIMEOUT_MS = 5000  # a PostgreSQL statement past it fails (503), never holds the store's thread for long
+# The server's statement_timeout needs a server that answers. A database that stops answering on an open connection
+# (a partition, a failover, a frozen VM) is bounded here, at the client: connecting (libpq's connect_timeout); data
+# sent and never acknowledged (tcp_user_timeout); a silent peer (TCP keepalives after 5 s idle, every 2 s, 3 lost:
+# 11 s); and whatever still hangs, a peer whose kernel acknowledges but whose server never answers (a stopped process
+# or proxy), by a watchdog that cuts the connection of a statement past STATEMENT_DEADLINE_S. Each thread has its own
+# connection, so no lock is held while one waits on the network.
+CONNECT_TIMEOUT_S = 3
+STATEMENT_DEADLINE_S = STATEMENT_TIMEOUT_MS / 1000 + 2  # the server's own timeout answers first when it can
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
+              "tcp_user_timeout": int(STATEMENT_DEADLINE_S * 1000)}  # fmt: skip
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS store_schema (version INTEGER NOT NULL, revision INTEGER)",
     """CREATE TABLE IF NOT EXISTS predictions (
@@ -63,7 +76,57 @@ MIGRATIONS: dict[int, tuple[tuple[str, str, str], ...]] = {  # revision -> its s
 
 
 class StoreError(Exception):
-    """A database this service cannot use (a newer schema version, or one that is not there read-only)."""
+    """A database this service cannot use (a newer schema version, or one that is not there read-only), or one that
+    did not answer in time."""
+
+
+class Watchdog:
+    """Cuts the connection of a PostgreSQL statement that runs past its deadline: the socket is shut down, so the
+    thread blocked on it gets an error at once (the connection is then dropped, and a new one made on next use)."""
+
+    def __init__(self, deadline_s: float) -> None:
+        self.deadline_s = deadline_s
+        self.lock = threading.Lock()
+        self.running: dict[int, tuple[float, Any]] = {}  # thread id -> (deadline, connection)
+        self.cut: set[int] = set()  # threads whose statement was cut
+        self.thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def watch(self, db: Any) -> Iterator[None]:
+        me = threading.get_ident()
+        with self.lock:
+            self.running[me] = (time.monotonic() + self.deadline_s, db)
+            self.cut.discard(me)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self.patrol, name="store-watchdog", daemon=True)
+                self.thread.start()
+        try:
+            yield
+        except Exception:
+            with self.lock:
+                was_cut = me in self.cut
+            if was_cut:
+                raise StoreError(f"the database did not answer within {self.deadline_s:g} s") from None
+            raise
+        finally:
+            with self.lock:
+                self.running.pop(me, None)
+                self.cut.discard(me)
+
+    def patrol(self) -> None:
+        while True:
+            time.sleep(min(0.25, self.deadline_s / 4))
+            now = time.monotonic()
+            with self.lock:
+                late = [(me, db) for me, (deadline, db) in self.running.items() if deadline < now]
+                self.cut.update(me for me, _ in late)
+                for me, _ in late:
+                    del self.running[me]
+            for _, db in late:
+                with contextlib.suppress(OSError, psycopg.Error):
+                    cut = socket.socket(fileno=os.dup(db.fileno()))
+                    with cut:
+                        cut.shutdown(socket.SHUT_RDWR)
 
 
 STORE_ERRORS = (OSError, sqlite3.Error, psycopg.Error, StoreError)  # a store that fails: 503 to a feedback, never 500
@@ -105,9 +168,17 @@ class PredictionStore:
         self.postgres = bool(self.target and self.target.startswith(POSTGRES_SCHEMES))
         self.placeholder = "%s" if self.postgres else "?"
         self.size = size
-        self.lock = threading.RLock()  # one connection per process, used by one thread at a time
+        # SQLite: one connection per process, used by one thread at a time (a local file: no network wait under the
+        # lock). PostgreSQL: one connection per thread, nothing held while a statement waits on the network.
+        self.lock: contextlib.AbstractContextManager[Any] = (
+            contextlib.nullcontext() if self.postgres else threading.RLock()
+        )
+        self.local = threading.local()
+        self.shared_db: Any = None
+        self.connections: list[Any] = []  # every PostgreSQL connection made, to close them all
+        self.connections_lock = threading.Lock()
+        self.watchdog = Watchdog(STATEMENT_DEADLINE_S) if self.postgres else None
         self.added = 0
-        self.db: Any = None
         self.error: str | None = None  # why this store cannot be used (its schema): /ready fails, feedback is 503
         if not self.postgres or read_only:
             with self.lock:
@@ -125,6 +196,17 @@ class PredictionStore:
                 self.connect()
 
     @property
+    def db(self) -> Any:
+        return getattr(self.local, "db", None) if self.postgres else self.shared_db
+
+    @db.setter
+    def db(self, value: Any) -> None:
+        if self.postgres:
+            self.local.db = value
+        else:
+            self.shared_db = value
+
+    @property
     def shared(self) -> bool:
         """Whether other processes write this store too (a SQLite file, PostgreSQL), not this process's memory."""
         return self.target is not None
@@ -134,8 +216,10 @@ class PredictionStore:
             options = f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"
             if self.read_only:
                 options += " -c default_transaction_read_only=on"
-            self.db = psycopg.connect(self.target, autocommit=True, connect_timeout=3, keepalives=1,
-                                      keepalives_idle=30, options=options)  # fmt: skip
+            self.db = psycopg.connect(self.target, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
+                                      options=options, **KEEPALIVES)  # fmt: skip
+            with self.connections_lock:
+                self.connections = [db for db in self.connections if not db.closed] + [self.db]
         elif self.read_only:
             if not self.target or not Path(self.target).is_file():
                 raise StoreError(f"no feedback store at {self.target!r}: give the FEEDBACK_DB the service wrote")
@@ -162,14 +246,28 @@ class PredictionStore:
             raise StoreError(self.error)
         if self.db is None:
             self.connect()
-        try:
+        if not self.postgres:
             return self.db.execute(sql.replace("?", self.placeholder), params)
+        assert self.watchdog is not None
+        try:
+            with self.watchdog.watch(self.db):
+                return self.db.execute(sql.replace("?", self.placeholder), params)
+        except StoreError:  # cut by the watchdog: never tried again, the statement may have run
+            self.drop()
+            raise
         except psycopg.OperationalError:
             if not (self.db.closed or self.db.broken):
                 raise  # a statement that failed, on a good connection
-            self.db = None  # the server went away: one new connection, one more try
+            self.drop()  # the server went away: one new connection, one more try
             self.connect()
-            return self.db.execute(sql.replace("?", self.placeholder), params)
+            with self.watchdog.watch(self.db):
+                return self.db.execute(sql.replace("?", self.placeholder), params)
+
+    def drop(self) -> None:
+        """Forget this thread's broken connection (the next statement makes a new one)."""
+        with contextlib.suppress(psycopg.Error, OSError):
+            self.db.close()
+        self.db = None
 
     def migrate(self) -> None:
         """Create the schema, or upgrade an older revision step by step (MIGRATIONS), in one transaction with the
@@ -326,20 +424,25 @@ class PredictionStore:
         open_to = "feedback IS NULL"
         if trusted:
             open_to = "(feedback IS NULL OR feedback_source IS NULL OR feedback_source = ?)"
-        with self.lock:
+        with self.lock:  # the record comes back with the change itself: nothing is read after the commit
             changed = self.run(
                 f"UPDATE predictions SET feedback = ?, feedback_time = ?, feedback_source = ? WHERE prediction_id = ? "
-                f"AND {open_to}",
+                f"AND {open_to} RETURNING {COLUMNS}",
                 (label, time.time(), source, prediction_id, *((ANONYMOUS,) if trusted else ())),
-            ).rowcount
+            ).fetchone()
+        if changed is not None:
+            return (Feedback.REPLACED if before and before.feedback else Feedback.RECORDED), self.record(changed)
         record = self.get(prediction_id)
         if record is None:
             return Feedback.UNKNOWN, None
-        if changed == 1:
-            return (Feedback.REPLACED if before and before.feedback else Feedback.RECORDED), record
         return (Feedback.REPEATED if record.feedback == label else Feedback.CONFLICT), record
 
     def close(self) -> None:
         with self.lock:
-            if self.db is not None:  # a PostgreSQL store that never connected
+            if not self.postgres and self.db is not None:
                 self.db.close()
+        with self.connections_lock:  # every thread's PostgreSQL connection
+            for db in self.connections:
+                with contextlib.suppress(psycopg.Error, OSError):
+                    db.close()
+            self.connections = []

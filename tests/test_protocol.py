@@ -4,6 +4,8 @@ are served meanwhile."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -13,7 +15,7 @@ import pytest
 
 from bench.clients import half_open, honest
 from bench.loadgen import read_response
-from server.protocol import CoalescingTransport
+from server.protocol import LINGERING_TIMEOUT_S, CoalescingTransport
 from tests.conftest import running_service
 from tests.images import photo_bytes
 from tests.service import Service
@@ -101,3 +103,105 @@ def test_a_response_leaves_in_one_write_in_the_order_written():
     sent, aborted = asyncio.run(scenario())
     assert sent.writes == [b"HTTP/1.1 200 OK\r\n\r\nbody", b"late"] and sent.closed
     assert aborted.writes == [] and aborted.aborted
+
+
+def drip_until_closed(connection: socket.socket, drip: bytes, every_s: float, limit_s: float) -> tuple[bytes, float]:
+    """Send `drip` every `every_s` seconds until the server closes the connection; what came back and when."""
+    started, answer = time.perf_counter(), b""
+    connection.settimeout(every_s)
+    while time.perf_counter() - started < limit_s:
+        try:
+            connection.sendall(drip)
+            chunk = connection.recv(65536)
+        except TimeoutError:
+            continue
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        if not chunk:
+            break
+        answer += chunk
+    return answer, time.perf_counter() - started
+
+
+def test_bytes_that_start_no_request_after_an_answer_are_closed_within_the_head_deadline(service):
+    """Empty lines after a kept-alive answer re-arm nothing in uvicorn: the head clock runs from them."""
+    with socket.create_connection(("127.0.0.1", service.port), timeout=10) as connection:
+        connection.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(connection, timeout=5).status == 200
+        answer, held = drip_until_closed(connection, b"\r\n", 0.5, 30)
+    print(f"empty lines after an answer: closed after {held:.1f} s")
+    assert answer.startswith(b"HTTP/1.1 408") and held < 3 + 2, (answer[:80], held)
+
+
+def test_a_refused_body_that_keeps_dripping_is_closed_after_its_answer(service):
+    """413 before the body: the client reads its answer (then EOF), the rest it drips is dropped, and the server
+    closes its socket at the head deadline however long the drip goes on."""
+    with socket.create_connection(("127.0.0.1", service.port), timeout=10) as connection:
+        connection.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                           b"Content-Length: 100000000\r\n\r\n")  # fmt: skip
+        first = read_response(connection, timeout=5)
+        assert connection.recv(100) == b""  # the answer is all there is
+        started, port = time.perf_counter(), connection.getsockname()[1]
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            while holds(service.process.pid, port) and time.perf_counter() - started < 30:
+                connection.sendall(b"x" * 100)
+                time.sleep(0.3)
+        held = time.perf_counter() - started
+    print(f"a refused body dripping on: closed {held:.1f} s after the 413")
+    assert first.status == 413 and 2 - 1 < held < 2 + 2, (first.status, held)
+
+
+def holds(pid: int, client_port: int) -> bool:
+    """Whether process `pid` still has a socket open to this machine's `client_port` (/proc: its descriptors and the
+    kernel's TCP tables), whatever the socket's state."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = str(fd.readlink())
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[2].rsplit(":", 1)[1], 16) == client_port and fields[9] in inodes:
+                return True
+    return False
+
+
+def test_a_refused_body_that_stops_is_closed_after_the_lingering_timeout(onnx_model):
+    """The answer ends the server's side at once (the client reads EOF); the server closes its socket after
+    LINGERING_TIMEOUT_S without a byte."""
+    with contextlib.ExitStack() as stack:
+        service = stack.enter_context(contextlib.contextmanager(running_service)(onnx_model, HEADER_TIMEOUT="60"))
+        connection = stack.enter_context(socket.create_connection(("127.0.0.1", service.port), timeout=30))
+        connection.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                           b"Content-Length: 100000000\r\n\r\nxxxx")  # fmt: skip
+        assert read_response(connection, timeout=5).status == 413
+        started, port = time.perf_counter(), connection.getsockname()[1]
+        assert connection.recv(100) == b""  # the answer is all there is
+        while holds(service.process.pid, port) and time.perf_counter() - started < 30:
+            time.sleep(0.1)
+        held = time.perf_counter() - started
+    print(f"a refused body that stops: closed {held:.1f} s after the 413")
+    assert LINGERING_TIMEOUT_S - 1 < held < LINGERING_TIMEOUT_S + 3, held
+
+
+def test_connections_past_the_limit_are_answered_503_and_the_rest_served(onnx_model):
+    with contextlib.ExitStack() as stack:
+        service = stack.enter_context(contextlib.contextmanager(running_service)(onnx_model, MAX_CONNECTIONS="3"))
+        held = [stack.enter_context(socket.create_connection(("127.0.0.1", service.port), timeout=10))
+                for _ in range(4)]  # fmt: skip
+        time.sleep(0.2)  # accepted, in order
+        answers = []
+        for connection in [*held[:3], held[3], *held[:3]]:  # the first three before and after the fourth's refusal
+            connection.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            answers.append(read_response(connection, timeout=5))
+        assert [answer.status for answer in answers] == [200, 200, 200, 503, 200, 200, 200]
+        assert json.loads(answers[3].body)["error"]["code"] == "too_many_connections"
+        assert answers[3].headers["retry-after"] == "1"
+        assert held[3].recv(100) == b""  # answered, then closed
+        held[0].close()
+        time.sleep(0.2)
+        with socket.create_connection(("127.0.0.1", service.port), timeout=10) as connection:
+            connection.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_response(connection, timeout=5).status == 200  # room again once one closed
