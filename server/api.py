@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import Any
 
@@ -30,6 +31,11 @@ def prediction_body(prediction: Prediction, model: Model, started: float, predic
     }
 
 
+# Which container (or host) answered: Docker's host name is the container's id, so a blue/green switch proves at the
+# public port that the candidate container answers, not merely one with the same model (deploy/host/bluegreen.sh).
+INSTANCE = socket.gethostname()
+
+
 async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok", "model_loaded": request.app.state.model is not None})
 
@@ -40,8 +46,9 @@ async def ready(request: Request) -> JSONResponse:
     if store_error:  # every prediction's record and every feedback would be lost: not ready
         raise ClientError(503, "store_unusable", f"the feedback store cannot be used: {store_error}")
     return JSONResponse(
-        {"status": "ready", "model_version": model.version, "precision": model.precision, "model_sha256": model.sha256}
-    )
+        {"status": "ready", "model_version": model.version, "precision": model.precision, "model_sha256": model.sha256,
+         "instance": INSTANCE}
+    )  # fmt: skip
 
 
 async def model_info(request: Request) -> JSONResponse:

@@ -76,7 +76,8 @@ def health(settings: Settings) -> Schema:
 def ready(settings: Settings) -> Schema:
     body = {"type": "object", "required": ["status", "model_version", "precision"],
             "properties": {"status": {"const": "ready"}, "model_version": {"type": "string"},
-                           "precision": {"type": "string"}}}  # fmt: skip
+                           "precision": {"type": "string"}, "model_sha256": {"type": "string"},
+                           "instance": {"type": "string", "description": "the answering container"}}}  # fmt: skip
     responses = {"200": ok("The model is loaded and warm", body), **errors(503)}
     return {"get": operation("Readiness", responses, operation_id="ready")}
 

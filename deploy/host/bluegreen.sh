@@ -10,7 +10,8 @@
 #
 #   bluegreen.sh candidate IMAGE@DIGEST MODELS_DIR   start the idle colour; prints "colour port" once healthy
 #   bluegreen.sh switch COLOUR                       point the proxy at COLOUR once it is healthy; checks the public
-#                                                    port serves its model, else puts the old upstream back
+#                                                    port answers from COLOUR's container, else puts the old
+#                                                    upstream back; interrupted, it is undone (see below)
 #   bluegreen.sh retire COLOUR                       stop COLOUR once its requests finished (never the live colour)
 #   bluegreen.sh reject COLOUR REASON                record a candidate that failed its checks as failed, and stop it
 #   bluegreen.sh rollback                            the previous release back the same way: candidate, switch, retire
@@ -23,6 +24,13 @@
 # PROXY_IMAGE (nginx:1.29-alpine), HEALTH_TIMEOUT (180 s for a candidate to become healthy), DRAIN_TIMEOUT (60 s,
 # nginx's proxy_read_timeout: the longest retire waits for the old colour's requests), COMMIT (recorded), OUTCOME
 # (what switch records: deployed; CD's switch back after failed checks: reverted).
+#
+# A switch is a transaction whose commit is its record: it first keeps the old upstream (proxy/upstream.conf.old)
+# and writes its intent (proxy/switching), then rewrites the upstream, reloads nginx, checks the public port, and
+# records the release (current.json, with the intent's token). Stopped before the record by a signal or an error,
+# its trap undoes it: the old upstream back, nginx reloaded, a "failed" line recorded. Killed outright (no trap
+# runs), the next bluegreen.sh call on this host settles it first, the same way, or finishes it when its record was
+# written. So upstream.conf, nginx and current.json never disagree once any call returns.
 set -euo pipefail
 self=$(realpath "$0")
 cd "$(dirname "$self")/../.."  # DEPLOY_PATH: docker-compose.yml, deploy/host/, models/, proxy/
@@ -39,8 +47,13 @@ port_of() {
     *) echo "unknown colour '$1': blue or green" >&2; exit 2 ;;
   esac
 }
-active() { # the colour proxy/upstream.conf sends traffic to
-  local port; port=$(sed -n 's/^server 127\.0\.0\.1:\([0-9]*\);$/\1/p' proxy/upstream.conf 2>/dev/null | head -n1 || true)
+switched() { # whether the switch in proxy/switching was recorded (committed)
+  [ -f proxy/switching ] && releases switched "$(cat proxy/switching)"
+}
+active() { # the colour proxy/upstream.conf sends traffic to (its old copy while a switch is not committed)
+  local conf=proxy/upstream.conf
+  if [ -f proxy/switching ] && ! switched; then conf=proxy/upstream.conf.old; fi
+  local port; port=$(sed -n 's/^server 127\.0\.0\.1:\([0-9]*\);$/\1/p' "$conf" 2>/dev/null | head -n1 || true)
   case "$port" in
     "") echo none ;;
     "$(port_of blue)") echo blue ;;
@@ -63,14 +76,15 @@ container_of() { # container_of PROJECT SERVICE: its container's id (running or 
   docker ps -aq --filter "label=com.docker.compose.project=$1" --filter "label=com.docker.compose.service=$2" | head -n1
 }
 health_of() { docker inspect -f '{{.State.Health.Status}} {{.RestartCount}} {{.State.Status}}' "$1" 2>/dev/null || echo none 0 gone; }
-ready_field() { # ready_field CONTAINER FIELD: a field of the service's /ready, asked inside its container
+ready_field() { # ready_field CONTAINER FIELD: a field of the service's /ready, asked inside its container ("" when
+  # it has none: an image from before the field)
   docker exec "$1" python -c "import json, sys, urllib.request
-print(json.load(urllib.request.urlopen('http://127.0.0.1:8000/ready', timeout=5))[sys.argv[1]])" "$2"
+print(json.load(urllib.request.urlopen('http://127.0.0.1:8000/ready', timeout=5)).get(sys.argv[1], ''))" "$2"
 }
-public_sha() { # the model_sha256 the proxy's public port serves, or nothing
+public_field() { # public_field FIELD: a field of the /ready the proxy's public port answers, or nothing
   python3 -c "import json, sys, urllib.request
-try: print(json.load(urllib.request.urlopen(f'http://127.0.0.1:{sys.argv[1]}/ready', timeout=5))['model_sha256'])
-except Exception: pass" "$PUBLIC_PORT"
+try: print(json.load(urllib.request.urlopen(f'http://127.0.0.1:{sys.argv[1]}/ready', timeout=5))[sys.argv[2]])
+except Exception: pass" "$PUBLIC_PORT" "$1"
 }
 old_workers() { # nginx workers still finishing requests after a reload ("worker process is shutting down")
   docker exec "$1" sh -c 'cat /proc/[0-9]*/cmdline 2>/dev/null | tr "\0" "\n" | grep -c "is shutting dow[n]" || true' \
@@ -90,11 +104,29 @@ stop_colour() { # stop_colour COLOUR SECONDS: compose down, then make sure nothi
   rm -f "proxy/$1.json"
 }
 
+settle() { # settle WHY: a switch that did not finish (proxy/switching) is finished when it was recorded, else undone
+  [ -f proxy/switching ] || return 0
+  local token to; token=$(cat proxy/switching); to=${token%% *}
+  if ! switched; then
+    log "switch to $to did not finish ($1): the live colour's upstream goes back"
+    if [ -f proxy/upstream.conf.old ]; then mv -f proxy/upstream.conf.old proxy/upstream.conf; else rm -f proxy/upstream.conf; fi
+    local nginx; nginx=$(container_of "$PROJECT-proxy" proxy)
+    if [ -n "$nginx" ] && [ -f proxy/upstream.conf ]; then
+      docker exec "$nginx" nginx -s reload >&2 2>&1 || { log "nginx -s reload failed: the next bluegreen.sh call tries again"; return 1; }
+    elif [ -n "$nginx" ]; then
+      proxy stop >&2 2>&1 || { log "the proxy did not stop: the next bluegreen.sh call tries again"; return 1; }
+    fi  # no live colour before this switch: no proxy either
+    [ -z "${2:-}" ] || releases record failed "$to" "the switch to $to did not finish ($1); $(active 2>/dev/null) serves" || true
+  fi
+  rm -f proxy/upstream.conf.old proxy/switching
+}
+
 # one deploy at a time on this host: CD's steps and an operator's rollback never interleave their halves
 if [ "${1:-}" != active ] && [ -z "${BLUEGREEN_LOCKED:-}" ]; then
   exec 9>proxy/.lock
   flock -n 9 || { echo "another bluegreen.sh is running on this host (proxy/.lock); try again when it ends" >&2; exit 1; }
   export BLUEGREEN_LOCKED=1
+  settle "bluegreen.sh was killed during it" record || exit 1  # what a killed call left, before anything else
 fi
 
 case "${1:-}" in
@@ -123,7 +155,8 @@ case "${1:-}" in
       exit 1
     }
     trap on_exit EXIT
-    trap 'reason="interrupted"; exit 1' INT TERM HUP
+    trap 'reason="interrupted"; exit 1' INT TERM
+    trap 'exec >/dev/null 2>&1; reason="the session hung up"; exit 1' HUP  # a dropped SSH session: no terminal left
     docker image inspect "$image" >/dev/null 2>&1 || compose "$colour" pull --quiet serve
     log "candidate $colour: starting $image on 127.0.0.1:$(port_of "$colour") with $MODELS (live: $live)"
     compose "$colour" up -d --no-build --force-recreate serve >&2
@@ -155,15 +188,27 @@ case "${1:-}" in
     [ "$health" = healthy ] || { echo "$colour is not running and healthy ($health): not switching to it" >&2; exit 1; }
     [ -f "proxy/$colour.json" ] || describe "$colour"
     sha=$(releases field "$colour" model_sha256)
-    [ -f proxy/upstream.conf ] && cp proxy/upstream.conf proxy/upstream.conf.old
+    instance=$(ready_field "$container" instance)  # the candidate container itself, as the public port must show
+    nginx=$(container_of "$PROJECT-proxy" proxy)
+    # the transaction: the old upstream kept, then the intent, then the change; undone by the trap until recorded
+    if [ -f proxy/upstream.conf ]; then cp proxy/upstream.conf proxy/upstream.conf.old; else rm -f proxy/upstream.conf.old; fi
+    token="$colour $(date -u +%FT%T.%NZ) $$"
+    printf '%s\n' "$token" > proxy/switching.new
+    mv proxy/switching.new proxy/switching
+    reason=""
+    on_switch_exit() { # not recorded: undone; recorded as failed too when interrupted (a check that failed is CD's
+      local status=$?  # to record, as `reject`)
+      if [ -n "$reason" ]; then settle "$reason"; else settle "bluegreen.sh stopped (exit status $status)" record; fi
+    }
+    trap on_switch_exit EXIT
+    trap 'exit 1' INT TERM  # the EXIT trap undoes it
+    trap 'exec >/dev/null 2>&1; exit 1' HUP  # an SSH session dropped: no terminal to write to, and undone the same
     printf 'server 127.0.0.1:%s;\n' "$port" > proxy/upstream.conf.new
     mv proxy/upstream.conf.new proxy/upstream.conf
-    nginx=$(container_of "$PROJECT-proxy" proxy)
     log "switch: the proxy goes to $colour (127.0.0.1:$port)"
-    restore() { # the old upstream back, and nginx on it
+    restore() { # the old upstream back, and nginx on it (by the EXIT trap); CD's cleanup records the rejection
+      reason=$1
       log "switch to $colour FAILED: $1; traffic stays on $live"
-      if [ -f proxy/upstream.conf.old ]; then mv proxy/upstream.conf.old proxy/upstream.conf; else rm -f proxy/upstream.conf; fi
-      [ -z "$nginx" ] || docker exec "$nginx" nginx -s reload >&2 2>&1 || true
       exit 1
     }
     if [ -z "$nginx" ] || [ "$(docker inspect -f '{{.State.Status}}' "$nginx")" != running ]; then
@@ -173,11 +218,15 @@ case "${1:-}" in
       docker exec "$nginx" nginx -t >&2 2>&1 || restore "nginx -t refused the configuration"
       docker exec "$nginx" nginx -s reload >&2 2>&1 || restore "nginx -s reload failed"
     fi
-    # a reload is a signal: the switch is done when the public port serves the candidate's model
-    for _ in $(seq 60); do [ "$(public_sha)" = "$sha" ] && break; sleep 0.5; done
-    [ "$(public_sha)" = "$sha" ] || restore "the public port does not serve $colour's model $sha after 30 s"
-    rm -f proxy/upstream.conf.old
-    releases record "${OUTCOME:-deployed}" "$colour"
+    # a reload is a signal: the switch is done when the public port answers from the candidate's container (an image
+    # from before /ready named its instance: its model)
+    field=instance expected=$instance
+    [ -n "$instance" ] || field=model_sha256 expected=$sha
+    for _ in $(seq 60); do [ "$(public_field "$field")" = "$expected" ] && break; sleep 0.5; done
+    [ "$(public_field "$field")" = "$expected" ] || restore "the public port does not answer from $colour ($field $expected) after 30 s"
+    SWITCH_ID=$token releases record "${OUTCOME:-deployed}" "$colour"  # the commit
+    settle "recorded"
+    trap - EXIT INT TERM HUP
     log "switch: traffic -> $colour (127.0.0.1:$port), model $(releases field "$colour" model_version) sha256 $sha"
     echo "traffic -> $colour (127.0.0.1:$port)"
     ;;

@@ -6,6 +6,7 @@
                                                proxy/COLOUR.json, else from the environment); current.json too,
                                                unless OUTCOME is "failed" (current.json is the live release)
   releases.py field COLOUR KEY                 one field of proxy/COLOUR.json
+  releases.py switched TOKEN                   exit 0 when current.json records the switch TOKEN (its commit)
   releases.py previous                         what `bluegreen.sh rollback` brings back: "IMAGE<TAB>MODELS"
 
 Outcomes: deployed (a switch to a new release), rolled-back (a switch to the previous one), reverted (a switch back
@@ -52,7 +53,8 @@ def record(outcome: str, colour: str, reason: str = "") -> None:
     release = release_of(colour)
     line = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "outcome": outcome, "colour": colour,
             **{name: release.get(name, "") for name in FIELDS}, "reason": reason,
-            "release": registered(release.get("models", ""))}  # fmt: skip
+            "release": registered(release.get("models", "")),
+            "switch": os.environ.get("SWITCH_ID", "")}  # fmt: skip
     text = json.dumps(line) + "\n"
     with open("deployments.jsonl", "a") as history:
         history.write(text)
@@ -80,6 +82,9 @@ def main(argv: list[str]) -> int:
         write_atomically(Path("proxy") / f"{args[0]}.json", json.dumps(from_environment()) + "\n")
     elif command == "record" and len(args) in (2, 3):
         record(*args)
+    elif command == "switched" and len(args) == 1:
+        current = Path("current.json")
+        return 0 if current.exists() and json.loads(current.read_text()).get("switch") == args[0] else 1
     elif command == "field" and len(args) == 2:
         print(release_of(args[0]).get(args[1], ""))
     elif command == "previous" and not args:
