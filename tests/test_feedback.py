@@ -423,3 +423,30 @@ def test_a_store_the_service_cannot_use_fails_ready_and_feedback_never_crashes(o
         prediction_id = predict(client, CAT)  # predictions are still answered
         response = send(client, prediction_id, "cat")
         assert response.status_code == 503 and response.json()["error"]["code"] == "store_unavailable"
+
+
+def test_a_label_committed_by_a_call_that_then_failed_is_counted_and_kept_on_the_retry(onnx_model, tmp_path):
+    """The store's connection cut after its UPDATE committed (server.store.Watchdog): the client is told 503 and
+    retries; the retry finds its own label there, and is counted and keeps its photo as the first would have."""
+    with make_client(onnx_model, feedback_images=tmp_path / "images", feedback_rate=0.0) as client:
+        store = client.app.state.observer.store
+        real, calls = store.give_feedback, []
+
+        def committed_then_cut(*args: object) -> tuple:
+            calls.append(args)
+            outcome = real(*args)
+            if len(calls) == 1:
+                raise StoreError("the database did not answer within 7 s")  # after the commit
+            return outcome
+
+        store.give_feedback = committed_then_cut
+        before = counter(client, "cat", "true")
+        prediction_id = predict(client, CAT)
+        assert send(client, prediction_id, "cat").status_code == 503
+        assert counter(client, "cat", "true") == before  # not yet: the service cannot know it was recorded
+        retried = send(client, prediction_id, "cat")
+        assert retried.status_code == 200 and retried.json()["label"] == "cat"
+        assert counter(client, "cat", "true") == before + 1
+        assert list((tmp_path / "images" / "labelled-anonymous").iterdir())  # kept for harvest
+        assert send(client, prediction_id, "cat").status_code == 200
+        assert counter(client, "cat", "true") == before + 1  # a plain repeat is counted once, as before
