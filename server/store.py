@@ -41,8 +41,11 @@ STATEMENT_TIMEOUT_MS = 5000  # a PostgreSQL statement past it fails (503), never
 # connection, so no lock is held while one waits on the network.
 CONNECT_TIMEOUT_S = 3
 STATEMENT_DEADLINE_S = STATEMENT_TIMEOUT_MS / 1000 + 2  # the server's own timeout answers first when it can
+# tcp_user_timeout past the watchdog's deadline: on Linux it also ends a connection whose keepalives go unanswered,
+# and the watchdog must come first where both would (a statement it cut is never tried again; one the kernel ended
+# may be, on a new connection)
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
-              "tcp_user_timeout": int(STATEMENT_DEADLINE_S * 1000)}  # fmt: skip
+              "tcp_user_timeout": int((STATEMENT_DEADLINE_S + 3) * 1000)}  # fmt: skip
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS store_schema (version INTEGER NOT NULL, revision INTEGER)",
     """CREATE TABLE IF NOT EXISTS predictions (
@@ -80,6 +83,10 @@ class StoreError(Exception):
     did not answer in time."""
 
 
+class StoreTimeout(StoreError):
+    """A statement cut by the Watchdog: the database did not answer in time (retried later, never `error`)."""
+
+
 class Watchdog:
     """Cuts the connection of a PostgreSQL statement that runs past its deadline: the socket is shut down, so the
     thread blocked on it gets an error at once (the connection is then dropped, and a new one made on next use)."""
@@ -106,7 +113,7 @@ class Watchdog:
             with self.lock:
                 was_cut = me in self.cut
             if was_cut:
-                raise StoreError(f"the database did not answer within {self.deadline_s:g} s") from None
+                raise StoreTimeout(f"the database did not answer within {self.deadline_s:g} s") from None
             raise
         finally:
             with self.lock:
@@ -234,9 +241,11 @@ class PredictionStore:
         try:
             self.migrate()
         except BaseException as error:  # not upgraded: never left half-connected on the old layout
-            if isinstance(error, StoreError):
+            if isinstance(error, StoreError) and not isinstance(error, StoreTimeout):
                 self.error = str(error)
-            self.db.close()
+            if self.db is not None:  # dropped already when a statement was cut
+                with contextlib.suppress(psycopg.Error, sqlite3.Error, OSError):
+                    self.db.close()
             self.db = None
             raise
 
@@ -252,7 +261,7 @@ class PredictionStore:
         try:
             with self.watchdog.watch(self.db):
                 return self.db.execute(sql.replace("?", self.placeholder), params)
-        except StoreError:  # cut by the watchdog: never tried again, the statement may have run
+        except StoreTimeout:  # cut by the watchdog: never tried again, the statement may have run
             self.drop()
             raise
         except psycopg.OperationalError:
@@ -284,10 +293,13 @@ class PredictionStore:
                                      f"{revision}; this reads {SCHEMA_VERSION} revision {SCHEMA_REVISION} or later "
                                      "(start the service on it once to upgrade it)")  # fmt: skip
                 return
-            db.execute("BEGIN" if self.postgres else "BEGIN IMMEDIATE")
+            step = self.watchdog.watch if self.watchdog else lambda _: contextlib.nullcontext()
+            with step(db):  # a server that stops answering here is cut too (the connection is then dropped)
+                db.execute("BEGIN" if self.postgres else "BEGIN IMMEDIATE")
             try:
                 if self.postgres:
-                    db.execute("SELECT pg_advisory_xact_lock(7230613)")
+                    with step(db):
+                        db.execute("SELECT pg_advisory_xact_lock(7230613)")
                 if not self.has_table("store_schema") and self.has_table("predictions"):
                     self.run("ALTER TABLE predictions RENAME TO predictions_v0")
                 version = self.version()
@@ -309,10 +321,12 @@ class PredictionStore:
                             self.run(statement)
                     revision += 1
                     self.run("UPDATE store_schema SET revision = ?", (revision,))
-                db.execute("COMMIT")
+                with step(db):
+                    db.execute("COMMIT")
             except BaseException:
-                if (db.broken is False) if self.postgres else db.in_transaction:
-                    db.execute("ROLLBACK")
+                if (not db.closed and db.broken is False) if self.postgres else db.in_transaction:
+                    with step(db):
+                        db.execute("ROLLBACK")
                 raise
         if version != SCHEMA_VERSION:
             raise StoreError(f"the feedback store has schema version {version}; this service reads {SCHEMA_VERSION}")

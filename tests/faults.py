@@ -46,6 +46,7 @@ class FaultProxy:
                 continue
             try:
                 server = socket.create_connection(self.upstream, timeout=5)
+                server.settimeout(None)  # connected: from here it waits as long as its peer does
             except OSError:
                 reset(client)
                 continue

@@ -19,6 +19,7 @@ import psycopg
 import pytest
 
 from server.config import MIB, Settings
+from server.store import CONNECT_TIMEOUT_S, STATEMENT_DEADLINE_S, PredictionStore, StoreTimeout
 from tests.faults import FaultProxy, Watch, fill, rss_mb, small_disk, sqlite_locked, timed
 from tests.images import phone_photo, photo_bytes
 from tests.postgres import fresh_database
@@ -259,3 +260,31 @@ def test_a_service_killed_during_writes_loses_no_acknowledged_label(onnx_model, 
         print(f"{len(acknowledged)} labels acknowledged before SIGKILL, all there after the restart")
     finally:
         service.stop()
+
+
+def test_the_store_bounds_each_postgresql_call_at_the_client(proxied_postgres):
+    """A statement on a connection whose server stopped answering is cut by the store's watchdog, a new connection to
+    it gives up at connect_timeout, neither marks the store unusable, and both work again once it answers."""
+    proxied, _, proxy = proxied_postgres
+    store, fresh = PredictionStore(proxied, 10), PredictionStore(proxied, 10)
+    try:
+        assert store.get("nothing") is None  # connected, schema made
+        proxy.freeze()
+        started = time.perf_counter()
+        with pytest.raises(StoreTimeout):
+            store.get("nothing")
+        cut_after = time.perf_counter() - started
+        started = time.perf_counter()
+        with pytest.raises(psycopg.OperationalError):
+            fresh.get("nothing")  # connecting
+        gave_up_after = time.perf_counter() - started
+        print(f"a statement cut after {cut_after:.1f} s; a connection given up after {gave_up_after:.1f} s")
+        assert STATEMENT_DEADLINE_S <= cut_after < STATEMENT_DEADLINE_S + 1.5
+        assert gave_up_after < CONNECT_TIMEOUT_S + 1.5
+        proxy.thaw()
+        assert store.get("nothing") is None and fresh.get("nothing") is None
+        assert store.error is None and fresh.error is None
+    finally:
+        proxy.thaw()
+        store.close()
+        fresh.close()
