@@ -16,6 +16,7 @@
 #   bluegreen.sh reject COLOUR REASON                record a candidate that failed its checks as failed, and stop it
 #   bluegreen.sh rollback                            the previous release back the same way: candidate, switch, retire
 #   bluegreen.sh active                              the live colour ("none" before the first switch)
+#   bluegreen.sh settle                              settle what a killed call left (below), then print the live colour
 #
 # Records, in DEPLOY_PATH (deploy/host/releases.py): current.json (the live release) and deployments.jsonl (one line
 # per switch, rollback, revert and failed candidate: time, outcome, colour, image, image id, model sha256 and version
@@ -268,6 +269,9 @@ case "${1:-}" in
     ;;
   active)
     active
+    ;;
+  settle)
+    active  # settled on taking the lock, above
     ;;
   *)
     sed -n '2,27p' "$self" >&2
