@@ -105,7 +105,7 @@ class Observer:
         """Queue one prediction to be recorded; never blocks."""
         record = PredictionRecord(prediction_id, request_id, time.time(), model_version, prediction.label,
                                   prediction.probabilities, prediction.pet_score, is_pet=prediction.is_pet)  # fmt: skip
-        data = data if self.keeps_bytes else b""
+        size, data = len(data), data if self.keeps_bytes else b""
         with self.written:  # pending before it is queued: the worker may write it at once
             full = self.queued_bytes + len(data) > self.max_bytes
             if not full:
@@ -114,7 +114,7 @@ class Observer:
         try:
             if full:
                 raise queue.Full
-            self.queue.put_nowait(Observation(record, prediction, data, content_type))
+            self.queue.put_nowait(Observation(record, prediction, data, content_type, size))
         except queue.Full:
             if not full:
                 with self.written:
@@ -184,7 +184,7 @@ class Observer:
                   "probabilities": prediction.probabilities}  # fmt: skip
         if prediction.pet_score is not None:
             fields.update(pet_score=prediction.pet_score, is_pet=prediction.is_pet)
-        prediction_log.prediction(fields, item.data, item.content_type)
+        prediction_log.prediction(fields, item.data, item.content_type, item.size)
 
     def lose(self, reason: str, message: str, count: int = 1) -> None:
         self.metrics.observations_lost.labels(reason).inc(count)
@@ -260,8 +260,9 @@ class Observer:
 class Observation:
     record: PredictionRecord
     prediction: Prediction
-    data: bytes
+    data: bytes  # empty when nothing keeps the upload
     content_type: str
+    size: int  # the upload's size in bytes
 
 
 def new_prediction_id(now: float | None = None) -> str:

@@ -44,9 +44,11 @@ class PredictionLog:
             self.handler.doRollover()
         os.write(self.handler.stream.fileno(), (self.handler.format(record) + "\n").encode())
 
-    def prediction(self, fields: dict[str, Any], data: bytes, content_type: str) -> None:
-        """fields: request id, model version, label, probabilities (and pet score); plus the upload's size and type."""
-        line = {"event": "prediction", "time": now(), **fields, "bytes": len(data), "content_type": content_type}
+    def prediction(self, fields: dict[str, Any], data: bytes, content_type: str, size: int | None = None) -> None:
+        """fields: request id, model version, label, probabilities (and pet score); plus the upload's size (`size`,
+        when the bytes were not carried this far: nothing samples them) and type."""
+        size = len(data) if size is None else size
+        line = {"event": "prediction", "time": now(), **fields, "bytes": size, "content_type": content_type}
         if self.samples and self.seen % self.sample_every == 0:
             line["sample"] = self.samples.save(data, content_type)
         self.seen += 1

@@ -1,5 +1,5 @@
 """deploy/host/bluegreen.sh killed at every step: SIGKILL (nothing of the script runs again) or SIGHUP (a dropped
-SSH session: its traps run), at each line its trace shows, in `switch` and at a spread of lines in `candidate`,
+SSH session: its traps run), at each step its trace shows (a command of the script's own) in `switch`, `candidate`,
 `retire` and `rollback`. After each, once the next call returns: the records (proxy/upstream.conf, current.json)
 and what the public port serves agree, nothing half-done is left, and that next call ran correctly.
 
@@ -25,6 +25,7 @@ from tests.test_host_deploy import ROOT
 from tests.test_host_deploy import deploy_path as deploy_path  # a fixture, used by `host`
 
 FAKE = ROOT / "tests" / "fakedocker"
+PROLOGUE: dict[str, int] = {}  # a command's first step of its own (its `case`), as traced
 
 
 @pytest.fixture
@@ -58,6 +59,8 @@ def run(host: tuple[Path, dict], *args: str, kill_at: int | None = None, how: in
         lines.append(line)
         if line.startswith("+ "):  # bash ignores PS4 from the environment as root: its default
             seen += 1
+            if line.startswith("+ case ") and not PROLOGUE.get(args[0]):
+                PROLOGUE[args[0]] = seen  # the steps before it (the lock, the settling) are every command's
             if seen == kill_at:
                 os.killpg(process.pid, how)
                 break
@@ -143,7 +146,8 @@ def test_candidate_retire_and_rollback_killed_then_the_next_call_runs(host, comm
     args = {"candidate": ("candidate", "img@sha256:a", "models/a"), "retire": ("retire", "blue"),
             "rollback": ("rollback",)}[command]  # fmt: skip
     _, steps = run(host, *args, kill_at=10_000)  # a whole run (nothing to kill): its steps
-    for kill_at in range(1, steps + 1, max(1, steps // 6)):
+    # every step from the command's own on: the steps before it are every command's, killed in the switch test
+    for kill_at in range(PROLOGUE[command], steps + 1):
         live = check_agree(host)
         idle = "blue" if live == "green" else "green"
         if not container_running(host, idle):
