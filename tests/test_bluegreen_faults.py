@@ -137,6 +137,34 @@ def test_a_switch_killed_at_every_step_is_undone_or_finished(host):
     assert interrupted and all(r["outcome"] == "failed" for r in interrupted)  # an interrupted switch is recorded
 
 
+def test_settle_finishes_undoes_or_clears_each_state_a_killed_switch_can_leave(host):
+    """The three states a kill between two steps leaves, made on purpose (the kill test above meets them by timing):
+    copies made before the intent, an intent not recorded, an intent recorded."""
+    deploy_path, env = host
+    proxy = deploy_path / "proxy"
+    assert run(host, "candidate", "img@sha256:a", "models/a")[0] == 0
+    assert run(host, "switch", "blue")[0] == 0
+    assert run(host, "candidate", "img@sha256:b", "models/b")[0] == 0  # green, idle
+    blue, green = (f"server 127.0.0.1:{env[f'{c}_PORT']};\n" for c in ("BLUE", "GREEN"))
+    # killed after copying the old upstream, before writing its intent
+    (proxy / "upstream.conf.old").write_text(blue)
+    (proxy / "switching.new").write_text("green token-0 1\n")
+    assert run(host, "settle")[0] == 0 and check_agree(host) == "blue"
+    assert not (proxy / "switching.new").exists()
+    # killed after the upstream was rewritten (nginx may or may not have reloaded), before the record
+    (proxy / "upstream.conf.old").write_text(blue)
+    (proxy / "switching").write_text("green token-1 1\n")
+    (proxy / "upstream.conf").write_text(green)
+    assert run(host, "settle")[0] == 0 and check_agree(host) == "blue"
+    last = json.loads((deploy_path / "deployments.jsonl").read_text().splitlines()[-1])
+    assert last["outcome"] == "failed" and "did not finish" in last["reason"] and last["colour"] == "green"
+    # killed after the record (the commit), before the leftovers went: finished, not undone
+    assert run(host, "switch", "green")[0] == 0
+    (proxy / "upstream.conf.old").write_text(blue)
+    (proxy / "switching").write_text(json.loads((deploy_path / "current.json").read_text())["switch"] + "\n")
+    assert run(host, "settle")[0] == 0 and check_agree(host) == "green"
+
+
 @pytest.mark.parametrize("command", ["candidate", "retire", "rollback"])
 def test_candidate_retire_and_rollback_killed_then_the_next_call_runs(host, command):
     assert run(host, "candidate", "img@sha256:a", "models/a")[0] == 0

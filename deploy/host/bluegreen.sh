@@ -106,7 +106,10 @@ stop_colour() { # stop_colour COLOUR SECONDS: compose down, then make sure nothi
 }
 
 settle() { # settle WHY: a switch that did not finish (proxy/switching) is finished when it was recorded, else undone
-  [ -f proxy/switching ] || return 0
+  if [ ! -f proxy/switching ]; then  # one killed before its intent was written changed nothing: its copies go
+    rm -f proxy/upstream.conf.old proxy/switching.new proxy/upstream.conf.new
+    return 0
+  fi
   local token to; token=$(cat proxy/switching); to=${token%% *}
   if ! switched; then
     log "switch to $to did not finish ($1): the live colour's upstream goes back"
