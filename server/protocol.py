@@ -22,14 +22,13 @@ requests alike, the ones it already holds too, and with a plain-text body).
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import Any
 
 from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from server.errors import RETRY_AFTER_S
+from server.errors import RETRY_AFTER_S, error_response
 
 TIMED_OUT = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 LINGERING_TIMEOUT_S = 5  # nginx's lingering_timeout
@@ -38,11 +37,8 @@ LINGERING_TIMEOUT_S = 5  # nginx's lingering_timeout
 async def too_many_connections(scope: Scope, receive: Receive, send: Send) -> None:
     """The answer to every request on a connection opened past MAX_CONNECTIONS."""
     message = "this worker holds as many connections as it may; retry, or reuse a connection"
-    body = json.dumps({"error": {"code": "too_many_connections", "message": message}}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"retry-after", str(RETRY_AFTER_S).encode()), (b"connection", b"close")]  # fmt: skip
-    await send({"type": "http.response.start", "status": 503, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    headers = {"Retry-After": str(RETRY_AFTER_S), "Connection": "close"}
+    await error_response(scope, 503, "too_many_connections", message, headers)(scope, receive, send)
 
 
 class CoalescingTransport:
