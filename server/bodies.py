@@ -8,12 +8,10 @@ like nginx's client_body_timeout, would let it hold on forever).
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from collections.abc import AsyncGenerator, Mapping
 
-from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from multipart import MultipartError, MultipartSegment, PushMultipartParser, parse_options_header
 from starlette.requests import Request
 
 from server.admission import refuse_early
@@ -69,54 +67,33 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 class UploadParser:
-    """multipart/form-data through python-multipart's parser, the file parts named `field` kept as bytes in memory:
-    they are counted against MAX_ADMITTED_BYTES as they arrive and become the image bytes anyway, so nothing is
-    spooled to a temporary file (a full disk cannot fail an upload) and no part is copied twice. Limits as
-    Starlette's MultiPartParser: `file_limit` file parts of any name (the one over it stops the parse: 413),
-    `field_limit` other fields of at most MAX_FIELD_BYTES each, and every part needs a name (400)."""
+    """multipart/form-data through the `multipart` package's push parser (a part's headers are found with
+    bytes.find, where python-multipart read them a byte at a time: 14 against 59 us for a 27 KB photo), the file
+    parts named `field` kept as bytes in memory: they are counted against MAX_ADMITTED_BYTES as they arrive and become
+    the image bytes anyway, so nothing is spooled to a temporary file (a full disk cannot fail an upload) and no part
+    is copied twice. Limits as Starlette's MultiPartParser: `file_limit` file parts of any name (the one over it stops
+    the parse: 413), `field_limit` other fields of at most MAX_FIELD_BYTES each, and every part needs a name (400);
+    the parser's own bounds on a part's headers (8 of at most 4 KB each) stand."""
 
     def __init__(self, content_type: str, field: str, file_limit: int, field_limit: int = 16) -> None:
-        _, params = parse_options_header(content_type)
-        boundary = params.get(b"boundary")
+        boundary = parse_options_header(content_type)[1].get("boundary")
         if not boundary:
             raise ClientError(400, "invalid_multipart", "the multipart body has no boundary")
         self.field, self.file_limit, self.field_limit = field, file_limit, field_limit
         self.files = self.fields = 0
         self.uploads: list[tuple[str, bytes]] = []
-        self.header: list[bytes] = [b"", b""]  # the part header being read: name, value
-        self.disposition = b""
-        self.part: tuple[str, str | None] | None = None  # (name, filename) of the part being read
+        self.part: MultipartSegment | None = None  # the part being read
+        self.keep = False  # whether the part being read is one of the uploads
         self.chunks: list[bytes] = []
-        self.size = 0
-        callbacks = {
-            "on_part_begin": self.on_part_begin,
-            "on_header_field": lambda data, start, end: self.extend(0, data[start:end]),
-            "on_header_value": lambda data, start, end: self.extend(1, data[start:end]),
-            "on_header_end": self.on_header_end,
-            "on_headers_finished": self.on_headers_finished,
-            "on_part_data": self.on_part_data,
-            "on_part_end": self.on_part_end,
-        }
-        self.parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+        try:
+            self.parser = PushMultipartParser(boundary)
+        except MultipartError as error:
+            raise ClientError(400, "invalid_multipart", f"invalid multipart data: {error}") from None
 
-    def extend(self, which: int, data: bytes) -> None:
-        self.header[which] += data
-
-    def on_part_begin(self) -> None:
-        self.disposition, self.part, self.chunks, self.size = b"", None, [], 0
-
-    def on_header_end(self) -> None:
-        name, value = self.header
-        if name.lower() == b"content-disposition":
-            self.disposition = value
-        self.header = [b"", b""]
-
-    def on_headers_finished(self) -> None:
-        _, options = parse_options_header(self.disposition)
-        if b"name" not in options:
+    def begin(self, part: MultipartSegment) -> None:
+        if not part.name:
             raise ClientError(400, "invalid_multipart", "a part's Content-Disposition has no name")
-        filename = options.get(b"filename")
-        if filename is not None:
+        if part.filename is not None:
             self.files += 1
             if self.files > self.file_limit:
                 raise ClientError(413, "too_many_files", f"at most {self.file_limit} files per request")
@@ -124,35 +101,36 @@ class UploadParser:
             self.fields += 1
             if self.fields > self.field_limit:
                 raise ClientError(400, "invalid_multipart", f"more than {self.field_limit} form fields")
-        decode = functools.partial(bytes.decode, encoding="utf-8", errors="replace")
-        self.part = (decode(options[b"name"]), None if filename is None else decode(filename))
+        self.part, self.keep, self.chunks = part, part.name == self.field and part.filename is not None, []
 
-    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+    def data(self, chunk: bytes) -> None:
         assert self.part is not None
-        self.size += end - start
-        if self.part[1] is None and self.size > MAX_FIELD_BYTES:
+        if self.part.filename is None and self.part.bytes_received > MAX_FIELD_BYTES:
             raise ClientError(400, "invalid_multipart", f"a form field is over {MAX_FIELD_BYTES} bytes")
-        if self.part[0] == self.field and self.part[1] is not None:
-            self.chunks.append(data[start:end])
+        if self.keep:
+            self.chunks.append(chunk)
 
-    def on_part_end(self) -> None:
+    def end(self) -> None:
         assert self.part is not None
-        name, filename = self.part
-        if name == self.field and filename is not None:
-            self.uploads.append((filename or f"{name}[{len(self.uploads)}]", b"".join(self.chunks)))
-        self.chunks = []
+        if self.keep:
+            self.uploads.append((self.part.filename or f"{self.field}[{len(self.uploads)}]", b"".join(self.chunks)))
+        self.part, self.keep, self.chunks = None, False, []
 
     def write(self, chunk: bytes) -> None:
+        """Parse the next chunk of the body; b"" ends it."""
         try:
-            self.parser.write(chunk)
-        except FormParserError as error:
+            for event in self.parser.parse(chunk):
+                if isinstance(event, MultipartSegment):
+                    self.begin(event)
+                elif event is None:
+                    self.end()
+                else:
+                    self.data(event)
+        except MultipartError as error:
             raise ClientError(400, "invalid_multipart", f"invalid multipart data: {error}") from None
 
     def finish(self) -> list[tuple[str, bytes]]:
-        try:
-            self.parser.finalize()
-        except FormParserError as error:
-            raise ClientError(400, "invalid_multipart", f"invalid multipart data: {error}") from None
+        self.write(b"")
         if not self.uploads:
             raise ClientError(422, "missing_file", f"the form has no file in field '{self.field}'")
         return self.uploads

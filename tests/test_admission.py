@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -16,7 +17,10 @@ from starlette.testclient import TestClient
 
 from bench.loadgen import read_response
 from bench.serve import predict_request
+from server.admission import Admission
 from server.app import create_app
+from server.errors import Overloaded
+from server.metrics import Metrics
 from tests.images import photo_bytes
 from tests.service import Service
 from tests.test_app import CAT, assert_error, metric, post_file, settings_for
@@ -68,17 +72,14 @@ def test_bodies_held_are_bounded_in_bytes_received(onnx_model):
 
 
 def test_a_request_that_waits_too_long_for_a_slot_gets_503(small):
-    limiter = small.app.state.admission.limiter
-    small.portal.call(limiter.acquire_on_behalf_of_nowait, "held")  # the only inference slot is busy
-    release = threading.Timer(6.0, lambda: small.portal.call(limiter.release_on_behalf_of, "held"))
-    release.start()
+    slots = small.app.state.admission.free_slots
+    small.portal.call(slots.acquire)  # the only inference slot is busy
     try:
         started = time.perf_counter()
         response = post_file(small, photo_bytes(CAT))
         waited = time.perf_counter() - started
     finally:
-        release.cancel()
-        small.portal.call(limiter.release_on_behalf_of, "held")
+        small.portal.call(lambda: slots.release())
     assert_error(response, 503, "queue_timeout")
     assert response.headers["retry-after"] == "1"
     assert 0.9 < waited < 4.0
@@ -132,3 +133,35 @@ def test_a_flood_gets_only_200s_and_fast_503s_and_the_service_stays_ready(onnx_m
         assert after.status_code == 200 and after.json()["label"] == "cat"
     finally:
         service.stop()
+
+
+def test_slots_are_taken_in_arrival_order_and_a_waiter_past_its_deadline_takes_none():
+    """Admission.run with one slot: waiters past QUEUE_TIMEOUT get queue_timeout and run nothing; the freed slot goes
+    to the waiters in arrival order, one that was cancelled while waiting takes none, and a request cancelled while
+    its thread runs keeps the slot until the thread is done."""
+
+    async def scenario() -> tuple[list[str], list[str], bool]:
+        admission = Admission(slots=1, queue=8, timeout=0.5, metrics=Metrics())
+        ran: list[str] = []
+        gate = threading.Event()
+        held = asyncio.ensure_future(admission.run(gate.wait))  # the only slot, until the gate opens
+        await asyncio.sleep(0.05)
+        expired = [asyncio.ensure_future(admission.run(ran.append, name)) for name in "abc"]
+        results = await asyncio.gather(*expired, return_exceptions=True)
+        outcomes = [f"{type(error).__name__}:{error.code}" for error in results if isinstance(error, Overloaded)]
+        admission.timeout = 30
+        queued = [asyncio.ensure_future(admission.run(ran.append, name)) for name in "xyz"]
+        gone = asyncio.ensure_future(admission.run(ran.append, "gone"))
+        await asyncio.sleep(0.05)
+        gone.cancel()
+        held.cancel()  # its client went away; its thread still runs
+        await asyncio.sleep(0.2)
+        still_held = not ran
+        gate.set()
+        await asyncio.gather(*queued)
+        admission.close()
+        return ran, outcomes, still_held
+
+    ran, outcomes, still_held = asyncio.run(scenario())
+    assert outcomes == ["Overloaded:queue_timeout"] * 3
+    assert ran == ["x", "y", "z"] and still_held
