@@ -32,6 +32,7 @@ setup: $(VENV)/.installed ## Full environment in .venv: training (PyTorch, DVC, 
 $(VENV)/.installed: requirements-train.txt requirements-serve.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip uninstall -q -y python-multipart  # replaced by multipart: both install a 'multipart' module
 	$(VENV)/bin/pip install -q -r requirements-train.txt -r requirements-dev.txt
 	touch $@
 
@@ -40,6 +41,7 @@ setup-serve: $(SERVE_VENV)/.installed ## Serve-only environment in .venv-serve f
 $(SERVE_VENV)/.installed: requirements-serve.txt
 	$(PYTHON) -m venv $(SERVE_VENV)
 	$(SERVE_VENV)/bin/pip install -q --upgrade pip
+	$(SERVE_VENV)/bin/pip uninstall -q -y python-multipart  # replaced by multipart: both install a 'multipart' module
 	$(SERVE_VENV)/bin/pip install -q -r requirements-serve.txt
 	touch $@
 
