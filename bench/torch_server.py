@@ -12,8 +12,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+import multipart
 import torch
-from fastapi import FastAPI, UploadFile
+from fastapi import Depends, FastAPI, Request
 from PIL import Image
 
 from training.model import load_predictor
@@ -25,9 +26,18 @@ transform = ClassificationPresetEval(spec=spec)
 app = FastAPI()
 
 
+async def upload(request: Request) -> bytes:
+    """The form's `file` part, read on the event loop as FastAPI reads an UploadFile before a sync endpoint runs.
+    UploadFile needs python-multipart, which the service's own parser (the `multipart` package) replaces: both
+    install a `multipart` module, so only one of them can be in an environment."""
+    boundary = multipart.parse_options_header(request.headers["content-type"])[1]["boundary"]
+    body = await request.body()
+    return multipart.MultipartParser(io.BytesIO(body), boundary, content_length=len(body)).get("file").raw
+
+
 @app.post("/predict")
-def predict(file: UploadFile) -> dict[str, Any]:
-    image = Image.open(io.BytesIO(file.file.read())).convert("RGB")
+def predict(data: bytes = Depends(upload)) -> dict[str, Any]:
+    image = Image.open(io.BytesIO(data)).convert("RGB")
     with torch.inference_mode():
         output = predictor(transform(image).unsqueeze(0))
     probabilities = (output[0] if isinstance(output, tuple) else output)[0].tolist()
