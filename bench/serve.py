@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from bench.common import CpuMeter, add_model_argument, cpu_info, percentiles, time_ms, write_report
+from bench.common import CpuMeter, add_model_argument, cpu_info, cpu_seconds, percentiles, time_ms, write_report
 from bench.loadgen import Client, load, one_shot, prepare
 from deploy.client import free_port
 from server.config import Settings, available_cpus
@@ -341,6 +341,12 @@ def main(argv: list[str] | None = None) -> None:
     report["in_process"] = in_process(args.model, image, args.seconds)
     report["service"] = measure_service(ROOT, args.model, image, args)
     report["verdict"] = verdict(report["in_process"], report["service"])
+    if args.cpu:
+        at16 = report["service"]["throughput"][-1]
+        report["framework_floor"] = measure_floor(image, settings.inference_concurrency, at16["rps"], args.seconds)
+        floor = report["framework_floor"]["cpu_ms_per_request"]
+        report["verdict"]["framework_floor_cpu_ms_16_clients"] = floor
+        report["verdict"]["cpu_beyond_in_process_over_floor"] = round(at16["cpu_ms_beyond_in_process"] / floor, 2)
     if args.baseline:
         args.worst = False
         report["baseline"] = measure_service(args.baseline, args.model, image, args)
@@ -351,6 +357,33 @@ def main(argv: list[str] | None = None) -> None:
         report["verdict"]["throughput16_over_torch_reference"] = round(ours / theirs, 2)
         report["verdict"]["torch_reference_target"] = ">= 5"
     write_report(args.out, report)
+
+
+def measure_floor(image: bytes, threads: int, rps: float, seconds: float) -> dict[str, Any]:
+    """bench/floor_server.py (Starlette on the same uvicorn, a sleeping thread in place of the model) at the
+    service's request rate under 16 clients: each of its `threads` sleeps threads/rps s. Its CPU per request is the
+    least any service on this stack spends beyond the model at that rate, on this machine, now."""
+    port = free_port()
+    env = {**os.environ, "FLOOR_SECONDS": f"{threads / rps:.4f}", "FLOOR_THREADS": str(threads)}
+    process = subprocess.Popen([sys.executable, "-m", "uvicorn", "bench.floor_server:app", "--port", str(port),
+                                "--loop", "uvloop", "--http", "httptools", "--log-level", "warning",
+                                "--no-access-log"], cwd=ROOT, env=env)  # fmt: skip
+    try:
+        request = predict_request(port, image)
+        deadline = time.perf_counter() + 60
+        while one_shot(port, request, timeout=5)[0] != 200:
+            if process.poll() is not None or time.perf_counter() > deadline:
+                raise RuntimeError("the framework floor server did not start")
+            time.sleep(0.1)
+        load(port, request, 4, 2.0)  # warm-up
+        used = cpu_seconds(process.pid)
+        row = load(port, request, 16, seconds)
+        used = cpu_seconds(process.pid) - used
+        return {**row, "thread_seconds": round(threads / rps, 4),
+                "cpu_ms_per_request": round(used * 1000 / max(row["requests"], 1), 3)}  # fmt: skip
+    finally:
+        process.terminate()
+        process.wait()
 
 
 def measure_torch_reference(checkpoint: Path, image: bytes, seconds: float) -> dict[str, Any]:

@@ -22,9 +22,17 @@ def escape(value: object) -> str:
 class JsonFormatter(logging.Formatter):
     """The record's message plus every `extra` field, as one JSON line."""
 
+    # the last second formatted and its text, swapped as one tuple: one strftime a second, not one a line
+    last: tuple[int, str] = (-1, "")
+
     def format(self, record: logging.LogRecord) -> str:
+        second, stamp = self.last
+        if second != int(record.created):
+            second = int(record.created)
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self.last = (second, stamp)
         entry: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": f"{stamp}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),

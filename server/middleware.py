@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
-import uuid
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -24,14 +25,17 @@ class RequestMiddleware:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app, self.metrics, self.logger = app, metrics, get_logger()
         self.in_flight = 0
+        # each (method, route, status)'s two metric children, looked up once: routes are the app's (or "unmatched")
+        # and statuses a few dozen, so this stays small whatever clients send
+        self.children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         metrics.in_flight.set_function(lambda: self.in_flight)  # read at each scrape
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        request_id = incoming if REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        incoming = next((value for name, value in scope["headers"] if name == b"x-request-id"), b"").decode("latin-1")
+        request_id = incoming if REQUEST_ID.match(incoming) else os.urandom(16).hex()  # uuid4's bits, no UUID object
         started = time.perf_counter()
         state = scope.setdefault("state", {})
         state.update(request_id=request_id, started=started)
@@ -57,8 +61,13 @@ class RequestMiddleware:
                 admission.release(scope)
             elapsed = time.perf_counter() - started
             endpoint = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.requests.labels(scope["method"], endpoint, str(status)).inc()
-            self.metrics.request_latency.labels(endpoint).observe(elapsed)
+            counted = (scope["method"], endpoint, status)
+            if counted not in self.children:  # prometheus_client's labels() checks and locks on every call
+                self.children[counted] = (self.metrics.requests.labels(scope["method"], endpoint, str(status)),
+                                          self.metrics.request_latency.labels(endpoint))  # fmt: skip
+            requests, latency = self.children[counted]
+            requests.inc()
+            latency.observe(elapsed)
             if endpoint not in UNLOGGED:
                 self.logger.info(
                     "request",
