@@ -26,6 +26,7 @@ from bench.loadgen import Client, load, one_shot, prepare
 from deploy.client import free_port
 from server.config import Settings, available_cpus
 from server.model import Model
+from server.model_file import choose_model_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -190,7 +191,8 @@ def largest_accepted_side(model: Path, settings: Settings) -> int:
     from imaging import Decoder
     from imaging.budget import decode_cost
 
-    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    served = choose_model_file(model).path  # MODEL_PATH may name the models folder, as make bench passes it
+    session = ort.InferenceSession(str(served), providers=["CPUExecutionProvider"])
     spec = json.loads(session.get_modelmeta().custom_metadata_map["catsdogs"])["preprocess"]
     decoder = Decoder.from_spec(spec, max_pixels=settings.max_image_pixels, max_bytes=settings.max_decode_bytes)
     low, high = 1, int(settings.max_image_pixels**0.5)

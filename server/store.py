@@ -387,18 +387,19 @@ class PredictionStore:
             with self.lock:
                 self.run("BEGIN")
                 try:
-                    for row in rows:
-                        self.run(insert, row)
+                    self.db.executemany(insert, rows)  # SQLite's placeholder is `?`: run()'s translation not needed
                     self.run("COMMIT")
                 except BaseException:
                     if self.db.in_transaction:  # a failed COMMIT (busy, full disk) leaves it open too
                         self.db.rollback()
                     raise
         with self.lock:
-            step = max(1, self.size // 100)
+            # Evict in steps of a tenth of the size: each eviction walks the whole table (about 6 ms at 10,000 rows),
+            # so a step of 1% cost every prediction 60 us of the observer's CPU; a table holds at most 10% more.
+            step = max(1, self.size // 10)
             crossed = (self.added + len(records)) // step > self.added // step
             self.added += len(records)
-            if crossed:  # evict in steps of 1% of the size
+            if crossed:
                 # the `size` most recent predictions without feedback, the `size` most recent with an anonymous
                 # label and the `size` most recent with a key's: feedback is what a retrained model learns from, a
                 # flood of anonymous labels never pushes a trusted one out, and no client can grow the store past

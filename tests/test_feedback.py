@@ -183,6 +183,21 @@ def test_stores_evict_the_oldest_and_keep_what_feedback_needs(target):
     store.close()
 
 
+def test_a_store_evicts_in_steps_of_a_tenth_of_its_size_and_keeps_the_newest(target):
+    """Batches as the observer writes them: the table never holds more than 10% over its size (each eviction walks
+    the whole table, so it runs once per tenth of the size), and the `size` newest predictions are all kept."""
+    store = PredictionStore(target, 100)
+    ids = [f"p{i}" for i in range(250)]
+    counts = []
+    for start in range(0, len(ids), 5):
+        store.add_many([record(prediction_id) for prediction_id in ids[start : start + 5]])
+        counts.append(store.run("SELECT COUNT(*) FROM predictions").fetchone()[0])
+    assert max(counts) <= 110 and counts[-1] >= 100
+    assert all(store.get(prediction_id) is not None for prediction_id in ids[-100:])
+    assert store.get(ids[0]) is None
+    store.close()
+
+
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
 def test_racing_processes_cannot_both_win(kind, tmp_path, request):
     """Two stores on one database (as two service processes hold), eight rounds of feedback with different labels
