@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import io
 import json
 import os
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -364,56 +366,52 @@ def main(argv: list[str] | None = None) -> None:
     write_report(args.out, report)
 
 
+@contextlib.contextmanager
+def uvicorn_app(app: str, image: bytes, env: dict[str, str], uvicorn_args: tuple[str, ...] = (),
+                startup_s: float = 60) -> Iterator[tuple[subprocess.Popen[bytes], int, bytes]]:  # fmt: skip
+    """A yardstick server (`uvicorn module:app` from this checkout) that answers the prediction request for `image`,
+    warmed up: its process, port and that request. Stopped on the way out."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "uvicorn", app, "--port", str(port), "--log-level", "warning",
+                                *uvicorn_args], cwd=ROOT, env={**os.environ, **env})  # fmt: skip
+    try:
+        request = predict_request(port, image)
+        deadline = time.perf_counter() + startup_s
+        while one_shot(port, request, timeout=5)[0] != 200:
+            if process.poll() is not None or time.perf_counter() > deadline:
+                raise RuntimeError(f"{app} did not start")
+            time.sleep(0.1)
+        load(port, request, 4, 2.0)  # warm-up
+        yield process, port, request
+    finally:
+        process.terminate()
+        process.wait()
+
+
 def measure_floor(image: bytes, threads: int, rps: float, seconds: float) -> dict[str, Any]:
     """bench/floor_server.py (Starlette on the same uvicorn, a sleeping thread in place of the model) at the
     service's request rate under 16 clients: each of its `threads` sleeps threads/rps s. Its CPU per request is the
     least any service on this stack spends beyond the model at that rate, on this machine, now."""
-    port = free_port()
-    env = {**os.environ, "FLOOR_SECONDS": f"{threads / rps:.4f}", "FLOOR_THREADS": str(threads)}
-    process = subprocess.Popen([sys.executable, "-m", "uvicorn", "bench.floor_server:app", "--port", str(port),
-                                "--loop", "uvloop", "--http", "httptools", "--log-level", "warning",
-                                "--no-access-log"], cwd=ROOT, env=env)  # fmt: skip
-    try:
-        request = predict_request(port, image)
-        deadline = time.perf_counter() + 60
-        while one_shot(port, request, timeout=5)[0] != 200:
-            if process.poll() is not None or time.perf_counter() > deadline:
-                raise RuntimeError("the framework floor server did not start")
-            time.sleep(0.1)
-        load(port, request, 4, 2.0)  # warm-up
+    env = {"FLOOR_SECONDS": f"{threads / rps:.4f}", "FLOOR_THREADS": str(threads)}
+    uvicorn_args = ("--loop", "uvloop", "--http", "httptools", "--no-access-log")  # as the service runs
+    with uvicorn_app("bench.floor_server:app", image, env, uvicorn_args) as (process, port, request):
         used = cpu_seconds(process.pid)
         row = load(port, request, 16, seconds)
         used = cpu_seconds(process.pid) - used
-        return {**row, "thread_seconds": round(threads / rps, 4),
-                "cpu_ms_per_request": round(used * 1000 / max(row["requests"], 1), 3)}  # fmt: skip
-    finally:
-        process.terminate()
-        process.wait()
+    return {**row, "thread_seconds": round(threads / rps, 4),
+            "cpu_ms_per_request": round(used * 1000 / max(row["requests"], 1), 3)}  # fmt: skip
 
 
 def measure_torch_reference(checkpoint: Path, image: bytes, seconds: float) -> dict[str, Any]:
     """The seed-style FastAPI + PyTorch server (bench/torch_server.py) under the same load as the service."""
-    port = free_port()
-    env = {**os.environ, "TORCH_CHECKPOINT": str(checkpoint.resolve())}
-    process = subprocess.Popen([sys.executable, "-m", "uvicorn", "bench.torch_server:app", "--port", str(port),
-                                "--log-level", "warning"], cwd=ROOT, env=env)  # fmt: skip
-    try:
-        request = predict_request(port, image)
-        deadline = time.perf_counter() + 120
-        while one_shot(port, request, timeout=5)[0] != 200:
-            if process.poll() is not None or time.perf_counter() > deadline:
-                raise RuntimeError("the torch reference server did not start")
-            time.sleep(0.2)
-        load(port, request, 4, 2.0)  # warm-up
+    env = {"TORCH_CHECKPOINT": str(checkpoint.resolve())}
+    with uvicorn_app("bench.torch_server:app", image, env, startup_s=120) as (process, port, request):
         client = Client(port, request)
         single = percentiles(time_ms(client.send, repeats=100, warmup=0))
         client.close()
         rows = [load(port, request, clients, seconds) for clients in (1, 4, 16)]
-        return {"checkpoint": str(checkpoint), "http_single_client": single, "throughput": rows,
-                "rss_mb": rss_mb(process.pid)}  # fmt: skip
-    finally:
-        process.terminate()
-        process.wait()
+        rss = rss_mb(process.pid)
+    return {"checkpoint": str(checkpoint), "http_single_client": single, "throughput": rows, "rss_mb": rss}
 
 
 if __name__ == "__main__":
