@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 from starlette.requests import ClientDisconnect, Request
@@ -102,14 +102,31 @@ class Admission:
             await self.wait_for_slot()
         else:
             await self.free_slots.acquire()  # a free slot and nobody before us: no wait, no timer
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[T] = loop.create_future()
+
+        def settle(done: Future[T]) -> None:  # on the event loop, once the thread is done
+            self.free_slots.release()  # even if this request was cancelled while it ran
+            if answer.cancelled():
+                return
+            error = done.exception()
+            if error is None:
+                answer.set_result(done.result())
+            else:
+                answer.set_exception(error)
+
+        def hand_back(done: Future[T]) -> None:  # in the inference thread
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(settle, done)
+
+        # One thread future and one loop future, joined by one callback: run_in_executor's wrap_future chains
+        # them both ways and needs a shield besides, three more futures and their callbacks on every request.
         try:
-            running = asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+            self.executor.submit(fn, *args).add_done_callback(hand_back)
         except BaseException:
             self.free_slots.release()
             raise
-        # the slot is let go when the thread is done, even if this request is cancelled while it runs
-        running.add_done_callback(lambda _: self.free_slots.release())
-        return await asyncio.shield(running)
+        return await answer
 
     async def wait_for_slot(self) -> None:
         """Wait in arrival order for an inference slot; Overloaded after `timeout` seconds."""
