@@ -7,6 +7,7 @@ as a gauge. A signal the model has no reference for is not monitored, so an olde
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -36,16 +37,17 @@ class Window:
     """The last `size` values of one signal, binned like its reference histogram."""
 
     def __init__(self, reference: dict[str, Any], size: int) -> None:
-        self.edges = np.asarray(reference["edges"], dtype=np.float64) if "edges" in reference else None
+        # a list, searched with bisect: numpy's searchsorted on one value costs more than the whole search
+        self.edges = [float(edge) for edge in reference["edges"]] if "edges" in reference else None
         self.categories: list[str] = list(reference.get("categories", []))
         self.expected = smoothed(np.asarray(reference["counts"], dtype=np.float64))
-        self.counts = np.zeros(len(self.expected))
+        self.counts = [0] * len(self.expected)  # plain ints: a numpy element update costs ten times more
         self.bins: deque[int] = deque(maxlen=size)
 
     def bin(self, value: float | str) -> int | None:
         if self.edges is None:
             return self.categories.index(value) if value in self.categories else None
-        index = int(np.searchsorted(self.edges, float(value), side="right")) - 1
+        index = bisect.bisect_right(self.edges, float(value)) - 1
         return min(max(index, 0), len(self.edges) - 2)
 
     def add(self, value: float | str) -> None:
@@ -58,7 +60,7 @@ class Window:
         self.counts[index] += 1
 
     def psi(self) -> float:
-        return psi(self.expected, smoothed(self.counts)) if self.bins else float("nan")
+        return psi(self.expected, smoothed(np.asarray(self.counts, dtype=np.float64))) if self.bins else float("nan")
 
     def __len__(self) -> int:
         return len(self.bins)
