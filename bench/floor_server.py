@@ -6,30 +6,68 @@ same shape. No routing table beyond it, no middleware, no multipart, metrics, lo
 `FLOOR_SECONDS=0.04 FLOOR_THREADS=4 uvicorn bench.floor_server:app --loop uvloop --http httptools`. The service's
 own CPU per request is compared with this one's, measured in the same run at the same request rate
 (bench/serve.py), so the comparison holds on a machine whose speed changes with its neighbours' load.
+
+With FLOOR_MODEL (a model file or folder) and FLOOR_IMAGE (a photo), each thread runs the service's in-process path
+on that photo instead of sleeping (`Model.classify_all`, one onnxruntime thread, as the service under load), and
+`/metrics` gives the CPU those threads spent on it as the service's `catsdogs_inference_cpu_seconds_total`, so
+`bench.common.CpuMeter` measures this floor's CPU beyond the in-process path as it measures the service's: the
+floor with the cores and their caches as busy as the service's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
+
+from imaging import DEFAULT_MAX_PIXELS
+from server.model import Model, Prediction
 
 SECONDS = float(os.environ.get("FLOOR_SECONDS", "0.04"))
 threads = ThreadPoolExecutor(int(os.environ.get("FLOOR_THREADS", "4")))
+MODEL = (
+    Model(Path(os.environ["FLOOR_MODEL"]), threads=1, max_pixels=DEFAULT_MAX_PIXELS)
+    if os.environ.get("FLOOR_MODEL")
+    else None
+)
+IMAGE = Path(os.environ["FLOOR_IMAGE"]).read_bytes() if MODEL else b""
+SLEPT = Prediction(label="cat", probabilities={"cat": 1.0, "dog": 0.0}, is_pet=True, pet_score=0.0)
+inference_cpu = [0.0]  # seconds of thread CPU on the in-process path, summed under the lock
+inference_lock = threading.Lock()
+
+
+def hold() -> Prediction:
+    """In a worker thread: the model on the photo, or a sleep as long as an inference."""
+    if MODEL is None:
+        time.sleep(SECONDS)
+        return SLEPT
+    started = time.thread_time()
+    [result], _ = MODEL.classify_all([IMAGE])
+    with inference_lock:
+        inference_cpu[0] += time.thread_time() - started
+    assert isinstance(result, Prediction), result
+    return result
 
 
 async def predict(request: Request) -> JSONResponse:
     body = await request.body()
-    await asyncio.get_running_loop().run_in_executor(threads, time.sleep, SECONDS)
-    answer = {"prediction_id": None, "label": "cat", "probabilities": {"cat": 1.0, "dog": 0.0}, "is_pet": True,
-              "pet_score": 0.0, "model_version": "floor", "latency_ms": float(len(body))}  # fmt: skip
+    result = await asyncio.get_running_loop().run_in_executor(threads, hold)
+    answer = {"prediction_id": None, "label": result.label, "probabilities": result.probabilities,
+              "is_pet": result.is_pet, "pet_score": result.pet_score, "model_version": "floor",
+              "latency_ms": float(len(body))}  # fmt: skip
     return JSONResponse(answer)
 
 
-app = Starlette(routes=[Route("/predict", predict, methods=["POST"])])
+async def metrics(request: Request) -> PlainTextResponse:
+    return PlainTextResponse(f"catsdogs_inference_cpu_seconds_total {inference_cpu[0]}\n")
+
+
+app = Starlette(routes=[Route("/predict", predict, methods=["POST"]), Route("/metrics", metrics)])

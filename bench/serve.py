@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -352,12 +353,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.cpu:  # the framework floor at the service's rate, and each service's own CPU over it
         rps = report["service"]["throughput"][-1]["rps"]
         report["framework_floor"] = measure_floor(image, settings.inference_concurrency, rps, args.seconds)
+        # the same floor with its threads running the model: is the sleeping floor too kind to the service, whose
+        # event loop shares the cores and their caches with the model? (docs/capacity.md, "the fourth round")
+        report["framework_floor_with_model"] = measure_floor(
+            image, settings.inference_concurrency, rps, args.seconds, model=args.model
+        )
         floor = report["framework_floor"]["cpu_ms_per_request"]
+        loaded = report["framework_floor_with_model"]["cpu_ms_beyond_in_process"]
         for name in ("verdict", "baseline_verdict") if args.baseline else ("verdict",):
             beyond = report[name]["cpu_ms_beyond_in_process_16_clients"]
             report[name]["framework_floor_cpu_ms_16_clients"] = floor
             report[name]["cpu_beyond_in_process_over_floor"] = round(beyond / floor, 2)
             report[name]["floor_target"] = "<= 2 (proposed: the service's own work at most the floor again)"
+            report[name]["floor_with_model_cpu_ms_beyond_in_process_16_clients"] = loaded
     if args.torch_reference:
         report["torch_reference"] = measure_torch_reference(args.torch_reference, image, args.seconds)
         ours, theirs = report["service"]["throughput"][-1]["rps"], report["torch_reference"]["throughput"][-1]["rps"]
@@ -388,18 +396,29 @@ def uvicorn_app(app: str, image: bytes, env: dict[str, str], uvicorn_args: tuple
         process.wait()
 
 
-def measure_floor(image: bytes, threads: int, rps: float, seconds: float) -> dict[str, Any]:
+def measure_floor(image: bytes, threads: int, rps: float, seconds: float, model: Path | None = None) -> dict[str, Any]:
     """bench/floor_server.py (Starlette on the same uvicorn, a sleeping thread in place of the model) at the
     service's request rate under 16 clients: each of its `threads` sleeps threads/rps s. Its CPU per request is the
-    least any service on this stack spends beyond the model at that rate, on this machine, now."""
+    least any service on this stack spends beyond the model at that rate, on this machine, now. With `model`, its
+    threads run the in-process path on `image` instead (at the rate they reach), and the CPU beyond it is read as
+    the service's is (bench.common.CpuMeter)."""
     env = {"FLOOR_SECONDS": f"{threads / rps:.4f}", "FLOOR_THREADS": str(threads)}
     uvicorn_args = ("--loop", "uvloop", "--http", "httptools", "--no-access-log")  # as the service runs
-    with uvicorn_app("bench.floor_server:app", image, env, uvicorn_args) as (process, port, request):
-        used = cpu_seconds(process.pid)
+    with contextlib.ExitStack() as stack:
+        if model is not None:
+            photo = stack.enter_context(tempfile.NamedTemporaryFile(suffix=".jpg"))
+            photo.write(image)
+            photo.flush()
+            env.update(FLOOR_MODEL=str(model.resolve()), FLOOR_IMAGE=photo.name)
+        process, port, request = stack.enter_context(
+            uvicorn_app("bench.floor_server:app", image, env, uvicorn_args, startup_s=120)
+        )
+        used, meter = cpu_seconds(process.pid), CpuMeter(process.pid, port)
         row = load(port, request, 16, seconds)
         used = cpu_seconds(process.pid) - used
-    return {**row, "thread_seconds": round(threads / rps, 4),
-            "cpu_ms_per_request": round(used * 1000 / max(row["requests"], 1), 3)}  # fmt: skip
+        beyond = meter.per_request(row["requests"]) if model is not None else {}
+    held = {"model": str(model)} if model is not None else {"thread_seconds": round(threads / rps, 4)}
+    return {**row, **held, "cpu_ms_per_request": round(used * 1000 / max(row["requests"], 1), 3), **beyond}
 
 
 def measure_torch_reference(checkpoint: Path, image: bytes, seconds: float) -> dict[str, Any]:
