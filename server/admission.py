@@ -109,6 +109,9 @@ class Admission:
             self.free_slots.release()  # even if this request was cancelled while it ran
             if answer.cancelled():
                 return
+            if done.cancelled():  # not while a slot holds its thread; only a shutdown that cancels queued work
+                answer.cancel()
+                return
             error = done.exception()
             if error is None:
                 answer.set_result(done.result())

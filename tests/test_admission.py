@@ -138,7 +138,8 @@ def test_a_flood_gets_only_200s_and_fast_503s_and_the_service_stays_ready(onnx_m
 def test_slots_are_taken_in_arrival_order_and_a_waiter_past_its_deadline_takes_none():
     """Admission.run with one slot: waiters past QUEUE_TIMEOUT get queue_timeout and run nothing; the freed slot goes
     to the waiters in arrival order, one that was cancelled while waiting takes none, and a request cancelled while
-    its thread runs keeps the slot until the thread is done."""
+    its thread runs keeps the slot until the thread is done; an error raised in the thread reaches the caller and
+    frees the slot."""
 
     async def scenario() -> tuple[list[str], list[str], bool]:
         admission = Admission(slots=1, queue=8, timeout=0.5, metrics=Metrics())
@@ -159,9 +160,11 @@ def test_slots_are_taken_in_arrival_order_and_a_waiter_past_its_deadline_takes_n
         still_held = not ran
         gate.set()
         await asyncio.gather(*queued)
+        [failed] = await asyncio.gather(admission.run(divmod, 1, 0), return_exceptions=True)  # raises in its thread
+        ran.append(f"{type(failed).__name__}, then {await admission.run(str.upper, 'ok')}")  # and its slot is free
         admission.close()
         return ran, outcomes, still_held
 
     ran, outcomes, still_held = asyncio.run(scenario())
     assert outcomes == ["Overloaded:queue_timeout"] * 3
-    assert ran == ["x", "y", "z"] and still_held
+    assert ran == ["x", "y", "z", "ZeroDivisionError, then OK"] and still_held
