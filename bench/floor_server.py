@@ -53,7 +53,8 @@ def hold() -> Prediction:
     [result], _ = MODEL.classify_all([IMAGE])
     with inference_lock:
         inference_cpu[0] += time.thread_time() - started
-    assert isinstance(result, Prediction), result
+    if not isinstance(result, Prediction):
+        raise RuntimeError(f"the floor's photo cannot be classified: {result}")
     return result
 
 

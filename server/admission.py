@@ -109,8 +109,8 @@ class Admission:
             self.free_slots.release()  # even if this request was cancelled while it ran
             if answer.cancelled():
                 return
-            if done.cancelled():  # not while a slot holds its thread; only a shutdown that cancels queued work
-                answer.cancel()
+            if done.cancelled():  # nothing cancels it today (a slot always finds its thread free); if something
+                answer.cancel()  # ever does, the caller sees a cancellation instead of waiting for ever
                 return
             error = done.exception()
             if error is None:
@@ -119,16 +119,17 @@ class Admission:
                 answer.set_exception(error)
 
         def hand_back(done: Future[T]) -> None:  # in the inference thread
-            if not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed (shutdown): nobody waits for the answer
                 loop.call_soon_threadsafe(settle, done)
 
         # One thread future and one loop future, joined by one callback: run_in_executor's wrap_future chains
         # them both ways and needs a shield besides, three more futures and their callbacks on every request.
         try:
-            self.executor.submit(fn, *args).add_done_callback(hand_back)
-        except BaseException:
+            running = self.executor.submit(fn, *args)
+        except BaseException:  # the executor is shut down: nothing will run, so nothing else frees the slot
             self.free_slots.release()
             raise
+        running.add_done_callback(hand_back)  # settle frees the slot from here on, however this request ends
         return await answer
 
     async def wait_for_slot(self) -> None:
