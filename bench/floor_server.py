@@ -8,8 +8,8 @@ own CPU per request is compared with this one's, measured in the same run at the
 (bench/serve.py), so the comparison holds on a machine whose speed changes with its neighbours' load.
 
 With FLOOR_MODEL (a model file or folder) and FLOOR_IMAGE (a photo), each thread runs the service's in-process path
-on that photo instead of sleeping (`Model.classify_all`, one onnxruntime thread, as the service under load), and
-`/metrics` gives the CPU those threads spent on it as the service's `catsdogs_inference_cpu_seconds_total`, so
+on that photo instead of sleeping: the model loaded as the service loads it for these settings, called and counted
+as the service calls it (`server.inference.classify_counted`), and `/metrics` is the service's own registry, so
 `bench.common.CpuMeter` measures this floor's CPU beyond the in-process path as it measures the service's: the
 floor with the cores and their caches as busy as the service's.
 """
@@ -18,30 +18,30 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from imaging import DEFAULT_MAX_PIXELS
+from server.config import Settings
+from server.inference import classify_counted
+from server.metrics import Metrics
 from server.model import Model, Prediction
 
 SECONDS = float(os.environ.get("FLOOR_SECONDS", "0.04"))
 threads = ThreadPoolExecutor(int(os.environ.get("FLOOR_THREADS", "4")))
+METRICS = Metrics()
 MODEL = (
-    Model(Path(os.environ["FLOOR_MODEL"]), threads=1, max_pixels=DEFAULT_MAX_PIXELS)
+    Model.from_settings(Settings.from_env({**os.environ, "MODEL_PATH": os.environ["FLOOR_MODEL"]}))
     if os.environ.get("FLOOR_MODEL")
     else None
 )
 IMAGE = Path(os.environ["FLOOR_IMAGE"]).read_bytes() if MODEL else b""
 SLEPT = Prediction(label="cat", probabilities={"cat": 1.0, "dog": 0.0}, is_pet=True, pet_score=0.0)
-inference_cpu = [0.0]  # seconds of thread CPU on the in-process path, summed under the lock
-inference_lock = threading.Lock()
 
 
 def hold() -> Prediction:
@@ -49,10 +49,7 @@ def hold() -> Prediction:
     if MODEL is None:
         time.sleep(SECONDS)
         return SLEPT
-    started = time.thread_time()
-    [result], _ = MODEL.classify_all([IMAGE])
-    with inference_lock:
-        inference_cpu[0] += time.thread_time() - started
+    [result] = classify_counted(MODEL, METRICS, [IMAGE])
     if not isinstance(result, Prediction):
         raise RuntimeError(f"the floor's photo cannot be classified: {result}")
     return result
@@ -67,8 +64,8 @@ async def predict(request: Request) -> JSONResponse:
     return JSONResponse(answer)
 
 
-async def metrics(request: Request) -> PlainTextResponse:
-    return PlainTextResponse(f"catsdogs_inference_cpu_seconds_total {inference_cpu[0]}\n")
+async def metrics(request: Request) -> Response:
+    return Response(METRICS.render(), media_type=METRICS.content_type)
 
 
 app = Starlette(routes=[Route("/predict", predict, methods=["POST"]), Route("/metrics", metrics)])

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from bench.common import CpuMeter, add_model_argument, cpu_info, cpu_seconds, percentiles, time_ms, write_report
+from bench.common import CpuMeter, add_model_argument, cpu_info, percentiles, time_ms, write_report
 from bench.loadgen import Client, load, one_shot, prepare
 from deploy.client import free_port
 from server.config import Settings, available_cpus
@@ -413,14 +413,12 @@ def measure_floor(image: bytes, threads: int, rps: float, seconds: float, model:
         process, port, request = stack.enter_context(
             uvicorn_app("bench.floor_server:app", image, env, uvicorn_args, startup_s=120)
         )
-        used, meter = cpu_seconds(process.pid), CpuMeter(process.pid, port)
+        meter = CpuMeter(process.pid, port)  # the floor's /metrics is the service's registry
         row = load(port, request, 16, seconds)
-        used = cpu_seconds(process.pid) - used
-        # with the model: its in-process path and the CPU beyond it, from the meter's own reading of the window
-        beyond = meter.per_request(row["requests"]) if model is not None else {}
-        beyond.pop("cpu_ms_per_request", None)  # the total is `used`'s, read apart: the test compares the two
-    held = {"model": str(model)} if model is not None else {"thread_seconds": round(threads / rps, 4)}
-    return {**row, **held, "cpu_ms_per_request": round(used * 1000 / max(row["requests"], 1), 3), **beyond}
+        cpu = meter.per_request(row["requests"])
+    if model is None:  # nothing runs in process: all of it is the floor's
+        return {**row, "thread_seconds": round(threads / rps, 4), "cpu_ms_per_request": cpu["cpu_ms_per_request"]}
+    return {**row, "model": str(model), **cpu}
 
 
 def measure_torch_reference(checkpoint: Path, image: bytes, seconds: float) -> dict[str, Any]:
