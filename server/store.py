@@ -29,9 +29,13 @@ from server.config import POSTGRES_SCHEMES
 # Two numbers, as SQLite's own file format keeps a read and a write version apart: a reader checks `version` and
 # refuses any other (bumped only by a change older code cannot read or write safely); `revision` counts the additive
 # steps (columns older code never names), so the previous release still runs on an upgraded store (a blue/green
-# rollback). Revision 2: each label's source (a key's name or "anonymous") and is_pet. MIGRATIONS lead here.
+# rollback). Revision 2: each label's source (a key's name or "anonymous") and is_pet. Revision 3: when harvest took
+# a label (harvested_time): a label is evicted only once harvested. MIGRATIONS lead here.
 SCHEMA_VERSION = 1
-SCHEMA_REVISION = 2
+SCHEMA_REVISION = 3
+READ_REVISION = 2  # the oldest revision a read-only store (harvest) reads: feedback_rows needs its columns
+HARVESTED_REVISION = 3  # the oldest that mark_harvested can write
+MARK_CHUNK = 500  # prediction ids marked harvested per statement (SQLite's default limit is 32,766 parameters)
 STATEMENT_TIMEOUT_MS = 5000  # a PostgreSQL statement past it fails (503), never holds the store's thread for long
 # The server's statement_timeout needs a server that answers. A database that stops answering on an open connection
 # (a partition, a failover, a frozen VM) is bounded here, at the client: connecting (libpq's connect_timeout); data
@@ -51,10 +55,14 @@ SCHEMA = (
     """CREATE TABLE IF NOT EXISTS predictions (
         prediction_id TEXT PRIMARY KEY, request_id TEXT NOT NULL, time DOUBLE PRECISION NOT NULL,
         model_version TEXT NOT NULL, label TEXT NOT NULL, probabilities TEXT NOT NULL, pet_score DOUBLE PRECISION,
-        image TEXT, feedback TEXT, feedback_time DOUBLE PRECISION, feedback_source TEXT, is_pet INTEGER)""",
+        image TEXT, feedback TEXT, feedback_time DOUBLE PRECISION, feedback_source TEXT, is_pet INTEGER,
+        harvested_time DOUBLE PRECISION)""",
     "CREATE INDEX IF NOT EXISTS predictions_by_time ON predictions (time)",
     "CREATE INDEX IF NOT EXISTS predictions_by_image ON predictions (image)",
 )
+# the labels harvest has not taken yet, by source: what POST /feedback counts against the store's bound
+UNHARVESTED_INDEX = ("CREATE INDEX IF NOT EXISTS predictions_unharvested ON predictions (feedback_source) "
+                     "WHERE feedback IS NOT NULL AND harvested_time IS NULL")  # fmt: skip
 COLUMNS = (
     "prediction_id, request_id, time, model_version, label, probabilities, pet_score, image, feedback, "
     "feedback_source, is_pet"
@@ -74,6 +82,10 @@ MIGRATIONS: dict[int, tuple[tuple[str, str, str], ...]] = {  # revision -> its s
         ("", "", f"UPDATE predictions SET feedback_source = '{ANONYMOUS}' WHERE feedback IS NOT NULL "
                  "AND feedback_source IS NULL"),
         ("", "", "CREATE INDEX IF NOT EXISTS predictions_by_image ON predictions (image)"),
+    ),
+    2: (
+        ("predictions", "harvested_time", "ALTER TABLE predictions ADD COLUMN harvested_time DOUBLE PRECISION"),
+        ("", "", UNHARVESTED_INDEX),
     ),
 }  # fmt: skip
 
@@ -171,7 +183,9 @@ class PredictionStore:
 
     def __init__(self, target: str | None, size: int, read_only: bool = False) -> None:
         self.target = str(target) if target else None  # a path given as a Path
-        self.read_only = read_only  # `make harvest`: a mistyped path never creates a database
+        # `make harvest`: never creates a database (a mistyped path is an error) nor migrates one, and writes nothing
+        # but mark_harvested's UPDATE of rows that are there
+        self.read_only = read_only
         self.postgres = bool(self.target and self.target.startswith(POSTGRES_SCHEMES))
         self.placeholder = "%s" if self.postgres else "?"
         self.size = size
@@ -186,6 +200,7 @@ class PredictionStore:
         self.connections_lock = threading.Lock()
         self.watchdog = Watchdog(STATEMENT_DEADLINE_S) if self.postgres else None
         self.added = 0
+        self.revision_seen = 0  # the store's revision, as the last connection's check found it
         self.error: str | None = None  # why this store cannot be used (its schema): /ready fails, feedback is 503
         if not self.postgres or read_only:
             with self.lock:
@@ -221,7 +236,7 @@ class PredictionStore:
     def connect(self) -> None:
         if self.postgres:
             options = f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"
-            if self.read_only:
+            if self.read_only:  # mark_harvested alone opens a read-write transaction
                 options += " -c default_transaction_read_only=on"
             self.db = psycopg.connect(self.target, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
                                       options=options, **KEEPALIVES)  # fmt: skip
@@ -230,7 +245,8 @@ class PredictionStore:
         elif self.read_only:
             if not self.target or not Path(self.target).is_file():
                 raise StoreError(f"no feedback store at {self.target!r}: give the FEEDBACK_DB the service wrote")
-            self.db = sqlite3.connect(f"{Path(self.target).resolve().as_uri()}?mode=ro", uri=True,
+            # mode=rw never creates a file; mark_harvested writes (a write-protected file is opened read-only)
+            self.db = sqlite3.connect(f"{Path(self.target).resolve().as_uri()}?mode=rw", uri=True,
                                       check_same_thread=False, isolation_level=None, timeout=5)  # fmt: skip
         else:
             self.db = sqlite3.connect(self.target or ":memory:", check_same_thread=False, isolation_level=None,
@@ -249,8 +265,10 @@ class PredictionStore:
             self.db = None
             raise
 
-    def run(self, sql: str, params: tuple = ()) -> Any:
-        """One statement (the lock held); `?` placeholders in both dialects."""
+    def run(self, sql: str, params: tuple = (), retry: bool = True) -> Any:
+        """One statement (the lock held); `?` placeholders in both dialects. On PostgreSQL a connection found broken
+        is replaced and the statement tried once more, unless `retry` is False (a statement inside a transaction:
+        the new connection is not in it)."""
         if self.error:
             raise StoreError(self.error)
         if self.db is None:
@@ -267,6 +285,9 @@ class PredictionStore:
         except psycopg.OperationalError:
             if not (self.db.closed or self.db.broken):
                 raise  # a statement that failed, on a good connection
+            if not retry:
+                self.drop()
+                raise
             self.drop()  # the server went away: one new connection, one more try
             self.connect()
             with self.watchdog.watch(self.db):
@@ -288,10 +309,11 @@ class PredictionStore:
             db = self.db
             if self.read_only:
                 version, revision = self.version(), self.revision()
-                if version != SCHEMA_VERSION or revision < SCHEMA_REVISION:
+                if version != SCHEMA_VERSION or revision < READ_REVISION:
                     raise StoreError(f"the feedback store at {self.where()} has schema version {version} revision "
-                                     f"{revision}; this reads {SCHEMA_VERSION} revision {SCHEMA_REVISION} or later "
+                                     f"{revision}; this reads {SCHEMA_VERSION} revision {READ_REVISION} or later "
                                      "(start the service on it once to upgrade it)")  # fmt: skip
+                self.revision_seen = revision
                 return
             step = self.watchdog.watch if self.watchdog else lambda _: contextlib.nullcontext()
             with step(db):  # a server that stops answering here is cut too (the connection is then dropped)
@@ -304,7 +326,7 @@ class PredictionStore:
                     self.run("ALTER TABLE predictions RENAME TO predictions_v0")
                 version = self.version()
                 if version is None:
-                    for statement in SCHEMA:
+                    for statement in (*SCHEMA, UNHARVESTED_INDEX):
                         self.run(statement)
                     self.run("INSERT INTO store_schema (version, revision) VALUES (?, ?)",
                              (SCHEMA_VERSION, SCHEMA_REVISION))  # fmt: skip
@@ -321,6 +343,7 @@ class PredictionStore:
                             self.run(statement)
                     revision += 1
                     self.run("UPDATE store_schema SET revision = ?", (revision,))
+                self.revision_seen = revision
                 with step(db):
                     db.execute("COMMIT")
             except BaseException:
@@ -423,6 +446,45 @@ class PredictionStore:
                             "ORDER BY time").fetchall()  # fmt: skip
         return [self.record(row) for row in rows]
 
+    def mark_harvested(self, prediction_ids: list[str]) -> int:
+        """Mark these predictions' labels taken by harvest (or dropped by a person): from now on they may be evicted,
+        and no longer count against the bound POST /feedback refuses labels at. How many of them the store holds
+        labelled, marked now or before (a harvest run again reports the same). Works read-only (harvest's store: it
+        only updates rows that are there); a StoreError on a store older than revision 3 (start the service on it
+        once to upgrade it)."""
+        ids = list(dict.fromkeys(prediction_ids))
+        now = time.time()
+        marked = 0
+        with self.lock:
+            if self.db is None:
+                self.connect()
+            if self.revision_seen < HARVESTED_REVISION:
+                raise StoreError(f"the feedback store at {self.where()} has schema revision {self.revision_seen}; "
+                                 f"marking labels harvested needs revision {HARVESTED_REVISION} or later (start the "
+                                 "service on it once to upgrade it)")  # fmt: skip
+            for start in range(0, len(ids), MARK_CHUNK):
+                chunk = tuple(ids[start : start + MARK_CHUNK])
+                mark = (f"UPDATE predictions SET harvested_time = COALESCE(harvested_time, ?) WHERE feedback IS NOT "
+                        f"NULL AND prediction_id IN ({', '.join('?' * len(chunk))})")  # fmt: skip
+                if self.postgres and self.read_only:  # its connections' transactions are read-only by default
+                    marked += self.in_transaction("BEGIN READ WRITE", mark, (now, *chunk)).rowcount
+                else:  # one statement, idempotent: safe to retry
+                    marked += self.run(mark, (now, *chunk)).rowcount
+        return marked
+
+    def in_transaction(self, begin: str, sql: str, params: tuple) -> Any:
+        """One statement in its own transaction on this thread's connection, never retried on another."""
+        self.run(begin)
+        try:
+            cursor = self.run(sql, params, retry=False)
+            self.run("COMMIT", retry=False)
+        except BaseException:
+            if self.db is not None and not self.db.closed and not self.db.broken:
+                with contextlib.suppress(*STORE_ERRORS):
+                    self.run("ROLLBACK", retry=False)
+            raise
+        return cursor
+
     @staticmethod
     def record(row: tuple) -> PredictionRecord:
         return PredictionRecord(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), row[6], row[7], row[8],
@@ -441,7 +503,8 @@ class PredictionStore:
             open_to = "(feedback IS NULL OR feedback_source IS NULL OR feedback_source = ?)"
         with self.lock:  # the record comes back with the change itself: nothing is read after the commit
             changed = self.run(
-                f"UPDATE predictions SET feedback = ?, feedback_time = ?, feedback_source = ? WHERE prediction_id = ? "
+                f"UPDATE predictions SET feedback = ?, feedback_time = ?, feedback_source = ?, harvested_time = NULL "
+                f"WHERE prediction_id = ? "
                 f"AND {open_to} RETURNING {COLUMNS}",
                 (label, time.time(), source, prediction_id, *((ANONYMOUS,) if trusted else ())),
             ).fetchone()

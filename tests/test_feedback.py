@@ -402,7 +402,7 @@ def test_stores_made_by_earlier_code_are_upgraded_not_refused(commit, database, 
     assert made.give_feedback("labelled", "dog")[0].value == "recorded"
     made.close()
     store = PredictionStore(target, 10)  # today's code: migrated in place
-    assert store.error is None and (store.version(), store.revision()) == (1, 2)
+    assert store.error is None and (store.version(), store.revision()) == (1, 3)
     labelled, unlabelled = store.get("labelled"), store.get("unlabelled")
     assert (labelled.feedback, labelled.feedback_source, labelled.label) == ("dog", "anonymous", "cat")
     assert unlabelled.feedback is None and unlabelled.feedback_source is None and unlabelled.is_pet is None
@@ -413,7 +413,7 @@ def test_stores_made_by_earlier_code_are_upgraded_not_refused(commit, database, 
     assert [r.prediction_id for r in store.feedback_rows()] == (["labelled"] if "image" in fields else [])
     store.close()
     again = PredictionStore(target, 10)  # upgraded once: opening it again changes nothing
-    assert again.revision() == 2 and again.get("labelled").feedback_source == "anonymous"
+    assert again.revision() == 3 and again.get("labelled").feedback_source == "anonymous"
     again.close()
     rolled_back = old.PredictionStore(target, 10)  # the earlier release on the upgraded store: a blue/green rollback
     extra = {"image": "later.jpg"} if "image" in fields else {}
