@@ -4,8 +4,10 @@ and the rate limits (a token bucket per key, and per client address for anonymou
 The client address is the one uvicorn puts in the ASGI scope: behind a proxy, the forwarded address, but only when
 the proxy is one uvicorn trusts (FORWARDED_ALLOW_IPS, uvicorn's own setting); a client cannot pick its bucket by
 sending X-Forwarded-For itself. Refusals follow RFC 6750: 401 with `WWW-Authenticate: Bearer error="invalid_token"`
-for a wrong, revoked or malformed key, 403 `insufficient_scope` for a key without the scope, and 429 with
-Retry-After past a limit. A key is never logged: only its name, once it is known.
+for a key that was sent and is wrong or revoked; 401 with the bare `Bearer realm="catsdogs"` challenge (no error
+code, as section 3.1 asks) for a request with no usable credentials: no key where one is required, another scheme
+than Bearer, or an empty one; 403 `insufficient_scope` for a key without the scope, and 429 with Retry-After past a
+limit. A key is never logged: only its name, once it is known.
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ from server.keys import NOBODY, Identity, KeyRing
 MAX_BUCKETS = 100_000  # clients tracked at once; the least recently seen is forgotten past it (a full bucket again)
 
 
-def challenge(error: str, description: str, scope: str | None = None) -> dict[str, str]:
-    value = f'Bearer realm="catsdogs", error="{error}", error_description="{description}"'
+def challenge(error: str | None, description: str = "", scope: str | None = None) -> dict[str, str]:
+    """RFC 6750's Bearer challenge; `error` None for a request that sent no usable credentials (no error code)."""
+    value = 'Bearer realm="catsdogs"'
+    if error:
+        value += f', error="{error}", error_description="{description}"'
     return {"WWW-Authenticate": value + (f', scope="{scope}"' if scope else "")}
 
 
@@ -35,8 +40,8 @@ def identify(request: Request) -> Identity:
     scheme, _, key = header.partition(" ")
     key = key.strip()
     if scheme.lower() != "bearer" or not key:
-        raise ClientError(401, "invalid_key", "send 'Authorization: Bearer <key>'",
-                          challenge("invalid_request", "malformed Authorization header"))  # fmt: skip
+        # another scheme, or Bearer without a key: no usable credentials, so no error code (RFC 6750 section 3.1)
+        raise ClientError(401, "invalid_key", "send 'Authorization: Bearer <key>'", challenge(None))
     keys: KeyRing | None = request.app.state.keys
     identity = keys.identify(key) if keys is not None else None
     if identity is None:
@@ -51,7 +56,7 @@ def require(request: Request, scope: str) -> Identity:
     identity = identify(request)
     if identity.anonymous:
         raise ClientError(401, "key_required", f"this route needs a key with the '{scope}' scope",
-                          challenge("invalid_token", "a key is required", scope))  # fmt: skip
+                          challenge(None, scope=scope))  # fmt: skip
     if scope not in identity.scopes:
         raise ClientError(403, "insufficient_scope", f"the key '{identity.name}' lacks the '{scope}' scope",
                           challenge("insufficient_scope", "the key lacks the scope", scope))  # fmt: skip

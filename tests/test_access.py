@@ -174,6 +174,36 @@ def test_an_operator_can_require_keys_for_predictions(onnx_model, tmp_path):
         assert httpx.get(f"{service.url}/ready").status_code == 200  # probes need no key
 
 
+def test_no_usable_credentials_get_a_challenge_without_an_error_code(onnx_model, tmp_path):
+    """RFC 6750 section 3.1: a request with no key (or another scheme) gets no error code; a key sent and wrong
+    gets invalid_token, a key without the scope insufficient_scope (403); on every route that checks keys."""
+    path = tmp_path / "keys.jsonl"
+    client, labeller = add_key(path, "client", ["predict"]), add_key(path, "labeller", ["label"])
+    bare, needs_predict = 'Bearer realm="catsdogs"', 'Bearer realm="catsdogs", scope="predict"'
+    with contextlib.contextmanager(running_service)(onnx_model, API_KEYS_FILE=str(path),
+                                                    PREDICT_REQUIRES_KEY="true") as service:  # fmt: skip
+        v2 = f"{service.url}/v2/models/catsdogs/infer"
+        for response in [predict(service.url), httpx.post(v2, json={"inputs": []}, timeout=30)]:
+            assert response.status_code == 401 and response.headers["www-authenticate"] == needs_predict
+        for headers in [{"Authorization": "Basic abc"}, {"Authorization": "Bearer"}, {"Authorization": "Token abc"}]:
+            for response in [predict(service.url, headers=headers), feedback(service.url, "x", "cat", headers)]:
+                assert_error(response, 401, "invalid_key")
+                assert response.headers["www-authenticate"] == bare, headers
+        for response in [predict(service.url, headers=bearer(client + "x")),
+                         feedback(service.url, "x", "cat", bearer(labeller + "x"))]:  # fmt: skip
+            assert_error(response, 401, "invalid_key")
+            challenge = response.headers["www-authenticate"]
+            assert challenge.startswith(bare + ', error="invalid_token", error_description=')
+        scoped = predict(service.url, headers=bearer(labeller))
+        assert_error(scoped, 403, "insufficient_scope")
+        assert 'error="insufficient_scope"' in scoped.headers["www-authenticate"]
+        assert scoped.headers["www-authenticate"].endswith(', scope="predict"')
+        refused = feedback(service.url, "x", "cat", bearer(client))
+        assert_error(refused, 403, "insufficient_scope")
+        assert refused.headers["www-authenticate"].endswith(', scope="label"')
+        assert predict(service.url, headers=bearer(client)).status_code == 200
+
+
 def test_predict_rate_limits_follow_the_forwarded_address_only_from_a_trusted_proxy(onnx_model):
     def statuses(service, addresses: list[str]) -> list[int]:
         return [predict(service.url, headers={"X-Forwarded-For": a}).status_code for a in addresses]
