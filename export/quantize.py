@@ -1,9 +1,11 @@
 """Static int8 quantization (QDQ, per-channel weights) calibrated on training images, with its gate: int8 as served
 must be shown not worse than float32 as served on accuracy, pets kept and non-pets flagged (training.gates).
 
-Accepted, models/model.int8.onnx is written beside the float32 model, pinned to it by sha256 (`quantized_from`), and
-is what the service serves from the folder; refused, no int8 file is left and float32 is served (exit 0, one warning
-line; --strict exits 1 instead). Either way the report and the MLflow run's `served_model` tag say which is served.
+The int8 model is written and judged in a staging folder beside the float32 model (export.staging). Accepted, it is
+renamed to models/model.int8.onnx, pinned to the float32 model by sha256 (`quantized_from`), and is what the service
+serves from the folder; refused or interrupted, no int8 file is left under that name and float32 is served (a
+refusal exits 0 with one warning line; --strict exits 1 instead). The report and the MLflow run's `served_model` tag
+say which is served.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from export.convert import choose_mirror_gate, log_to_run, write_metadata
 from export.evaluate import evaluate_onnx, load_split, read_metadata
 from export.reference import reference_for_split
 from export.served import tag_served
+from export.staging import aside, publish, remove
 from server.mirror import ALWAYS
 from training import gates, tracking
-from training.config import DEFAULT_PARAMS, load_params
+from training.config import DEFAULT_PARAMS, Params, load_params
 from training.presets import ClassificationPresetEval, PreprocessSpec
 from training.train import load_data
 from training.utils import sha256_file, write_json
@@ -139,36 +142,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def remove(int8_path: Path) -> None:
-    """The int8 model and its sidecar, so that none made from another float32 model is left to serve."""
-    for path in (int8_path, int8_path.with_suffix(".json")):
-        path.unlink(missing_ok=True)
-
-
-def refusal(gate: dict[str, Any]) -> str:
-    return f"int8 model refused: {gate['reason']}"
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = get_args_parser().parse_args(argv)
-    params = load_params(args.params)
+def quantize_and_judge(
+    fp32_path: Path, int8_path: Path, data_dir: Path, data: dict[str, Any], params: Params, rule: gates.Rule
+) -> dict[str, Any]:
+    """Write the int8 model at int8_path (a staging path: export.staging), its pet threshold and mirror gate chosen
+    on its own scores, and judge it against the float32 model; the report, with the gate's verdict under `gate`."""
     settings = params.export
-    rule = gates.Rule.from_dict(params.gates)
-    tracking.configure(params.mlflow.experiment)
-    metadata = read_metadata(args.model)
+    metadata = read_metadata(fp32_path)
     spec = PreprocessSpec.from_dict(metadata["preprocess"])
-    data_dir = args.data or Path(params.data.processed_dir)
-    int8_path = args.model.with_name(f"{args.model.stem}.int8.onnx")
-    remove(int8_path)  # a run that fails half-way leaves no int8 model behind
-    data = evaluation_set(data_dir, spec, settings.calibration_images, params.train.seed)
     calibration, (inputs, targets) = data["calibration"], data["test"]
-
-    quantize_int8(args.model, int8_path, metadata["input_name"], calibration, settings.int8_reduce_range)
-    int8_metadata = quantized_metadata(metadata, args.model)
+    quantize_int8(fp32_path, int8_path, metadata["input_name"], calibration, settings.int8_reduce_range)
+    int8_metadata = quantized_metadata(metadata, fp32_path)
     if metadata.get("reference"):  # drift's baseline from the int8 model's own outputs, as convert does for float32
         int8_metadata["reference"] = reference_for_split(int8_path, data_dir, spec)
     write_metadata(int8_path, int8_metadata)
-    fp32, _ = evaluate_onnx(args.model, inputs, targets, list(spec.labels))
+    fp32, _ = evaluate_onnx(fp32_path, inputs, targets, list(spec.labels))
     int8, _ = evaluate_onnx(int8_path, inputs, targets, list(spec.labels))
     report: dict[str, Any] = {
         "float32": fp32,
@@ -189,11 +177,33 @@ def main(argv: list[str] | None = None) -> None:
         write_metadata(int8_path, int8_metadata)
         report["pet"] = {"threshold_float32": metadata["pet"].get("threshold"), "threshold_int8": pet["threshold"],
                          "at_threshold": pet_report["at_threshold"]}  # fmt: skip
-    gate = judge(args.model, int8_path, data["photos"], answers.gate_not_pets(params.pet), rule)
-    report["gate"] = gate
+    report["gate"] = judge(fp32_path, int8_path, data["photos"], answers.gate_not_pets(params.pet), rule)
     report["gate_photos"] = "every prepared photo except the calibration images (rest of train, val, test)"
+    return report
+
+
+def refusal(gate: dict[str, Any]) -> str:
+    return f"int8 model refused: {gate['reason']}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = get_args_parser().parse_args(argv)
+    params = load_params(args.params)
+    settings = params.export
+    rule = gates.Rule.from_dict(params.gates)
+    tracking.configure(params.mlflow.experiment)
+    metadata = read_metadata(args.model)
+    spec = PreprocessSpec.from_dict(metadata["preprocess"])
+    data_dir = args.data or Path(params.data.processed_dir)
+    int8_path = args.model.with_name(f"{args.model.stem}.int8.onnx")
+    remove(int8_path)  # an int8 model from an earlier run is served again only if this run's gate accepts its own
+    data = evaluation_set(data_dir, spec, settings.calibration_images, params.train.seed)
+    with aside(int8_path) as candidate:  # nothing under the served name until the gate accepted it
+        report = quantize_and_judge(args.model, candidate, data_dir, data, params, rule)
+        if report["gate"]["accepted"]:
+            publish(candidate, int8_path)
+    gate = report["gate"]
     if not gate["accepted"]:
-        remove(int8_path)
         reason = refusal(gate)
         write_json(args.report, {**report, "served": "float32", "reason": reason})
         tag_served(metadata.get("run_id"), args.model.name)
@@ -203,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     reason = f"int8 model accepted: {gate['reason']}"
     write_json(args.report, {**report, "served": "int8", "reason": reason})
-    log_to_run(metadata.get("run_id"), [int8_path], {"onnx_int8_test_accuracy": int8["accuracy"]})
+    log_to_run(metadata.get("run_id"), [int8_path], {"onnx_int8_test_accuracy": report["int8"]["accuracy"]})
     tag_served(metadata.get("run_id"), int8_path.name)
     print(json.dumps({"written": str(int8_path), "reason": reason}, indent=2))
 
