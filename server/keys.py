@@ -1,19 +1,26 @@
 """API keys: the file the service reads them from (API_KEYS_FILE), how one is made, and how one is checked.
 
-The file holds one JSON object per line: {"name", "sha256", "scopes", "created"}. Only the key's SHA-256 is kept:
-a key is 256 random bits, so a fast hash is enough (a slow password hash protects guessable secrets; nothing about
-a random key is guessable), and the file leaks no key if read. Deleting a key's line revokes it: the service looks
-at the file's size, inode and modification time at most once a second (`RELOAD_S`) and rereads it when they
-changed. A line that cannot be read is skipped and logged; a file that cannot be read at all refuses every key
-until it can (fail closed).
+The file holds one JSON object per line: {"name", "sha256", "scopes", "created"}, and "revoked" (a UTC time) once
+the key is revoked. Only the key's SHA-256 is kept: a key is 256 random bits, so a fast hash is enough (a slow
+password hash protects guessable secrets; nothing about a random key is guessable), and the file leaks no key if
+read. `--revoke` marks a key's line revoked and keeps it, so its name is never given to another key: labels are
+recorded under a key's name, and a new key of a revoked name would inherit the revoked key's waiting labels
+(`make harvest` takes a key's labels only while the key is valid, `labellers`). The service looks at the file's
+size, inode and modification time at most once a second (`RELOAD_S`) and rereads it when they changed. A line that
+cannot be read is skipped and logged; a file that cannot be read at all refuses every key until it can (fail
+closed).
 
 Scopes (SCOPES): `label` (a trusted labeller: its labels may become training data without review) and `predict`
-(needed for the predicting routes when PREDICT_REQUIRES_KEY=true). `make api-key NAME=... SCOPES=...` runs `main`.
+(needed for the predicting routes when PREDICT_REQUIRES_KEY=true). `make api-key NAME=... SCOPES=...` runs `main`;
+`python -m server.keys --name NAME --revoke` revokes.
 """
 
 from __future__ import annotations
 
 import argparse
+import calendar
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
@@ -22,6 +29,7 @@ import re
 import secrets
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +42,7 @@ SCOPES = {
 }
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 RELOAD_S = 1.0
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 
 @dataclass(frozen=True)
@@ -59,8 +68,22 @@ def new_key() -> str:
     return "cdk_" + secrets.token_urlsafe(32)
 
 
-def parse_line(line: str) -> tuple[str, Identity]:
-    """(sha256, identity) from one line of the file, or ValueError saying what is wrong."""
+@dataclass(frozen=True)
+class Entry:
+    """One line of the file: a key's hash, who holds it, when it was made and, once revoked, when."""
+
+    sha256: str
+    identity: Identity
+    created: float | None = None  # seconds since the epoch (None: a line written without it)
+    revoked: str | None = None
+
+    @property
+    def valid(self) -> bool:
+        return self.revoked is None
+
+
+def parse_line(line: str) -> Entry:
+    """The entry of one line of the file, or ValueError saying what is wrong."""
     entry = json.loads(line)
     if not isinstance(entry, dict):
         raise ValueError("not a JSON object")
@@ -71,7 +94,42 @@ def parse_line(line: str) -> tuple[str, Identity]:
         raise ValueError(f"key {name!r}: sha256 must be 64 hex digits")
     if not isinstance(scopes, list) or not scopes or not set(scopes) <= set(SCOPES):
         raise ValueError(f"key {name!r}: scopes must be a non-empty list of {sorted(SCOPES)}")
-    return sha, Identity(name, frozenset(scopes))
+    revoked, created = entry.get("revoked"), entry.get("created")
+    if revoked is not None and not isinstance(revoked, str):
+        raise ValueError(f"key {name!r}: revoked must be a time ({TIME_FORMAT}) or absent")
+    try:
+        made = float(calendar.timegm(time.strptime(created, TIME_FORMAT)))
+    except (TypeError, ValueError):  # a line written by hand: the key works, with no creation time to check
+        made = None
+    return Entry(sha, Identity(name, frozenset(scopes)), made, revoked)
+
+
+def read_entries(text: str) -> tuple[list[Entry], list[tuple[int, str, str | None]]]:
+    """The entries of the file's text, and (line number, what is wrong, its name if one can be read) for each line
+    that cannot be used. Blank lines and lines starting with # are comments."""
+    entries: list[Entry] = []
+    skipped: list[tuple[int, str, str | None]] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            entries.append(parse_line(line))
+        except ValueError as error:  # json's errors are ValueErrors too
+            named = None
+            with contextlib.suppress(ValueError, AttributeError):
+                named = json.loads(line).get("name")
+            skipped.append((number, str(error)[:200], named if isinstance(named, str) else None))
+    return entries, skipped
+
+
+def labellers(path: Path) -> dict[str, float]:
+    """name -> creation time (0 when not recorded) of every key whose labels may train a model now: a valid key of
+    the `label` scope whose name no revoked line, and no line that cannot be read, also carries. OSError or
+    UnicodeDecodeError when the file cannot be read: trusting nobody is the caller's decision, never this one's."""
+    entries, skipped = read_entries(path.read_text(encoding="utf-8"))
+    barred = {entry.identity.name for entry in entries if not entry.valid} | {name for *_, name in skipped if name}
+    return {entry.identity.name: entry.created or 0.0 for entry in entries
+            if entry.valid and "label" in entry.identity.scopes and entry.identity.name not in barred}  # fmt: skip
 
 
 class KeyRing:
@@ -103,17 +161,11 @@ class KeyRing:
                                          extra={"path": str(self.path), "error": type(error).__name__})  # fmt: skip
                 self.entries, self.stamp = [], None
                 return
-            entries: list[tuple[bytes, Identity]] = []
-            for number, line in enumerate(text.splitlines(), 1):
-                if not line.strip() or line.lstrip().startswith("#"):
-                    continue
-                try:
-                    sha, identity = parse_line(line)
-                except ValueError as error:  # json's errors are ValueErrors too; never log the line (a key?)
-                    where = {"path": str(self.path), "line": number, "error": str(error)[:200]}
-                    get_logger().warning("API_KEYS_FILE: a line is skipped", extra=where)
-                    continue
-                entries.append((bytes.fromhex(sha), identity))
+            parsed, skipped = read_entries(text)
+            for number, error, _ in skipped:  # never log the line (a key?)
+                where = {"path": str(self.path), "line": number, "error": error}
+                get_logger().warning("API_KEYS_FILE: a line is skipped", extra=where)
+            entries = [(bytes.fromhex(entry.sha256), entry.identity) for entry in parsed if entry.valid]
             self.entries, self.stamp = entries, stamp
             get_logger().info("API keys read", extra={"path": str(self.path), "keys": len(entries)})
 
@@ -129,30 +181,71 @@ class KeyRing:
         return found
 
 
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[int]:
+    """The keys file (created 0600 if absent), open for appending and locked against another add or revoke. A
+    revocation replaces the file: a caller that waited on the replaced one opens the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        descriptor = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        try:
+            if os.fstat(descriptor).st_ino == path.stat().st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(descriptor)
+    try:
+        yield descriptor
+    finally:
+        os.close(descriptor)
+
+
 def add_key(path: Path, name: str, scopes: list[str]) -> str:
-    """A new key for `name` with `scopes`, its hash appended to `path` (created 0600 if absent); the key itself."""
+    """A new key for `name` with `scopes`, its hash appended to `path` (created 0600 if absent); the key itself. A
+    name any line of the file carries, a revoked key's included, is never given again."""
     if not NAME.match(name) or name == ANONYMOUS:
         raise ValueError(f"NAME must match {NAME.pattern} and not be {ANONYMOUS!r}: {name!r}")
     unknown = sorted(set(scopes) - set(SCOPES))
     if not scopes or unknown:
         raise ValueError(f"SCOPES must be one or more of {sorted(SCOPES)} (comma-separated), not {unknown or scopes}")
-    taken = set()
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
+    with locked(path) as descriptor:
+        entries, skipped = read_entries(path.read_text(encoding="utf-8"))
+        if any(entry.identity.name == name and not entry.valid for entry in entries):
+            raise ValueError(f"{path}: the key named {name!r} was revoked, and a revoked name is never given again "
+                             "(its labels stay untrusted): choose another NAME")  # fmt: skip
+        if name in {entry.identity.name for entry in entries} | {named for *_, named in skipped}:
+            raise ValueError(f"{path} already has a key named {name!r}: revoke it (--revoke) and choose another NAME")
+        key = new_key()
+        entry = {"name": name, "sha256": digest(key), "scopes": sorted(set(scopes)),
+                 "created": time.strftime(TIME_FORMAT, time.gmtime())}  # fmt: skip
+        os.write(descriptor, (json.dumps(entry) + "\n").encode("utf-8"))
+    return key
+
+
+def revoke_key(path: Path, name: str) -> int:
+    """Mark every valid key named `name` revoked, keeping its line (the name stays taken); how many. The file is
+    replaced whole (written aside, then renamed): the service never reads half of it."""
+    with locked(path):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        entries, _ = read_entries("\n".join(lines))
+        if not any(entry.identity.name == name for entry in entries):
+            raise ValueError(f"{path} has no key named {name!r}")
+        revoked, now = 0, time.strftime(TIME_FORMAT, time.gmtime())
+        for number, line in enumerate(lines):
             try:
-                taken.add(parse_line(line)[1].name)
+                entry = parse_line(line)
             except ValueError:
                 continue
-    if name in taken:
-        raise ValueError(f"{path} already has a key named {name!r}: delete its line first to replace it")
-    key = new_key()
-    entry = {"name": name, "sha256": digest(key), "scopes": sorted(set(scopes)),
-             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    with os.fdopen(descriptor, "a", encoding="utf-8") as file:
-        file.write(json.dumps(entry) + "\n")
-    return key
+            if entry.identity.name == name and entry.valid:
+                lines[number] = json.dumps({**json.loads(line), "revoked": now})
+                revoked += 1
+        partial = path.with_name(f".{path.name}.partial")
+        descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            file.write("".join(f"{line}\n" for line in lines))
+        partial.replace(path)
+    return revoked
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -162,10 +255,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="API_KEYS_FILE: the keys file the service reads")  # fmt: skip
     parser.add_argument("--name", required=True, help="who holds the key (recorded as the source of its labels)")
     parser.add_argument("--scopes", default="label", help=f"comma-separated, of {sorted(SCOPES)} (default: label)")
+    parser.add_argument("--revoke", action="store_true", help="revoke the key of this name (the name stays taken)")
     args = parser.parse_args(argv)
     if args.file is None:
         parser.error("give the keys file: --file or API_KEYS_FILE")
     try:
+        if args.revoke:
+            revoked = revoke_key(args.file, args.name)
+            print(f"revoked {revoked} key(s) named {args.name!r} in {args.file} (0: revoked already); the service "
+                  "refuses it within a second, make harvest no longer takes its labels, and the name is never given "
+                  "again")  # fmt: skip
+            return
         key = add_key(args.file, args.name, [s.strip() for s in args.scopes.split(",") if s.strip()])
     except ValueError as error:
         parser.error(str(error))
