@@ -19,6 +19,7 @@ from server.observer import Observer, issued_at
 from server.store import STORE_ERRORS, Feedback, PredictionRecord
 
 MAX_FEEDBACK_BYTES = 4096
+FULL_RETRY_AFTER_S = 300  # a store at its bound of labels waiting for harvest: until someone runs make harvest
 IN_FLIGHT_S = 30  # an id issued this recently and not found may still be in another replica's queue
 MAX_ID_CHARS = 128
 EXAMPLE = '{"prediction_id": "...", "label": "..."}'
@@ -92,6 +93,9 @@ async def feedback(request: Request) -> JSONResponse:
             raise ClientError(503, "prediction_not_recorded_yet", "this prediction is not recorded yet; retry",
                               {"Retry-After": "1"})  # fmt: skip
         raise ClientError(404, "unknown_prediction_id", f"no recent prediction has prediction_id {prediction_id!r}")
+    if outcome is Feedback.FULL:  # never evict a label acknowledged before: refuse this one, visibly
+        raise ClientError(503, "label_store_full", "the service holds as many labels waiting for harvest as it may "
+                          "keep; retry later", {"Retry-After": str(FULL_RETRY_AFTER_S)})  # fmt: skip
     if outcome is Feedback.CONFLICT:
         raise ClientError(409, "feedback_conflict", f"this prediction already has the feedback {record.feedback!r}")
     correct = label == record.label

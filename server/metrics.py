@@ -89,6 +89,12 @@ class Metrics:
             "catsdogs_feedback", "Feedback by true label, whether the prediction was right, and whether it came with "
             "a key (source key) or without (anonymous)", ["label", "correct", "source"], registry=r,
         )  # fmt: skip
+        self.labels_refused = Counter(
+            "catsdogs_labels_refused", "Labels refused with 503 label_store_full: the store holds FEEDBACK_STORE_SIZE "
+            "labels of their source (key or anonymous) that make harvest has not taken", ["source"], registry=r,
+        )  # fmt: skip
+        for source in ("key", "anonymous"):
+            self.labels_refused.labels(source)
         self.observations_lost = Counter(
             "catsdogs_observations_lost", "Predictions answered but not recorded (store, drift, log), by reason",
             ["reason"], registry=r,

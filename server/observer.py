@@ -199,9 +199,12 @@ class Observer:
         """Record a feedback once its prediction is out of the queue (at most `timeout` seconds: a feedback sent right
         after its prediction must see it); a first one is counted and logged. Blocking: call it from a worker thread.
 
-        A store call that fails may have committed first (its connection cut after the change): the client is told
-        503 and retries, and the retry finds its own label there. So a failed call is remembered, and the retry that
-        finds the same label from the same source is counted and keeps its photo as the first would have."""
+        The same label from the same source on a prediction labelled already is the same acknowledgement as the first:
+        its photo is kept for harvest (idempotent) and the answer is the first's. That is what a retry finds when the
+        store call before it committed and then failed (its connection cut after the change; the client told 503),
+        in this process or another (WORKERS > 1, both colours live). It is counted once: by the retry when this
+        process remembers the failed call, else not again (a plain repeat of a 200 must not count twice). A label
+        the store refused at its bound (FULL) is counted in catsdogs_labels_refused_total."""
         with self.written:
             self.written.wait_for(lambda: prediction_id not in self.pending, timeout)
         try:
@@ -214,12 +217,22 @@ class Observer:
             raise
         with self.unsettled_lock:
             tried = self.unsettled.pop(prediction_id, None)
-        if outcome is Feedback.REPEATED and tried == (label, source) and record and record.feedback_source == source:
-            outcome = Feedback.RECORDED
-        # the photo waits for harvest outside the cap and the retention, in its source's area (each with its own
-        # bound: a client without a key never takes a key's room)
         kind = "anonymous" if source == ANONYMOUS else "key"
-        if self.images and record and record.image and outcome in (Feedback.RECORDED, Feedback.REPLACED):
+        if outcome is Feedback.FULL:
+            self.metrics.labels_refused.labels(kind).inc()
+            if f"label_store_full_{kind}" not in self.reported:
+                self.reported.add(f"label_store_full_{kind}")
+                get_logger().warning("the feedback store holds as many labels waiting for harvest as it may: new "
+                                     "labels are refused (503) until make harvest takes them",
+                                     extra={"reason": "label_store_full", "source": kind})  # fmt: skip
+            return outcome, record
+        mine = outcome is Feedback.REPEATED and record is not None and record.feedback_source == source
+        if mine and tried == (label, source):
+            outcome = Feedback.RECORDED  # the failed call committed: this is its first acknowledgement
+        # the photo waits for harvest outside the cap and the retention, in its source's area (each with its own
+        # bound: a client without a key never takes a key's room); a repeat keeps it too unless harvest took it
+        settle = outcome in (Feedback.RECORDED, Feedback.REPLACED) or (mine and not record.harvested)
+        if self.images and record and record.image and settle:
             try:
                 kept = self.images.keep_labelled(record.image, AREAS[kind])
             except OSError as error:

@@ -99,53 +99,62 @@ class StoreTimeout(StoreError):
     """A statement cut by the Watchdog: the database did not answer in time (retried later, never `error`)."""
 
 
+@dataclass(eq=False)
+class Watch:
+    """One statement the Watchdog watches (its identity, not its thread's, is what a cut names)."""
+
+    deadline: float
+    db: Any
+    cut: bool = False  # its connection was shut down: the statement failed, or finished just as it was cut
+
+
 class Watchdog:
     """Cuts the connection of a PostgreSQL statement that runs past its deadline: the socket is shut down, so the
-    thread blocked on it gets an error at once (the connection is then dropped, and a new one made on next use)."""
+    thread blocked on it gets an error at once (the connection is then dropped, and a new one made on next use).
+
+    The cut happens under the lock a statement takes to end its watch, so it reaches that statement's connection and
+    no other: a statement that finishes just as it is cut waits for the cut, keeps its answer and leaves its dead
+    connection to be dropped (PredictionStore.run), never to the thread's next statement; and the connection (its
+    file descriptor) is still open while it is cut."""
 
     def __init__(self, deadline_s: float) -> None:
         self.deadline_s = deadline_s
         self.lock = threading.Lock()
-        self.running: dict[int, tuple[float, Any]] = {}  # thread id -> (deadline, connection)
-        self.cut: set[int] = set()  # threads whose statement was cut
+        self.running: set[Watch] = set()
         self.thread: threading.Thread | None = None
 
     @contextlib.contextmanager
-    def watch(self, db: Any) -> Iterator[None]:
-        me = threading.get_ident()
+    def watch(self, db: Any) -> Iterator[Watch]:
+        statement = Watch(time.monotonic() + self.deadline_s, db)
         with self.lock:
-            self.running[me] = (time.monotonic() + self.deadline_s, db)
-            self.cut.discard(me)
+            self.running.add(statement)
             if self.thread is None:
                 self.thread = threading.Thread(target=self.patrol, name="store-watchdog", daemon=True)
                 self.thread.start()
         try:
-            yield
+            yield statement
         except Exception:
             with self.lock:
-                was_cut = me in self.cut
-            if was_cut:
+                self.running.discard(statement)
+            if statement.cut:
                 raise StoreTimeout(f"the database did not answer within {self.deadline_s:g} s") from None
             raise
         finally:
             with self.lock:
-                self.running.pop(me, None)
-                self.cut.discard(me)
+                self.running.discard(statement)
 
     def patrol(self) -> None:
         while True:
             time.sleep(min(0.25, self.deadline_s / 4))
             now = time.monotonic()
             with self.lock:
-                late = [(me, db) for me, (deadline, db) in self.running.items() if deadline < now]
-                self.cut.update(me for me, _ in late)
-                for me, _ in late:
-                    del self.running[me]
-            for _, db in late:
-                with contextlib.suppress(OSError, psycopg.Error):
-                    cut = socket.socket(fileno=os.dup(db.fileno()))
-                    with cut:
-                        cut.shutdown(socket.SHUT_RDWR)
+                for statement in [s for s in self.running if s.deadline < now]:
+                    statement.cut = True
+                    self.running.discard(statement)
+                    with contextlib.suppress(OSError, psycopg.Error):
+                        cut = socket.socket(fileno=os.dup(statement.db.fileno()))
+                        with cut:
+                            cut.shutdown(socket.SHUT_RDWR)
 
 
 STORE_ERRORS = (OSError, sqlite3.Error, psycopg.Error, StoreError)  # a store that fails: 503 to a feedback, never 500
@@ -166,6 +175,7 @@ class PredictionRecord:
     feedback: str | None = None
     feedback_source: str | None = None  # who gave the feedback: a key's name, or "anonymous"
     is_pet: bool | None = None  # what the service answered (None: no pet output, or recorded before schema 2)
+    harvested: bool = False  # harvest took its label (read by give_feedback only: a revision 3 column)
 
 
 class Feedback(Enum):
@@ -173,6 +183,7 @@ class Feedback(Enum):
     REPEATED = "repeated"  # the same label again: accepted, counted once
     REPLACED = "replaced"  # a key's label in place of an anonymous one: accepted, live accuracy keeps the first
     CONFLICT = "conflict"  # a different label was recorded first
+    FULL = "full"  # refused: the store holds `size` labels of its source's kind that harvest has not taken
     UNKNOWN = "unknown"  # never issued, or no longer kept
 
 
@@ -277,8 +288,11 @@ class PredictionStore:
             return self.db.execute(sql.replace("?", self.placeholder), params)
         assert self.watchdog is not None
         try:
-            with self.watchdog.watch(self.db):
-                return self.db.execute(sql.replace("?", self.placeholder), params)
+            with self.watchdog.watch(self.db) as statement:
+                result = self.db.execute(sql.replace("?", self.placeholder), params)
+            if statement.cut:  # it finished as it was cut: its answer stands, its connection is dead
+                self.drop()
+            return result
         except StoreTimeout:  # cut by the watchdog: never tried again, the statement may have run
             self.drop()
             raise
@@ -289,9 +303,13 @@ class PredictionStore:
                 self.drop()
                 raise
             self.drop()  # the server went away: one new connection, one more try
+            self.local.retried = True  # the first try may have committed before the connection broke
             self.connect()
-            with self.watchdog.watch(self.db):
-                return self.db.execute(sql.replace("?", self.placeholder), params)
+            with self.watchdog.watch(self.db) as statement:
+                result = self.db.execute(sql.replace("?", self.placeholder), params)
+            if statement.cut:
+                self.drop()
+            return result
 
     def drop(self) -> None:
         """Forget this thread's broken connection (the next statement makes a new one)."""
@@ -395,13 +413,16 @@ class PredictionStore:
 
     def add_many(self, records: list[PredictionRecord]) -> None:
         """Insert predictions: on SQLite in one transaction (one commit, not one per prediction); on PostgreSQL one
-        statement at a time, the lock taken for each, so a feedback never waits behind a whole batch."""
+        statement at a time, the lock taken for each, so a feedback never waits behind a whole batch. Idempotent: a
+        prediction the store holds already is left as it is (an insert that committed before its connection broke,
+        tried again)."""
         if not records:
             return
         rows = [(r.prediction_id, r.request_id, r.time, r.model_version, r.label, json.dumps(r.probabilities),
                  r.pet_score, r.image, None, None, None if r.is_pet is None else int(r.is_pet))
                 for r in records]  # fmt: skip
-        insert = f"INSERT INTO predictions ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        insert = (f"INSERT INTO predictions ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                  "ON CONFLICT (prediction_id) DO NOTHING")  # fmt: skip
         if self.postgres:
             for row in rows:
                 with self.lock:
@@ -423,15 +444,16 @@ class PredictionStore:
             crossed = (self.added + len(records)) // step > self.added // step
             self.added += len(records)
             if crossed:
-                # the `size` most recent predictions without feedback, the `size` most recent with an anonymous
-                # label and the `size` most recent with a key's: feedback is what a retrained model learns from, a
-                # flood of anonymous labels never pushes a trusted one out, and no client can grow the store past
-                # 3 x size
+                # the `size` most recent predictions without feedback, and of the labels harvest took the `size` most
+                # recent of each source's kind (a repeated label still finds its prediction). A label harvest has not
+                # taken is never evicted: give_feedback refuses new ones past `size` of each kind instead, so a flood
+                # of anonymous labels never keeps a key's out, and no client grows the store past about 5 x size.
                 self.run("DELETE FROM predictions WHERE feedback IS NULL AND time < (SELECT time FROM predictions "
                          "WHERE feedback IS NULL ORDER BY time DESC LIMIT 1 OFFSET ?)", (self.size - 1,))  # fmt: skip
                 for kind in (ANONYMOUS_LABEL, TRUSTED_LABEL):
-                    self.run(f"DELETE FROM predictions WHERE {kind} AND feedback_time < (SELECT feedback_time FROM "
-                             f"predictions WHERE {kind} ORDER BY feedback_time DESC LIMIT 1 OFFSET ?)",
+                    taken = f"{kind} AND harvested_time IS NOT NULL"
+                    self.run(f"DELETE FROM predictions WHERE {taken} AND feedback_time < (SELECT feedback_time FROM "
+                             f"predictions WHERE {taken} ORDER BY feedback_time DESC LIMIT 1 OFFSET ?)",
                              (self.size - 1,))  # fmt: skip
 
     def get(self, prediction_id: str) -> PredictionRecord | None:
@@ -488,31 +510,47 @@ class PredictionStore:
     @staticmethod
     def record(row: tuple) -> PredictionRecord:
         return PredictionRecord(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), row[6], row[7], row[8],
-                                row[9], None if row[10] is None else bool(row[10]))  # fmt: skip
+                                row[9], None if row[10] is None else bool(row[10]),
+                                len(row) > 11 and row[11] is not None)  # fmt: skip
 
     def give_feedback(
         self, prediction_id: str, label: str, source: str = ANONYMOUS
     ) -> tuple[Feedback, PredictionRecord | None]:
         """Record `label` from `source` (a key's name, or anonymous) for a prediction, first come first served,
         except that a key's label replaces an anonymous one (so an anonymous client who labels first cannot keep a
-        trusted label out of training); what happened, and the prediction."""
+        trusted label out of training); what happened, and the prediction (`harvested` read too).
+
+        A label is refused (FULL) while the store holds `size` labels of its source's kind (a key's, or anonymous)
+        that harvest has not taken: they are never evicted, and a label acknowledged is kept until harvest took it.
+        The count is in the same statement; processes racing at the bound may pass it by the few labels in flight."""
         trusted = source != ANONYMOUS
         before = self.get(prediction_id) if trusted else None
         open_to = "feedback IS NULL"
         if trusted:
             open_to = "(feedback IS NULL OR feedback_source IS NULL OR feedback_source = ?)"
+        kind = TRUSTED_LABEL if trusted else ANONYMOUS_LABEL
+        waiting = f"(SELECT COUNT(*) FROM predictions WHERE {kind} AND harvested_time IS NULL)"
+        self.local.retried = False
         with self.lock:  # the record comes back with the change itself: nothing is read after the commit
             changed = self.run(
                 f"UPDATE predictions SET feedback = ?, feedback_time = ?, feedback_source = ?, harvested_time = NULL "
-                f"WHERE prediction_id = ? "
-                f"AND {open_to} RETURNING {COLUMNS}",
-                (label, time.time(), source, prediction_id, *((ANONYMOUS,) if trusted else ())),
+                f"WHERE prediction_id = ? AND {open_to} AND {waiting} < ? RETURNING {COLUMNS}",
+                (label, time.time(), source, prediction_id, *((ANONYMOUS,) if trusted else ()), self.size),
             ).fetchone()
+        first = Feedback.REPLACED if before and before.feedback else Feedback.RECORDED
         if changed is not None:
-            return (Feedback.REPLACED if before and before.feedback else Feedback.RECORDED), self.record(changed)
-        record = self.get(prediction_id)
-        if record is None:
+            return first, self.record(changed)
+        retried = self.local.retried
+        with self.lock:
+            row = self.run(f"SELECT {COLUMNS}, harvested_time FROM predictions WHERE prediction_id = ?",
+                           (prediction_id,)).fetchone()  # fmt: skip
+        if row is None:
             return Feedback.UNKNOWN, None
+        record = self.record(row)
+        if record.feedback is None or (trusted and record.feedback_source in (None, ANONYMOUS)):
+            return Feedback.FULL, record  # it was open to this label: the bound refused it
+        if retried and (record.feedback, record.feedback_source) == (label, source):
+            return first, record  # the try before the broken connection committed: this is its answer
         return (Feedback.REPEATED if record.feedback == label else Feedback.CONFLICT), record
 
     def close(self) -> None:

@@ -16,12 +16,16 @@ from pathlib import Path
 
 import httpx2 as httpx
 
+CUT_AFTER_S = 0.5  # how long cut_after lets the server run the statement before the client's connection is reset
+
 
 class FaultProxy:
     """Forwards TCP connections to `upstream`. `freeze()` stops moving bytes in both directions and accepting new
     connections: the connections stay open and this machine's kernel still acknowledges what is sent, which is what
     a hung server (a stopped process, a frozen VM behind a live host) looks like to its client; no TCP timeout fires.
-    `cut()` resets every connection and every new one until `restore()`: a server that died."""
+    `cut()` resets every connection and every new one until `restore()`: a server that died. `cut_after(marker)`
+    passes the next message holding `marker` on to the server, then swallows that connection's answers and resets it:
+    a statement that ran (and committed), whose client only sees its connection break."""
 
     def __init__(self, upstream: tuple[str, int]) -> None:
         self.upstream = upstream
@@ -30,6 +34,7 @@ class FaultProxy:
         self.moving = threading.Event()
         self.moving.set()
         self.down = False
+        self.marker: bytes | None = None
         self.lock = threading.Lock()
         self.sockets: list[socket.socket] = []
         threading.Thread(target=self.accept, daemon=True).start()
@@ -52,15 +57,26 @@ class FaultProxy:
                 continue
             with self.lock:
                 self.sockets += [client, server]
+            swallowed = threading.Event()  # this connection's answers go nowhere from now on
             for source, target in ((client, server), (server, client)):
-                threading.Thread(target=self.pump, args=(source, target), daemon=True).start()
+                threading.Thread(target=self.pump, args=(source, target, client, swallowed), daemon=True).start()
 
-    def pump(self, source: socket.socket, target: socket.socket) -> None:
+    def pump(self, source: socket.socket, target: socket.socket, client: socket.socket,
+             swallowed: threading.Event) -> None:  # fmt: skip
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
                 self.moving.wait()
                 if self.down:
                     return
+                if swallowed.is_set():
+                    continue
+                marker = self.marker
+                if source is client and marker is not None and marker in data:
+                    self.marker = None
+                    swallowed.set()
+                    target.sendall(data)
+                    threading.Timer(CUT_AFTER_S, hang_up, (client,)).start()  # once the server has run it
+                    continue
                 target.sendall(data)
         with contextlib.suppress(OSError):
             target.shutdown(socket.SHUT_WR)
@@ -79,6 +95,9 @@ class FaultProxy:
             self.sockets = []
         self.moving.set()
 
+    def cut_after(self, marker: bytes) -> None:
+        self.marker = marker
+
     def restore(self) -> None:
         self.down = False
 
@@ -92,6 +111,15 @@ def reset(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()
+
+
+def hang_up(sock: socket.socket) -> None:
+    """Reset a connection another thread is reading: shut down first, so that its read returns and the close is
+    not held back by it."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.shutdown(socket.SHUT_RDWR)
+    reset(sock)
 
 
 @contextlib.contextmanager

@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
+import threading
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,8 +20,9 @@ import httpx2 as httpx
 import psycopg
 import pytest
 
+from server import store as store_module
 from server.config import MIB, Settings
-from server.store import CONNECT_TIMEOUT_S, STATEMENT_DEADLINE_S, PredictionStore, StoreTimeout
+from server.store import CONNECT_TIMEOUT_S, STATEMENT_DEADLINE_S, PredictionStore, StoreTimeout, Watchdog
 from tests.faults import FaultProxy, Watch, fill, rss_mb, small_disk, sqlite_locked, timed
 from tests.images import phone_photo, photo_bytes
 from tests.postgres import fresh_database
@@ -288,3 +291,27 @@ def test_the_store_bounds_each_postgresql_call_at_the_client(proxied_postgres):
         proxy.thaw()
         store.close()
         fresh.close()
+
+
+def test_the_watchdog_cuts_the_late_statement_never_the_next_one(postgres, monkeypatch):
+    """A statement that finishes just past its deadline, as the watchdog cuts it (held here between choosing it and
+    shutting its socket down), keeps its answer and never hands the cut to its thread's next statement: an INSERT cut
+    and tried again on a new connection would hit its own unique key (and the observer lose its batch)."""
+    store = PredictionStore(fresh_database(postgres), 10)
+    store.watchdog = Watchdog(1.0)
+    store.run("CREATE TABLE once (id INTEGER PRIMARY KEY)")
+    go, real_dup = threading.Event(), os.dup
+
+    def late_dup(fd: int) -> int:  # the watchdog thread descheduled between choosing and cutting
+        go.wait(3)
+        return real_dup(fd)
+
+    monkeypatch.setattr(store_module, "os", types.SimpleNamespace(dup=late_dup))
+    try:
+        assert store.run("SELECT 7 FROM pg_sleep(1.6)").fetchone() == (7,)  # past its 1 s deadline: answered
+        threading.Timer(0.3, go.set).start()  # the cut lands now, if it still can
+        store.run("INSERT INTO once SELECT 1 FROM pg_sleep(0.6)")  # well within its own deadline
+        assert store.run("SELECT COUNT(*) FROM once").fetchone() == (1,)
+    finally:
+        go.set()
+        store.close()

@@ -264,17 +264,19 @@ def test_labelled_predictions_are_kept_apart_and_bounded_too(target):
     for i in range(4):
         store.add(record(f"later-{i}"))
     assert store.get("labelled") is not None and store.get("later-0") is None  # feedback is data: it stays
-    for i in range(3):  # but a client posting feedback cannot grow the store without bound
+    outcomes = []
+    for i in range(3):  # but a client posting feedback cannot grow the store without bound: refused, not evicted
         store.add(record(f"more-{i}"))
-        store.give_feedback(f"more-{i}", "cat")
+        outcomes.append(store.give_feedback(f"more-{i}", "cat")[0])
+    assert outcomes == [Feedback.RECORDED, Feedback.FULL, Feedback.FULL]
     store.add(record("last"))
-    assert store.get("labelled") is None and store.get("more-2") is not None
+    assert store.get("labelled").feedback == "dog" and store.get("more-2").feedback is None
     store.add(record("trusted"))
     assert store.give_feedback("trusted", "cat", "labeller")[0] is Feedback.RECORDED
-    for i in range(6):  # a flood of anonymous labels never pushes a key's label out: each kind has its own bound
+    for i in range(6):  # a flood of anonymous labels never keeps a key's label out: each kind has its own bound
         store.add(record(f"flood-{i}"))
         store.give_feedback(f"flood-{i}", "dog")
-    assert store.get("trusted").feedback_source == "labeller" and store.get("flood-0") is None
+    assert store.get("trusted").feedback_source == "labeller"
     store.close()
 
 
@@ -366,11 +368,14 @@ def test_a_batch_is_recorded_whole_or_not_at_all(target):
     store = PredictionStore(target, 100)
     store.add_many([record(f"batch-{i}") for i in range(5)])
     assert all(store.get(f"batch-{i}") is not None for i in range(5))
-    with pytest.raises(Exception):  # noqa: B017 - sqlite3.IntegrityError or psycopg's UniqueViolation
-        store.add_many([record("fresh-1"), record("batch-0"), record("fresh-2")])  # batch-0 is there already
+    broken = dataclasses.replace(record("broken"), request_id=None)  # NOT NULL
+    with pytest.raises(Exception):  # noqa: B017 - sqlite3.IntegrityError or psycopg's NotNullViolation
+        store.add_many([record("fresh-1"), broken, record("fresh-2")])
     if not store.postgres:  # one transaction: the row before the failure is gone too
         assert store.get("fresh-1") is None
     assert store.get("fresh-2") is None
+    store.add_many([record("batch-0"), record("fresh-3")])  # one there already (an insert tried again): skipped
+    assert store.get("fresh-3") is not None
     store.add_many([record("after")])
     assert store.get("after") is not None and store.give_feedback("after", "cat")[0] is Feedback.RECORDED
     store.close()

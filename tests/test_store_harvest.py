@@ -6,11 +6,14 @@ from __future__ import annotations
 import sqlite3
 import time
 
+import psycopg
 import pytest
 
+from server.images import ANONYMOUS_LABELLED
 from server.store import Feedback, PredictionRecord, PredictionStore, StoreError
 from tests.postgres import fresh_database
-from tests.test_feedback import store_code
+from tests.test_faults import proxied_postgres  # noqa: F401 - a fixture
+from tests.test_feedback import CAT, counter, make_client, predict, send, store_code
 
 BEFORE_HARVESTED = "6c10e62"  # the release before revision 3: its stores have no harvested_time
 
@@ -87,3 +90,113 @@ def test_a_read_only_store_never_creates_nor_migrates(tmp_path):
         PredictionStore(str(path), 1, read_only=True)
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT name FROM sqlite_master").fetchall() == []
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
+def target(request, tmp_path) -> str | None:
+    """Each kind FEEDBACK_DB takes (unset: memory)."""
+    if request.param == "postgresql":
+        return fresh_database(request.getfixturevalue("postgres"))
+    return str(tmp_path / "s.db") if request.param == "sqlite" else None
+
+
+def test_labels_harvest_has_not_taken_are_never_evicted_and_past_the_bound_new_ones_are_refused(target):
+    """Hole 5: a store of size 3 with three keyed labels harvest has not taken keeps them through any number of
+    predictions, refuses a fourth (never evicting one of the three), takes one again once harvest marked a label, and
+    evicts only harvested labels, the oldest first, past `size` of them."""
+    store = PredictionStore(target, 3)
+    store.add_many([record(f"k{i}") for i in range(3)])
+    assert [store.give_feedback(f"k{i}", "cat", "labeller")[0] for i in range(3)] == [Feedback.RECORDED] * 3
+    for batch in range(5):  # evictions run after each of these
+        store.add_many([record(f"later-{batch}-{i}") for i in range(3)])
+    assert all(store.get(f"k{i}").feedback == "cat" for i in range(3))
+    store.add(record("k3"))
+    outcome, refused = store.give_feedback("k3", "dog", "labeller")
+    assert outcome is Feedback.FULL and refused.feedback is None and store.get("k3").feedback is None
+    store.add(record("a0"))
+    assert store.give_feedback("a0", "dog")[0] is Feedback.RECORDED  # anonymous labels have a bound of their own
+    assert store.give_feedback("a0", "cat", "labeller")[0] is Feedback.FULL  # a key's in place of one: refused too
+    assert store.give_feedback("k0", "cat", "labeller")[0] is Feedback.REPEATED  # a repeat is no new label
+    assert store.mark_harvested(["k0"]) == 1
+    assert store.give_feedback("k3", "dog", "labeller")[0] is Feedback.RECORDED
+    assert store.mark_harvested(["k1", "k2", "k3"]) == 3
+    store.add(record("after"))  # four harvested labels: the oldest goes
+    assert store.get("k0") is None and all(store.get(f"k{i}") is not None for i in (1, 2, 3))
+    assert store.get("a0").feedback == "dog"
+    store.close()
+
+
+def metric_value(client, name: str, labels: str) -> float:
+    prefix = f"{name}{{{labels}}} "
+    lines = [line for line in client.get("/metrics").text.splitlines() if line.startswith(prefix)]
+    return float(lines[0].split()[-1]) if lines else 0.0
+
+
+def test_post_feedback_refuses_a_label_past_the_bound_with_503_counted(onnx_model):
+    with make_client(onnx_model, feedback_store_size=2, feedback_rate=0.0) as client:
+        observer = client.app.state.observer
+        ids = []
+        for _ in range(3):
+            ids.append(predict(client, CAT))
+            assert observer.wait_idle()
+            if len(ids) < 3:
+                assert send(client, ids[-1], "cat").status_code == 200
+        refused = send(client, ids[2], "cat")
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "label_store_full", refused.text
+        assert int(refused.headers["retry-after"]) > 1
+        assert metric_value(client, "catsdogs_labels_refused_total", 'source="anonymous"') == 1
+        assert send(client, ids[0], "cat").status_code == 200  # a label kept is still acknowledged again
+        assert observer.store.mark_harvested(ids[:2]) == 2
+        assert send(client, ids[2], "cat").status_code == 200
+        assert metric_value(client, "catsdogs_labels_refused_total", 'source="anonymous"') == 1
+
+
+def test_a_label_committed_before_postgresql_cut_the_connection_is_acknowledged_counted_and_kept(
+    onnx_model,
+    proxied_postgres,  # noqa: F811 - the fixture imported above
+    tmp_path,
+):
+    """Hole 6: the UPDATE reaches the server and commits, then the connection breaks before its answer comes back;
+    the store's one retry on a new connection finds the label there. That is this label's first acknowledgement:
+    counted once, its photo kept for harvest, the answer the same as a plain first label's."""
+    proxied, direct, proxy = proxied_postgres
+    images = tmp_path / "images"
+    with make_client(onnx_model, feedback_db=proxied, feedback_images=images, feedback_rate=0.0) as client:
+        prediction_id = predict(client, CAT)
+        assert client.app.state.observer.wait_idle()
+        before = counter(client, "cat", "true")
+        proxy.cut_after(b"UPDATE predictions SET feedback")
+        answer = send(client, prediction_id, "cat")
+        assert proxy.marker is None  # the fault happened
+        assert answer.status_code == 200 and answer.json()["label"] == "cat", answer.text
+        assert counter(client, "cat", "true") == before + 1
+        assert list((images / ANONYMOUS_LABELLED).iterdir())  # kept for harvest
+        assert send(client, prediction_id, "cat").json() == answer.json()  # a plain repeat: the same answer
+        assert counter(client, "cat", "true") == before + 1  # counted once
+    with psycopg.connect(direct) as db:
+        assert db.execute("SELECT feedback FROM predictions").fetchall() == [("cat",)]
+
+
+def test_a_retry_that_reaches_another_process_finds_its_label_and_keeps_its_photo(onnx_model, tmp_path):
+    """Hole 6, WORKERS > 1 (or both colours live): the first process's store call commits and then fails (503), and
+    the client's retry reaches a second process on the same SQLite file and photo folder. The retry is the same
+    acknowledgement: 200 with the same answer, and the photo is kept for harvest."""
+    shared = {"feedback_db": str(tmp_path / "s.db"), "feedback_images": tmp_path / "images", "feedback_rate": 0.0}
+    with make_client(onnx_model, **shared) as one, make_client(onnx_model, **shared) as two:
+        store = one.app.state.observer.store
+        real = store.give_feedback
+
+        def committed_then_failed(*args: object) -> tuple:
+            real(*args)
+            raise StoreError("the database did not answer within 7 s")  # after the commit
+
+        store.give_feedback = committed_then_failed
+        prediction_id = predict(one, CAT)
+        assert one.app.state.observer.wait_idle()
+        assert send(one, prediction_id, "cat").status_code == 503
+        assert not (tmp_path / "images" / ANONYMOUS_LABELLED).exists()
+        retried = send(two, prediction_id, "cat")
+        assert retried.status_code == 200, retried.text
+        assert retried.json() | {"correct": True} == retried.json() and retried.json()["label"] == "cat"
+        assert list((tmp_path / "images" / ANONYMOUS_LABELLED).iterdir())  # kept for harvest
+        assert two.app.state.observer.store.give_feedback(prediction_id, "cat")[0] is Feedback.REPEATED
