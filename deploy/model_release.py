@@ -8,6 +8,7 @@ with MODEL_VERSION, MODEL_URL and MODEL_SHA256.
 
     python -m deploy.model_release --alias champion --out build/release
     python -m deploy.model_release --follow 7       # production now runs v7 (CD, after its checks; a rollback)
+    python -m deploy.model_release --check-decided-against 7 --version 9   # CD: was v9 decided against v7?
     python -m deploy.model_release --version 7 --out build/release --env-out deploy/k8s/overlays/production/model.env \
         --url-template '{mlflow}/api/2.0/mlflow-artifacts/artifacts/{experiment_id}/{run_id}/artifacts/{artifact}'
 """
@@ -29,6 +30,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SERVED_TAG = "served_model"  # set by export.quantize / export.served
 PRECISIONS = {"model.onnx": "float32", "model.int8.onnx": "int8"}  # the files `make export` logs under onnx/
+# The champion decision's record on a registered version (loop/champion.py): "candidate" or "refused", and the
+# version production ran that it was compared with (NO_PRODUCTION: none ran, a bootstrap)
+DECISION, DECIDED_AGAINST, NO_PRODUCTION = "decision", "decided_against", "none"
 
 
 def registry_defaults() -> tuple[str, str]:
@@ -49,21 +53,70 @@ def alias_version(client: Any, registered_model: str, alias: str) -> str | None:
         raise
 
 
+def version_number(text: str) -> str | None:
+    """The number in "7" or "<registered model>-v7" (a release's model_version); None for "" or "none" (no model)."""
+    text = text.strip()
+    return None if text in ("", NO_PRODUCTION) else text.rsplit("-v", 1)[-1]
+
+
 def follow(registered_model: str, version: str, champion: str, candidate: str) -> dict[str, Any]:
     """The registry follows production: `champion` moves to the version production now runs (after CD's checks
-    passed, or after a rollback), and `candidate` is cleared once it is that version. What moved."""
+    passed, or after a rollback), and `candidate` is cleared while it is that version. What moved."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
-    version = version.rsplit("-v", 1)[-1]  # "7" or "<registered model>-v7" (a release's model_version)
+    version = version.rsplit("-v", 1)[-1]
     client.get_model_version(registered_model, version)  # a version that does not exist is an error, not an alias
     before = alias_version(client, registered_model, champion)
     client.set_registered_model_alias(registered_model, champion, version)
-    cleared = alias_version(client, registered_model, candidate) == version
-    if cleared:
-        client.delete_registered_model_alias(registered_model, candidate)
+    cleared = clear_candidate(client, registered_model, candidate, version)
     return {"registered_model": registered_model, "alias": champion, "before": before, "after": version,
             "candidate_cleared": cleared}  # fmt: skip
+
+
+def clear_candidate(client: Any, registered_model: str, candidate: str, deployed: str) -> bool:
+    """Delete the `candidate` alias only while it names `deployed`. MLflow has no conditional delete: a decision that
+    names a newer candidate between the read and the delete loses its alias, so the delete is checked afterwards:
+    the newest version above `deployed` that a decision made a candidate (its `decision` tag, written before its
+    alias) gets the alias back, unless another alias was set since."""
+    if alias_version(client, registered_model, candidate) != deployed:
+        return False
+    client.delete_registered_model_alias(registered_model, candidate)
+    newer = [int(v.version) for v in client.search_model_versions(f"name='{registered_model}'")
+             if int(v.version) > int(deployed) and v.tags.get(DECISION) == "candidate"]  # fmt: skip
+    if newer and alias_version(client, registered_model, candidate) is None:
+        client.set_registered_model_alias(registered_model, candidate, str(max(newer)))
+        return False
+    return True
+
+
+def check_decided_against(registered_model: str, candidate: str, production: str) -> str:
+    """CD's guard: `candidate` may replace `production` (the version production runs now; "none": nothing runs) only
+    when loop/champion.py made it a candidate against that very version (a redeploy of what runs needs none). Returns
+    what was checked; raises SystemExit saying what to do otherwise."""
+    from mlflow.tracking import MlflowClient
+
+    wanted, running = version_number(candidate), version_number(production)
+    if wanted is None:
+        raise SystemExit("deploy.model_release: --check-decided-against needs --version CANDIDATE")
+    if wanted == running:
+        return f"v{wanted} is what production runs: a redeploy, no decision needed"
+    tags = MlflowClient().get_model_version(registered_model, wanted).tags
+    against, decision = tags.get(DECIDED_AGAINST), tags.get(DECISION)
+    runs = f"v{running}" if running else "no model (a first deploy)"
+    flag = f"--production {running}" if running else "--production none --bootstrap"
+    again = f"decide it against what production runs (python -m loop.champion --version {wanted} {flag}, or make "
+    again += f"retrain {'PRODUCTION=' + running if running else 'BOOTSTRAP=1'}) and deploy the candidate it names"
+    if decision != "candidate":
+        recorded = f"{decision or 'none recorded'}{', against ' + against if against else ''}"
+        raise SystemExit(
+            f"deploy.model_release: v{wanted} is no candidate (its decision: {recorded}): refused; {again}"
+        )
+    if against != (running or NO_PRODUCTION):
+        was = f"v{against}" if against != NO_PRODUCTION else "no production model"
+        raise SystemExit(f"deploy.model_release: v{wanted} was decided against {was} but production runs {runs}: "
+                         f"refused; {again}")  # fmt: skip
+    return f"v{wanted} was made a candidate against {runs}, what production runs"
 
 
 def release(
@@ -126,6 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     choice.add_argument("--follow", metavar="VERSION",
                         help="move the champion alias to VERSION, what production now runs (and clear the candidate "
                         "alias if it is VERSION); downloads nothing")  # fmt: skip
+    parser.add_argument("--check-decided-against", metavar="PRODUCTION",
+                        help="with --version: exit 1 unless that version was made the candidate against PRODUCTION, "
+                        "the version production runs now (none: nothing runs yet); downloads nothing")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("build/release"), help="gets model.onnx and release.json")
     parser.add_argument("--url-template", help="MODEL_URL for model.env, with {mlflow} {experiment_id} {run_id} "
                         "{version} {sha256} {artifact} filled in")  # fmt: skip
@@ -133,6 +189,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.env_out and not args.url_template:
         parser.error("--env-out needs --url-template")
+    if args.check_decided_against is not None:
+        print(check_decided_against(args.registered_model, args.version or "", args.check_decided_against))
+        return
     if args.follow:
         mlflow_params = yaml.safe_load((ROOT / "params.yaml").read_text())["mlflow"]
         moved = follow(args.registered_model, args.follow, champion, mlflow_params.get("candidate_alias", "candidate"))

@@ -134,3 +134,68 @@ def test_the_registry_follows_production_through_a_deploy_a_failed_one_and_a_rol
     with pytest.raises(Exception, match=r"not found|does not exist|RESOURCE_DOES_NOT_EXIST"):
         model_release.main(["--follow", "9"])  # no such version: an error, the alias stays
     assert aliases()["champion"] == "1"
+
+
+def test_a_candidate_set_while_follow_clears_the_deployed_one_is_kept(registry, monkeypatch):
+    """follow reads `candidate`, then deletes it: a decision that makes v3 the candidate in between (its decision tag
+    first, then the alias) must not lose it to the deploy of v2."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client, name = MlflowClient(), model_release.registry_defaults()[0]
+    with mlflow.start_run() as run:
+        pass
+    client.create_model_version(name, source=f"{run.info.artifact_uri}/onnx", run_id=run.info.run_id)  # v3
+    client.set_registered_model_alias(name, "candidate", "2")
+    read = model_release.alias_version
+
+    def read_then_decide(client_, registered, alias):  # the other process's decision lands right after the read
+        found = read(client_, registered, alias)
+        if alias == "candidate" and found == "2":
+            client.set_model_version_tag(name, "3", model_release.DECISION, "candidate")
+            client.set_registered_model_alias(name, "candidate", "3")
+        return found
+
+    monkeypatch.setattr(model_release, "alias_version", read_then_decide)
+    model_release.follow(name, "2", "champion", "candidate")
+    monkeypatch.setattr(model_release, "alias_version", read)
+    assert read(client, name, "champion") == "2" and read(client, name, "candidate") == "3"
+
+
+def decided(version: str, against: str | None, decision: str | None) -> None:
+    """The champion decision's record on a registered version (loop/champion.py writes it)."""
+    from mlflow.tracking import MlflowClient
+
+    client, name = MlflowClient(), model_release.registry_defaults()[0]
+    for key, value in ((model_release.DECIDED_AGAINST, against), (model_release.DECISION, decision)):
+        if value is not None:
+            client.set_model_version_tag(name, version, key, value)
+
+
+def test_cd_deploys_only_a_candidate_decided_against_what_production_runs(registry, capsys):
+    """The check CD runs before it deploys: v2 was made the candidate against v1; production runs v1 (deploy), v3
+    (the alias lagged: refused), nothing (refused: a first deploy needs a bootstrapped candidate)."""
+    check = ["--version", "2", "--check-decided-against"]
+    decided("2", "1", "candidate")
+    model_release.main([*check, "1"])
+    assert "v2 was made a candidate against v1" in capsys.readouterr().out
+    model_release.main([*check, "catsdogs-mobilenetv2-v1"])  # as current.json's release records it
+    with pytest.raises(
+        SystemExit,
+        match=r"v2 was decided against v1 but production runs v3: refused; decide it "
+        r"against what production runs \(python -m loop\.champion --version 2 --production 3",
+    ):
+        model_release.main([*check, "3"])
+    with pytest.raises(SystemExit, match=r"production runs no model \(a first deploy\).*--bootstrap"):
+        model_release.main([*check, "none"])
+    model_release.main(["--version", "1", "--check-decided-against", "1"])  # a redeploy of what runs: no decision
+    with pytest.raises(SystemExit, match=r"v1 is no candidate \(its decision: none recorded\)"):
+        model_release.main(["--version", "1", "--check-decided-against", "2"])
+    decided("1", "none", "refused")
+    with pytest.raises(SystemExit, match=r"v1 is no candidate \(its decision: refused, against none\)"):
+        model_release.main(["--version", "1", "--check-decided-against", "none"])
+    decided("1", "none", "candidate")  # bootstrapped: the first deploy
+    model_release.main(["--version", "1", "--check-decided-against", "none"])
+    assert "v1 was made a candidate against no model" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="needs --version"):
+        model_release.main(["--check-decided-against", "1"])
