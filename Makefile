@@ -20,7 +20,8 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 .PHONY: help setup setup-serve data prepare train cv pet-methods export pipeline serve fetch-model classify test test-fast \
 	lint format \
 	mlflow-ui bench bench-model bench-hostile image image-train smoke-image smoke-compose eval-deployed screenshots drift-demo clean \
-	bench-capacity bench-clients bench-profile bench-quickstart lint-k8s deploy-test nginx-standin harvest replay retrain loop-demo api-key
+	bench-capacity bench-clients bench-profile bench-quickstart lint-k8s deploy-test nginx-standin harvest replay retrain loop-demo api-key \
+	decide
 
 help: ## List the targets with one line each (this is the default goal)
 	@echo "Usage: make TARGET [VARIABLE=value ...]"
@@ -58,7 +59,7 @@ data: setup ## Raw photos into data/raw (RAW_DATA, or the public archive), track
 prepare: data ## Decode, clean, deduplicate and split into data/processed (dvc repro prepare)
 	dvc repro prepare
 
-train: data ## Train the baseline and the final model (dvc repro train_final)
+train: data ## Train the baseline and the final model, registered in MLflow (dvc repro train_final; no alias moves)
 	dvc repro train_final
 
 # Model selection without the test split: k-fold cross-validation of params.yaml's recipe on train+val
@@ -72,11 +73,22 @@ cv: prepare ## 5-fold cross-validation of the training recipe into reports/cv.js
 
 # models/model.onnx (float32: the parity test and the gates read it), then models/model.int8.onnx, served from the
 # folder when export.quantize's gate accepts it; QUANTIZE=none (or a refusal) leaves float32 as what is served.
-# The int8 files go first, so none made from an older model.onnx outlives this export.
-export: data ## models/model.onnx + gated int8 models/model.int8.onnx, the one served (QUANTIZE=none: float32 only)
+# The int8 files go first, so none made from an older model.onnx outlives this export. Then the one champion rule
+# (loop/champion.py) decides the served file against what production runs: the `candidate` alias, or a refusal.
+export: data ## models/model.onnx + gated int8 models/model.int8.onnx, the one served, then decided (make decide)
 	rm -f models/model.int8.onnx models/model.int8.json
 	dvc repro evaluate
 	$(if $(filter int8,$(QUANTIZE)),dvc repro --force --single-item quantize,python -m export.served)
+	python -m loop.champion $(DECIDE_ARGS)
+
+# The one champion rule (loop/champion.py, docs/gates.md): the served model against what production runs,
+# PRODUCTION=version (default: the champion alias, which CD moves to what production runs); with no production model,
+# a refusal unless BOOTSTRAP=1 (the first model). make export and make retrain decide the same way.
+PRODUCTION ?=
+BOOTSTRAP ?=
+DECIDE_ARGS = $(if $(PRODUCTION),--production "$(PRODUCTION)") $(if $(filter 1 yes true,$(BOOTSTRAP)),--bootstrap)
+decide: setup ## The served model in models/ against production's (PRODUCTION, BOOTSTRAP=1): candidate or refusal
+	python -m loop.champion $(DECIDE_ARGS)
 
 serve: $(SERVE_SETUP) ## Serve models/ (int8 if current, else float32; MODEL_PATH) on PORT 8000; python -m server --help
 	MALLOC_ARENA_MAX=$${MALLOC_ARENA_MAX:-2} $(SERVE_PYTHON) -m server
@@ -220,10 +232,10 @@ replay: $(SERVE_SETUP) ## Replay labelled photos as traffic with feedback: INPUT
 	$(SERVE_PYTHON) -m loop.replay "$(INPUT)" --url "$(URL)" --feedback-share $(FEEDBACK_SHARE) \
 	  --mislabel-share $(MISLABEL_SHARE)
 
-# The harvested photos join training only; the challenger becomes champion only by params.yaml's `retrain` rule
-# (loop/retrain.py), decided on the original evaluation photos and the held-out recent photos.
-retrain: prepare ## data/feedback into training, a challenger registered, the champion decided (reports/retrain.json)
-	python -m loop.retrain --quantize $(QUANTIZE)
+# The harvested photos join training only; the challenger becomes the candidate only by the one champion rule
+# (loop/champion.py), decided on the original evaluation photos and the held-out recent photos (PRODUCTION, BOOTSTRAP).
+retrain: prepare ## data/feedback into training, a challenger registered and decided (reports/retrain.json)
+	python -m loop.retrain --quantize $(QUANTIZE) $(DECIDE_ARGS)
 
 # The loop end to end on one labelled folder (loop/demo.py): part of it the original data and a champion, the rest
 # replayed through a real service as traffic with feedback, then harvest, retrain, decision, into build/loop-demo.

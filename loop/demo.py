@@ -1,7 +1,8 @@
 """`make loop-demo`: the feedback loop end to end on one labelled folder, to read its numbers.
 
 The photos are split by a hash of their content: `--original-share` of them are the original data (prepared, a
-champion trained, exported and registered in a fresh MLflow store), the rest are production traffic: replayed
+model trained, exported and registered in a fresh MLflow store, made the first candidate by the champion rule's
+bootstrap and deployed as CD would: the `champion`, what production runs), the rest are production traffic: replayed
 through a real service process (`python -m server` with FEEDBACK_DB and FEEDBACK_IMAGES) with their folder's label
 as feedback (`--mislabel-share` of the feedbacks wrong on purpose). Then `make harvest`'s code makes a data version
 (`dvc add`), `make retrain`'s code trains the challenger and decides, and the folder FEEDBACK_IMAGES grew to is
@@ -31,8 +32,9 @@ import yaml
 from bench.serve import start_server
 from deploy.client import free_port
 from deploy.evaluate import labelled_photos
+from deploy.model_release import follow
 from export import convert, quantize
-from loop import harvest, replay, retrain
+from loop import champion, harvest, replay, retrain
 from server.images import LABELLED
 from server.keys import add_key
 from training import train
@@ -136,6 +138,9 @@ def run(work: Path, original: Photos, traffic: Photos, params: Path, pretrained:
     convert.main([*common, "--checkpoint", str(models / "final.pt"), "--out", str(models / "model.onnx")])
     if quantize_to == "int8":
         quantize.main([*common, "--model", str(models / "model.onnx")])
+    first = champion.main([*common, "--models", str(models), "--work", str(work / "build" / "champion"), "--bootstrap"])
+    mlflow = loaded["mlflow"]  # production runs it: CD's --follow once its checks passed
+    follow(mlflow["registered_model"], first["candidate"], mlflow["champion_alias"], mlflow["candidate_alias"])
 
     traffic_dir = lay_out(traffic, work / "traffic")
     db, kept = work / "feedback.db", work / "kept"

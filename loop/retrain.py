@@ -9,17 +9,18 @@
    same export (export/convert.py, and export/quantize.py's int8 gate unless --quantize none). The model is
    registered and given the alias `challenger`; its MLflow run gets the ONNX file CD would ship and the manifest of
    what it trained on.
-3. Decision, by params.yaml `gates` (training/gates.py, the rule every gate applies), fixed before the run and copied
-   into the report: the champion and the challenger, both as CD ships a model (downloaded from the registry by
-   deploy/model_release.py), classify the same images through the service's own code (server.model). The
-   challenger becomes the candidate only when it is not worse on the accuracy of the original evaluation photos and of
-   the recent photos, on the pets kept among them and on the pooled non-pets flagged (the lower end of the 95%
-   interval of each paired difference within MLPerf's 1% of the champion's rate), and better on the accuracy of at
-   least one of the two sets (McNemar's exact p < alpha / 2: two sets, Bonferroni). Too few images make an interval
-   too wide to show "not worse", and the champion stays. The winner gets the `candidate` alias, last.
+3. Decision, by the one champion rule (loop/champion.py, as `make export` decides): the model production runs
+   (--production VERSION, default the `champion` alias) and the challenger, both as CD ships a model, classify the
+   same images through the service's own code. The challenger becomes the candidate only when it is not worse on the
+   accuracy of the original evaluation photos and of the recent photos, on the pets kept among them and on the pooled
+   non-pets flagged (params.yaml `gates`, training/gates.py), and better on the accuracy of at least one of the two
+   sets (McNemar's exact p < alpha / 2: two sets, Bonferroni). Too few images make an interval too wide to show "not
+   worse", and production's model stays. With no production model the challenger is refused unless --bootstrap. The
+   decision is recorded on the challenger's version (`decided_against`), then the winner gets the `candidate` alias.
 4. The registry follows production: `champion` is what production runs. CD deploys the candidate (the retrain
-   workflow dispatches it, pinned), and only once its smoke test, post-deployment evaluation and the public switch
-   have passed does `deploy.model_release --follow` move `champion` to it; a rollback moves it back the same way.
+   workflow dispatches it, pinned) only when it was decided against the version production runs now
+   (deploy.model_release --check-decided-against), and only once its smoke test, post-deployment evaluation and the
+   public switch have passed does `deploy.model_release --follow` move `champion` to it; a rollback moves it back.
 
 reports/retrain.json records the data versions, the counts used, held out and left out, both evaluations, the rule,
 the statistics and the decision (`candidate`: the version CD should deploy, or null).
@@ -37,15 +38,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import mlflow
-import numpy as np
 import yaml
 from mlflow.tracking import MlflowClient
 
-from deploy.model_release import release
 from export import convert, quantize
-from export.answers import Answers, gate_not_pets, served_answers
+from export.answers import gate_not_pets
 from imaging import EXTENSIONS, Decoder, label_for_name
+from loop import champion
 from server.model_file import choose_model_file
 from training import gates, tracking
 from training.config import DEFAULT_PARAMS, load_params
@@ -55,12 +54,11 @@ from training.train import STAGES, train_stage
 from training.utils import git_commit, sha256_file, write_json
 
 RECENT = "recent"  # the harvested photos held out for evaluation
-MANIFEST = "retrain/manifest.csv"  # the assembled data's manifest, in the challenger's MLflow run
 RULE = (
-    "The challenger becomes champion only when, against the champion on the same images (both as CD ships them), it "
-    "is not worse on the accuracy of the original evaluation photos and of the recent photos, on the pets kept among "
-    "them and on the pooled non-pets flagged, and better on the accuracy of at least one of the two sets, by "
-    "params.yaml gates: "
+    "The challenger becomes the candidate only when, against the model production runs on the same images (both as "
+    "CD ships them), it is not worse on the accuracy of the original evaluation photos and of the recent photos, on "
+    "the pets kept among them and on the pooled non-pets flagged, and better on the accuracy of at least one of the "
+    "two sets, by params.yaml gates: "
 )
 
 
@@ -164,97 +162,12 @@ def assemble(processed: Path, feedback: Path, out: Path, labels: tuple[str, ...]
     return assembly
 
 
-def labelled_files(root: Path, splits: tuple[str, ...], labels: tuple[str, ...]) -> list[tuple[Path, int]]:
-    """(photo, label index) for every photo of the splits under root, in a fixed order."""
-    return [(path, index) for split in splits for index, label in enumerate(labels)
-            for path in sorted((root / split / label).glob("*"))]  # fmt: skip
-
-
-def decide(answers_by_set: dict[str, tuple[Answers, Answers]], rule: Rule) -> dict[str, Any]:
-    """training.gates' rule on each set's (champion, challenger) answers: accuracy on every set and pets kept over
-    all of them not worse, the pooled non-pets flagged not worse, better on the accuracy of at least one set."""
-    comparisons: dict[str, tuple[str, np.ndarray, np.ndarray]] = {
-        f"accuracy: {name}": ("accuracy", champion.right, challenger.right)
-        for name, (champion, challenger) in answers_by_set.items()
-    }
-    pairs = list(answers_by_set.values())
-    if any(champion.kept is not None for champion, _ in pairs):  # a challenger that lost the pet output: refused
-        if all(a.kept is not None for pair in pairs for a in pair):
-            kept = [np.concatenate([pair[k].kept for pair in pairs]) for k in (0, 1)]
-            flagged = [pairs[0][0].flagged, pairs[0][1].flagged]
-        else:
-            kept = flagged = [np.zeros(0, bool)] * 2
-        comparisons["pets kept: " + " + ".join(answers_by_set)] = ("pets_kept", *kept)
-        comparisons["non-pets flagged: pooled non-pets"] = ("not_pets_flagged", *flagged)
-    verdict = gates.judge(comparisons, rule.gates, better_on=tuple(f"accuracy: {name}" for name in answers_by_set))
-    return {"promoted": verdict["accepted"], "reason": verdict["reason"], "evaluations": verdict["comparisons"],
-            "rule": verdict["rule"]}  # fmt: skip
-
-
 def feedback_version(dvc_file: Path) -> str | None:
     """The md5 DVC recorded for the harvested folder (`make harvest` runs dvc add), or None."""
     if not dvc_file.is_file():
         return None
     md5 = (yaml.safe_load(dvc_file.read_text()).get("outs") or [{}])[0].get("md5")
     return str(md5) if md5 else None
-
-
-def trained_on(client: MlflowClient, run_id: str) -> set[str]:
-    """sha256 of every photo a retrained model's run trained on (its logged manifest); empty for a model of `make
-    train`, whose training photos are the original ones (a harvested copy of one is left out anyway)."""
-    if MANIFEST not in {artifact.path for artifact in client.list_artifacts(run_id, str(Path(MANIFEST).parent))}:
-        return set()  # a model of make train; a registry that cannot be read raises, never looks like this
-    manifest = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=MANIFEST))
-    with manifest.open(newline="") as handle:
-        return {row["sha256"] for row in csv.DictReader(handle) if row["split"] == "train"}
-
-
-def settle(registered: str, version: str, local: Path, data: Path, labels: tuple[str, ...], rule: Rule,
-           champion_alias: str, work: Path, not_pets: list[bytes], candidate_alias: str = "candidate"
-           ) -> dict[str, Any]:  # fmt: skip
-    """Compare the registered challenger (as CD would ship it: its run's served file, which must be the local one)
-    with the champion (what production runs) by the rule, then give it the candidate alias when it wins: the
-    champion alias moves only once CD has deployed it and its checks passed (deploy.model_release --follow).
-    Returns the record."""
-    client = MlflowClient()
-    challenger = release(registered, work / "challenger", version=version)
-    if challenger["sha256"] != sha256_file(local):
-        raise SystemExit(f"retrain: the registry's file for v{version} ({challenger['artifact']}) is not the exported "
-                         f"{local}: the export did not reach MLflow, nothing is decided")  # fmt: skip
-    photos = {
-        "original": labelled_files(data, ("val", "test"), labels),
-        "recent": labelled_files(data, (RECENT,), labels),
-    }
-    current = tracking.champion_version(client, registered, champion_alias)
-    champion = release(registered, work / "champion", version=current) if current else None
-    excluded: list[str] = []
-    if champion:  # a recent photo the champion trained on (a redrawn share or salt) is no test of it
-        seen = trained_on(client, champion["run_id"])
-        excluded = [path.name for path, _ in photos["recent"] if sha256_file(path) in seen]
-        photos["recent"] = [(path, i) for path, i in photos["recent"] if path.name not in excluded]
-        files = {name: work / name / "model.onnx" for name in ("champion", "challenger")}
-        read = {name: [(path.read_bytes(), i) for path, i in items] for name, items in photos.items()}
-        decision = decide({name: (served_answers(files["champion"], items, not_pets, labels),
-                                  served_answers(files["challenger"], items, not_pets, labels))
-                           for name, items in read.items()}, rule)  # fmt: skip
-    else:
-        decision = {"promoted": True, "reason": "no champion yet", "evaluations": {}}
-    decision["evaluated"] = {name: len(items) for name, items in photos.items()}
-    decision["recent_excluded_champion_trained_on"] = excluded
-    run_id = challenger["run_id"]
-    for key, value in {"retrain": "true", "retrain_promoted": str(decision["promoted"]),
-                       "recent_share": str(rule.recent_share), "recent_salt": rule.recent_salt}.items():  # fmt: skip
-        client.set_tag(run_id, key, value)
-    if decision["promoted"]:  # last: nothing after it can fail and leave a candidate without its record
-        client.set_registered_model_alias(registered, candidate_alias, version)
-    keys = ("version", "run_id", "artifact", "precision", "sha256")
-    return {
-        "champion": {k: champion[k] for k in keys} if champion else None,
-        "challenger": {k: challenger[k] for k in keys},
-        "decision": decision,
-        "candidate": version if decision["promoted"] else None,
-        "champion_after": current,  # unchanged until CD deploys the candidate and its checks pass
-    }
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -265,6 +178,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--work", type=Path, default=Path("build/retrain"), help="assembled data, models, reports")
     parser.add_argument("--quantize", choices=["int8", "none"], default="int8", help="as make export's QUANTIZE")
     parser.add_argument("--report", type=Path, default=Path("reports/retrain.json"))
+    champion.add_reference_arguments(parser)
     add_pretrained_argument(parser)
     return parser
 
@@ -281,7 +195,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"retrain: no harvested photo to train on in {args.feedback} (run make harvest first)")
 
     tracking.configure(params.mlflow.experiment)
-    reports = {name: train_stage(name, params, data, args.pretrained, models, decide_champion=False) for name in STAGES}
+    client, registered = MlflowClient(), params.mlflow.registered_model
+    production = champion.production_version(client, registered, args.production, params.mlflow.champion_alias,
+                                              bootstrap=args.bootstrap)  # fmt: skip
+    reports = {name: train_stage(name, params, data, args.pretrained, models) for name in STAGES}
     common = ["--data", str(data), "--params", str(args.params)]
     convert.main(["--checkpoint", str(models / "final.pt"), "--out", str(models / "model.onnx"),
                   "--report", str(args.work / "export.json"), *common])  # fmt: skip
@@ -290,14 +207,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     run_id, version = reports["final"]["run_id"], str(reports["final"]["registered_version"])
     versions = {"original": sha256_file(processed / "manifest.csv"), "assembled": sha256_file(data / "manifest.csv"),
                 "feedback_dvc_md5": feedback_version(args.feedback.with_suffix(".dvc"))}  # fmt: skip
-    with mlflow.start_run(run_id=run_id):  # what it trained on, for the next retrain's comparison (trained_on)
-        mlflow.log_artifact(str(data / "manifest.csv"), artifact_path=str(Path(MANIFEST).parent))
-        mlflow.set_tag("feedback_version", str(versions["feedback_dvc_md5"]))
-    client, registered = MlflowClient(), params.mlflow.registered_model
+    for key, value in {"retrain": "true", "feedback_version": str(versions["feedback_dvc_md5"]),
+                       "recent_share": str(rule.recent_share), "recent_salt": rule.recent_salt}.items():  # fmt: skip
+        client.set_tag(run_id, key, value)
     client.set_registered_model_alias(registered, rule.challenger_alias, version)  # complete: trained and exported
-    settled = settle(registered, version, choose_model_file(models).path, data, labels, rule,
-                     params.mlflow.champion_alias, args.work, gate_not_pets(params.pet),
-                     params.mlflow.candidate_alias)  # fmt: skip
+    sets = {"original": champion.labelled_files(data, ("val", "test"), labels),
+            RECENT: champion.labelled_files(data, (RECENT,), labels)}  # fmt: skip
+    settled = champion.settle(registered, version, choose_model_file(models).path, sets, labels, rule.gates,
+                              gate_not_pets(params.pet), args.work, production=production, bootstrap=args.bootstrap,
+                              candidate_alias=params.mlflow.candidate_alias)  # fmt: skip
+    client.set_tag(run_id, "retrain_promoted", str(settled["decision"]["promoted"]))
+    settled["champion_after"] = tracking.champion_version(client, registered, params.mlflow.champion_alias)
     decision = settled["decision"]
     report = {
         "data_versions": versions,
@@ -308,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "git_commit": git_commit(),
     }
     write_json(args.report, report)
-    verdict = "the candidate, for CD to deploy" if decision["promoted"] else "champion kept"
+    verdict = "the candidate, for CD to deploy" if decision["promoted"] else "not a candidate"
     print(f"retrain: challenger v{version}: {verdict}: {decision['reason']} ({args.report})", flush=True)
     return report
 

@@ -1,6 +1,6 @@
-"""The whole feedback loop on a small budget: a champion trained and exported, a real service keeping photos and
-feedback, photos replayed and corrected through the real API, harvest, a short retrain, a challenger registered and
-a decision recorded by params.yaml's rule."""
+"""The whole feedback loop on a small budget: a first model trained, exported, bootstrapped and deployed (the
+champion), a real service keeping photos and feedback, photos replayed and corrected through the real API, harvest,
+a short retrain, a challenger registered and decided against what production runs by params.yaml's rule."""
 
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def test_feedback_through_the_service_becomes_a_challenger_and_a_recorded_decisi
     assert "onnx/model.onnx" in {a.path for a in client.list_artifacts(run.info.run_id, "onnx")}  # what CD ships
 
     decision = report["decision"]
-    assert report["champion"]["version"] == "1"
+    assert report["production"]["version"] == report["decided_against"] == "1"  # the bootstrapped, deployed v1
     for name in ("original", "recent"):
         assert decision["evaluations"][f"accuracy: {name}"]["n"] == counts["evaluated"][name]
     assert decision["evaluations"]["non-pets flagged: pooled non-pets"]["n"] > 0  # the pet rates are judged too

@@ -77,3 +77,18 @@ def test_an_unknown_quantize_value_stops_before_anything_runs():
         assert result.returncode == 2 and not result.stdout
         assert f"Invalid QUANTIZE={value}. Only int8, none are supported" in result.stderr
     assert make_dry_run("help", "QUANTIZE=fp16").returncode == 0  # only export reads it
+
+
+def test_export_and_retrain_end_with_the_one_champion_rule_and_train_decides_nothing():
+    """make export decides the served file (loop.champion) after it is exported; PRODUCTION names what production
+    runs and BOOTSTRAP=1 is the only way a first model becomes a candidate; make train moves no alias."""
+    commands = make_dry_run("export").stdout.splitlines()
+    assert commands[-1].split() == ["python", "-m", "loop.champion"]
+    assert commands.index("dvc repro --force --single-item quantize") < len(commands) - 1
+    assert make_dry_run("export", "PRODUCTION=7").stdout.splitlines()[-1].split() == [
+        "python", "-m", "loop.champion", '--production', '"7"']  # fmt: skip
+    assert make_dry_run("decide", "BOOTSTRAP=1").stdout.split() == ["python", "-m", "loop.champion", "--bootstrap"]
+    retrain = make_dry_run("retrain", "PRODUCTION=catsdogs-mobilenetv2-v7").stdout.splitlines()[-1]
+    assert retrain.startswith("python -m loop.retrain") and '--production "catsdogs-mobilenetv2-v7"' in retrain
+    train = make_dry_run("train").stdout
+    assert "dvc repro train_final" in train and "champion" not in train

@@ -1,5 +1,6 @@
 """make retrain: harvested photos to training or the recent set by a stable hash, the original evaluation photos
-frozen, and the champion decided by params.yaml's gates (not worse on every measure, better on one set)."""
+frozen, and the challenger decided against what production runs by the one champion rule (loop/champion.py:
+params.yaml's gates, not worse on every measure, better on one set)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from export.answers import Answers
-from loop.retrain import MANIFEST, RECENT, Rule, assemble, decide, is_recent, settle
+from loop.champion import decide, labelled_files, production_version, settle
+from loop.retrain import RECENT, Rule, assemble, is_recent
 from tests.conftest import DATASET, ROOT, SHARED, photos
 from training import tracking
 from training.config import load_params
@@ -45,35 +47,37 @@ def answers(table: tuple[int, int, int, int], pets: tuple[int, int, int, int] | 
 def test_the_rule_promotes_only_a_challenger_not_worse_on_every_measure_and_better_on_one_set():
     same = (3900, 5, 5, 90)  # original photos: no change
     better_recent = (1800, 2, 40, 158)  # recent photos: 38 more right
-    promoted = decide({"original": answers(same), "recent": answers(better_recent)}, RULE)
+    promoted = decide({"original": answers(same), "recent": answers(better_recent)}, RULE.gates)
     assert promoted["promoted"], promoted["reason"]
     evaluations = promoted["evaluations"]
     assert evaluations["accuracy: recent"]["better"] and not evaluations["accuracy: original"]["better"]
     assert set(evaluations) == {"accuracy: original", "accuracy: recent", "pets kept: original + recent",
                                 "non-pets flagged: pooled non-pets"}  # fmt: skip
 
-    not_better = decide({"original": answers(same), "recent": answers((1800, 5, 5, 190))}, RULE)
+    not_better = decide({"original": answers(same), "recent": answers((1800, 5, 5, 190))}, RULE.gates)
     assert not not_better["promoted"] and "not better" in not_better["reason"]
 
-    worse_original = decide({"original": answers((3900, 60, 5, 35)), "recent": answers(better_recent)}, RULE)
+    worse_original = decide({"original": answers((3900, 60, 5, 35)), "recent": answers(better_recent)}, RULE.gates)
     assert not worse_original["promoted"] and "not worse on accuracy: original" in worse_original["reason"]
 
     # better on cat/dog photos but 20 more non-pets called pets: refused on the pet measure
     missed_pets = {"original": answers(same, (610, 20, 0, 15)), "recent": answers(better_recent)}
-    refused = decide(missed_pets, RULE)
+    refused = decide(missed_pets, RULE.gates)
     assert not refused["promoted"] and "non-pets flagged" in refused["reason"]
 
     # 376 evaluation photos (the 2,000-photo data has 400): even losing nothing cannot show it is within 1%
-    few = decide({"original": answers((371, 0, 0, 5)), "recent": answers((30, 0, 12, 0))}, RULE)
+    few = decide({"original": answers((371, 0, 0, 5)), "recent": answers((30, 0, 12, 0))}, RULE.gates)
     assert not few["promoted"] and few["evaluations"]["accuracy: recent"]["better"]
     original = few["evaluations"]["accuracy: original"]
     assert original["lower95"] < -original["margin"] and original["images_needed_if_all_agree"] > 376
 
     champion, challenger = answers(better_recent)  # better on photos, but it lost the not-a-pet output
-    no_pet = decide({"original": answers(same), "recent": (champion, Answers(challenger.right, None, None))}, RULE)
+    no_pet = decide(
+        {"original": answers(same), "recent": (champion, Answers(challenger.right, None, None))}, RULE.gates
+    )
     assert not no_pet["promoted"] and "pets kept: original + recent (no images)" in no_pet["reason"]
 
-    empty = decide({"original": answers(same), "recent": answers((0, 0, 0, 0))}, RULE)
+    empty = decide({"original": answers(same), "recent": answers((0, 0, 0, 0))}, RULE.gates)
     assert not empty["promoted"] and "accuracy: recent (no images)" in empty["reason"]
 
 
@@ -158,7 +162,7 @@ def register(client: MlflowClient, model: Path | None, manifest: Path | None = N
         if model is not None:
             mlflow.log_artifact(str(model), artifact_path="onnx")
         if manifest is not None:
-            mlflow.log_artifact(str(manifest), artifact_path=str(Path(MANIFEST).parent))
+            mlflow.log_artifact(str(manifest), artifact_path=str(Path(tracking.MANIFESTS[0]).parent))
     return str(client.create_model_version(NAME, f"runs:/{run.info.run_id}/onnx", run_id=run.info.run_id).version)
 
 
@@ -174,47 +178,88 @@ def evaluation_data(tmp_path) -> Path:
     return root
 
 
-def test_without_a_champion_the_challenger_becomes_the_candidate_not_the_champion(
+def decide_against(production: str | None, version: str, model: Path, data: Path, work: Path, **options):
+    """make retrain's decision: the original evaluation photos and the recent ones, `version` against `production`."""
+    sets = {"original": labelled_files(data, ("val", "test"), ("cat", "dog")),
+            RECENT: labelled_files(data, (RECENT,), ("cat", "dog"))}  # fmt: skip
+    return settle(NAME, version, model, sets, ("cat", "dog"), RULE.gates, NOT_PETS, work, production=production,
+                  **options)  # fmt: skip
+
+
+def decision_tags(client: MlflowClient, version: str) -> dict[str, str]:
+    tags = client.get_model_version(NAME, version).tags
+    return {key: tags.get(key) for key in ("decision", "decided_against")}
+
+
+def test_without_a_production_model_the_challenger_is_refused_unless_bootstrapped(
     registry, onnx_model, evaluation_data, tmp_path
 ):
+    """No production model: nothing to be shown not worse than, so no silent pass; --bootstrap makes the first
+    candidate explicitly, and is refused once a production model exists."""
     version = register(registry, onnx_model)
-    settled = settle(
-        NAME, version, onnx_model, evaluation_data, ("cat", "dog"), RULE, "champion", tmp_path / "w", NOT_PETS
-    )
-    assert settled["decision"]["reason"] == "no champion yet" and settled["candidate"] == version
-    assert settled["champion_after"] is None  # champion moves once CD has deployed it (deploy.model_release --follow)
+    assert production_version(registry, NAME, None, "champion") is None
+    refused = decide_against(None, version, onnx_model, evaluation_data, tmp_path / "w")
+    assert not refused["decision"]["promoted"] and refused["candidate"] is None
+    assert "--bootstrap" in refused["decision"]["reason"] and "docs/gates.md" in refused["decision"]["reason"]
+    assert "candidate" not in registry.get_registered_model(NAME).aliases
+    assert decision_tags(registry, version) == {"decision": "refused", "decided_against": "none"}
+
+    settled = decide_against(None, version, onnx_model, evaluation_data, tmp_path / "w", bootstrap=True)
+    assert settled["decision"]["promoted"] and settled["candidate"] == version
+    assert settled["decision"]["reason"].startswith("bootstrap")
     assert str(registry.get_model_version_by_alias(NAME, "candidate").version) == version
-    with pytest.raises(Exception, match="champion"):
-        registry.get_model_version_by_alias(NAME, "champion")
-    assert registry.get_run(settled["challenger"]["run_id"]).data.tags["retrain_promoted"] == "True"
+    assert decision_tags(registry, version) == {"decision": "candidate", "decided_against": "none"}
+    assert "champion" not in registry.get_registered_model(NAME).aliases  # CD moves it, once deployed
+
+    registry.set_registered_model_alias(NAME, "champion", version)  # deployed: production runs it
+    with pytest.raises(SystemExit, match="--bootstrap is only for the first model"):
+        production_version(registry, NAME, None, "champion", bootstrap=True)
 
 
-def test_a_challenger_no_better_than_the_champion_leaves_it_in_place(registry, onnx_model, evaluation_data, tmp_path):
-    champion = register(registry, onnx_model)
-    registry.set_registered_model_alias(NAME, "champion", champion)
+def test_a_challenger_no_better_than_production_is_not_a_candidate(registry, onnx_model, evaluation_data, tmp_path):
+    production = register(registry, onnx_model)
+    registry.set_registered_model_alias(NAME, "champion", production)
     challenger = register(registry, onnx_model)
-    settled = settle(
-        NAME, challenger, onnx_model, evaluation_data, ("cat", "dog"), RULE, "champion", tmp_path / "w", NOT_PETS
-    )
+    settled = decide_against(production_version(registry, NAME, None, "champion"), challenger, onnx_model,
+                             evaluation_data, tmp_path / "w")  # fmt: skip
     decision = settled["decision"]
-    assert not decision["promoted"] and settled["champion_after"] == champion
+    assert not decision["promoted"] and settled["candidate"] is None and settled["production"]["version"] == production
     assert decision["evaluated"] == {"original": 12, "recent": 6}
     for name in ("original", "recent"):  # the same model: the same answers, no better
         evaluation = decision["evaluations"][f"accuracy: {name}"]
         assert evaluation["n"] == decision["evaluated"][name] and evaluation["difference"] == 0
     assert decision["evaluations"]["non-pets flagged: pooled non-pets"]["n"] == len(NOT_PETS)
-    assert str(registry.get_model_version_by_alias(NAME, "champion").version) == champion
+    assert decision["evaluations"]["pets kept: original + recent"]["n"] == 18
+    assert str(registry.get_model_version_by_alias(NAME, "champion").version) == production
+    assert decision_tags(registry, challenger) == {"decision": "refused", "decided_against": production}
 
 
-def test_an_unreadable_champion_is_an_error_not_a_missing_one(registry, onnx_model, evaluation_data, tmp_path):
-    champion = register(registry, None)  # its run has no model file
-    registry.set_registered_model_alias(NAME, "champion", champion)
+def test_the_decision_is_against_what_production_runs_not_a_lagging_champion_alias(
+    registry, onnx_model, evaluation_data, tmp_path
+):
+    """The champion alias lags production after a failed --follow or a rollback by hand: --production VERSION (a
+    release's model_version) names what production runs, and the decision records it."""
+    lagging = register(registry, onnx_model)
+    registry.set_registered_model_alias(NAME, "champion", lagging)
+    running = register(registry, onnx_model)
+    challenger = register(registry, onnx_model)
+    production = production_version(registry, NAME, f"{NAME}-v{running}", "champion")
+    assert production == running != lagging
+    settled = decide_against(production, challenger, onnx_model, evaluation_data, tmp_path / "w")
+    assert settled["production"]["version"] == settled["decided_against"] == running
+    assert decision_tags(registry, challenger) == {"decision": "refused", "decided_against": running}
+    assert production_version(registry, NAME, "none", "champion") is None  # production runs nothing: said so
+    with pytest.raises(Exception, match=r"(?i)not found|does not exist|RESOURCE_DOES_NOT_EXIST"):
+        production_version(registry, NAME, "9", "champion")  # no such version: an error, never "no production"
+
+
+def test_an_unreadable_production_model_is_an_error_not_a_missing_one(registry, onnx_model, evaluation_data, tmp_path):
+    production = register(registry, None)  # its run has no model file
+    registry.set_registered_model_alias(NAME, "champion", production)
     challenger = register(registry, onnx_model)
     with pytest.raises(Exception):  # noqa: B017 - whatever MLflow raises, as long as nothing is promoted
-        settle(
-            NAME, challenger, onnx_model, evaluation_data, ("cat", "dog"), RULE, "champion", tmp_path / "w", NOT_PETS
-        )
-    assert str(registry.get_model_version_by_alias(NAME, "champion").version) == champion
+        decide_against(production, challenger, onnx_model, evaluation_data, tmp_path / "w")
+    assert "candidate" not in registry.get_registered_model(NAME).aliases
 
 
 def test_a_challenger_whose_export_did_not_reach_the_registry_is_not_decided(registry, onnx_model, evaluation_data,
@@ -223,21 +268,18 @@ def test_a_challenger_whose_export_did_not_reach_the_registry_is_not_decided(reg
     other.write_bytes(onnx_model.read_bytes() + b"\0")  # not the file the registry holds
     version = register(registry, onnx_model)
     with pytest.raises(SystemExit, match="did not reach MLflow"):
-        settle(NAME, version, other, evaluation_data, ("cat", "dog"), RULE, "champion", tmp_path / "w", NOT_PETS)
-    assert "champion" not in registry.get_registered_model(NAME).aliases
+        decide_against(None, version, other, evaluation_data, tmp_path / "w", bootstrap=True)
+    assert not registry.get_registered_model(NAME).aliases
 
 
-def test_recent_photos_a_retrained_champion_trained_on_are_not_used_to_judge_it(registry, onnx_model, evaluation_data,
-                                                                                tmp_path):  # fmt: skip
+def test_photos_the_production_model_trained_on_are_not_used_to_judge_it(registry, onnx_model, evaluation_data,
+                                                                         tmp_path):  # fmt: skip
     seen = sorted((evaluation_data / RECENT / "dog").iterdir())[0]
     manifest = tmp_path / "manifest.csv"
     digest = hashlib.sha256(seen.read_bytes()).hexdigest()
     manifest.write_text(f"file,source,sha256,label,split\ntrain/dog/x.jpg,feedback/dog/x.jpg,{digest},dog,train\n")
-    champion = register(registry, onnx_model, manifest)
-    registry.set_registered_model_alias(NAME, "champion", champion)
+    production = register(registry, onnx_model, manifest)
     challenger = register(registry, onnx_model)
-    decision = settle(
-        NAME, challenger, onnx_model, evaluation_data, ("cat", "dog"), RULE, "champion", tmp_path / "w", NOT_PETS
-    )["decision"]
-    assert decision["recent_excluded_champion_trained_on"] == [seen.name]
+    decision = decide_against(production, challenger, onnx_model, evaluation_data, tmp_path / "w")["decision"]
+    assert decision["excluded_production_trained_on"] == {"original": [], RECENT: [seen.name]}
     assert decision["evaluated"]["recent"] == decision["evaluations"]["accuracy: recent"]["n"] == 5

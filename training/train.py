@@ -20,7 +20,7 @@ from torchvision.datasets import DatasetFolder
 from tqdm import tqdm
 
 from imaging import EXTENSIONS
-from training import gates, tracking
+from training import tracking
 from training.config import DEFAULT_PARAMS, Params, StageParams, load_params
 from training.metrics import classification_report, plot_confusion_matrix
 from training.model import (
@@ -190,13 +190,11 @@ def data_version(processed: Path, raw_dvc: Path = Path("data/raw.dvc")) -> dict[
     return version
 
 
-def train_stage(
-    name: str, params: Params, data_dir: Path, pretrained: str, out_dir: Path, *, decide_champion: bool = True
-) -> dict[str, Any]:
+def train_stage(name: str, params: Params, data_dir: Path, pretrained: str, out_dir: Path) -> dict[str, Any]:
     """Train one stage inside its own MLflow run; writes models/<name>.pt and reports/<name>.json.
 
-    decide_champion: the final model takes the champion alias by tracking.promote_if_better (training.gates' rule);
-    False registers it only (make retrain decides by its own rule, loop/retrain.py).
+    The final model is registered, with the manifest of the data it trained on, and nothing more: whether it may
+    replace what production runs is decided on its exported, served file (loop/champion.py, after make export).
     """
     spec = PreprocessSpec.from_dict(params.preprocess)
     settings = params.train
@@ -247,15 +245,11 @@ def train_stage(
         report = classification_report(targets, probabilities.argmax(1), labels)
         report["hflip_average"] = settings.hflip_average
         report["single_view_accuracy"] = float((single_view.argmax(1) == targets).mean())
-        # val + test: the per-photo results the champion is decided on (paired, same data version), and the
-        # accuracy with its Wilson 95% interval (val picked the best epoch, so it is a little optimistic)
-        val_set = loader("val", evaluation)
-        val_probabilities, val_targets = predict(Predictor(model, settings.hflip_average), val_set, device)
-        files = [Path(path).relative_to(data_dir).as_posix() for path, _ in val_set.dataset.samples]
-        files += [Path(path).relative_to(data_dir).as_posix() for path, _ in test.dataset.samples]
+        # val + test: the accuracy with its Wilson 95% interval (val picked the best epoch, so it is a little
+        # optimistic)
+        val_probabilities, val_targets = predict(Predictor(model, settings.hflip_average), loader("val", evaluation),
+                                                 device)  # fmt: skip
         hits = np.concatenate([val_probabilities.argmax(1) == val_targets, probabilities.argmax(1) == targets])
-        correct = {file: bool(hit) for file, hit in zip(files, hits, strict=True)}
-        mlflow.log_dict({"data_version": lineage["data_version"], "correct": correct}, tracking.DECISION_SET)
         report["val_test_accuracy"] = proportion(int(hits.sum()), len(hits))
         report["test_accuracy_ci95"] = proportion(int((probabilities.argmax(1) == targets).sum()), len(targets))["ci95"]
         report["train_seconds"] = time.perf_counter() - started
@@ -278,14 +272,8 @@ def train_stage(
         if registered:
             version = f"{registered}-v{info.registered_model_version}"
             report["registered_version"] = info.registered_model_version
-        if registered and decide_champion:
-            decision = tracking.promote_if_better(
-                registered, str(info.registered_model_version), correct, lineage["data_version"],
-                params.mlflow.champion_alias, gates.Rule.from_dict(params.gates),
-            )  # fmt: skip
-            report["champion"] = decision["promoted"]
-            report["champion_decision"] = decision
-            mlflow.set_tag("champion", str(decision["promoted"]))
+            # what it trained on: the champion decision leaves out evaluation photos a production model trained on
+            mlflow.log_artifact(str(data_dir / "manifest.csv"), artifact_path=str(Path(tracking.MANIFESTS[0]).parent))
         checkpoint = {
             "arch": "mobilenet_v2", "state_dict": model.state_dict(), "preprocess": spec.to_dict(),
             "model_version": version, "run_id": run.info.run_id, "experiment_id": run.info.experiment_id,

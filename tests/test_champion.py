@@ -1,0 +1,112 @@
+"""The one champion rule as `make export` runs it (python -m loop.champion): the served file in models/ decided
+against what production runs on every protected measure, the `candidate` alias or a refusal, never `champion`."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from export.convert import write_metadata
+from loop import champion
+from server.model_file import read_metadata
+from tests.conftest import ROOT, SHARED, photos
+from training import tracking
+
+NAME = yaml.safe_load((ROOT / "params.yaml").read_text())["mlflow"]["registered_model"]
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    """params.yaml with a small non-pet pool, val/ and test/ photos, a fresh MLflow store; the working directory."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    not_pets = tmp_path / "not-pets"
+    not_pets.mkdir()
+    for path in sorted((SHARED / "datasets" / "not-pets-dev").glob("*.jpg"))[:6]:
+        shutil.copyfile(path, not_pets / path.name)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["pet"].update(not_pets_dir=str(not_pets), synthetic_per_kind=1)
+    params["data"]["processed_dir"] = str(tmp_path / "data")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    for split, start in (("val", 1), ("test", 3)):
+        for label in ("cat", "dog"):
+            (tmp_path / "data" / split / label).mkdir(parents=True)
+            for photo in photos(label, 2, start):
+                shutil.copyfile(photo, tmp_path / "data" / split / label / photo.name)
+    tracking.configure("champion-test")
+    yield tmp_path
+    mlflow.end_run()
+
+
+def exported(onnx_model: Path, models: Path) -> str:
+    """models/model.onnx as make train + make export leave it: the next registered version, its run holding the file
+    under onnx/ (the served_model tag absent: float32); the version."""
+    client = MlflowClient()
+    if not client.search_registered_models(f"name='{NAME}'"):
+        client.create_registered_model(NAME)
+    version = str(len(client.search_model_versions(f"name='{NAME}'")) + 1)
+    models.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(onnx_model, models / "model.onnx")
+    write_metadata(models / "model.onnx", {**read_metadata(onnx_model), "model_version": f"{NAME}-v{version}"})
+    with mlflow.start_run() as run:
+        mlflow.log_artifact(str(models / "model.onnx"), artifact_path="onnx")
+    client.create_model_version(NAME, f"runs:/{run.info.run_id}/onnx", run_id=run.info.run_id)
+    return version
+
+
+def decide(*args: str) -> dict:
+    return champion.main(["--params", "params.yaml", "--work", "work", *args])
+
+
+def aliases() -> dict[str, str]:
+    return {alias: str(version) for alias, version in MlflowClient().get_registered_model(NAME).aliases.items()}
+
+
+def test_the_first_model_is_refused_without_a_bootstrap_and_never_made_champion(project, onnx_model, capsys):
+    """A fresh registry (make train export on a new clone): no production model, so no silent pass."""
+    version = exported(onnx_model, project / "models")
+    record = decide()
+    assert record["candidate"] is None and record["decided_against"] == "none" and not aliases()
+    assert "no production model to compare with: refused" in capsys.readouterr().out
+    bootstrapped = decide("--bootstrap")
+    assert bootstrapped["candidate"] == version and aliases() == {"candidate": version}
+    assert MlflowClient().get_model_version(NAME, version).tags["decided_against"] == "none"
+
+
+def test_the_served_file_is_decided_against_production_on_every_measure(project, onnx_model, tmp_path):
+    """make export's decision: the served ONNX answers of both models, accuracy, pets kept and non-pets flagged, against
+    the version production runs (the champion alias, or --production); the alias `champion` never moves."""
+    running = exported(onnx_model, tmp_path / "deployed")
+    MlflowClient().set_registered_model_alias(NAME, "champion", running)
+    challenger = exported(onnx_model, project / "models")
+    record = decide()
+    decision = record["decision"]
+    assert record["decided_against"] == record["production"]["version"] == running
+    assert {e["measure"] for e in decision["evaluations"].values()} == {"accuracy", "pets_kept", "not_pets_flagged"}
+    assert decision["evaluated"] == {"val+test": 8}
+    assert decision["evaluations"]["non-pets flagged: pooled non-pets"]["n"] > 6  # the pool and generated images
+    assert not decision["promoted"] and record["candidate"] is None  # the same answers: not better, and too few
+    assert aliases() == {"champion": running}
+    assert MlflowClient().get_model_version(NAME, challenger).tags["decision"] == "refused"
+    with pytest.raises(SystemExit, match=f"production runs v{running}: --bootstrap is only for the first model"):
+        decide("--bootstrap")
+    assert decide("--production", "none")["decided_against"] == "none"  # told production runs nothing: refused
+    assert aliases() == {"champion": running}
+
+
+def test_a_registry_that_cannot_be_read_is_an_error_not_no_production_model(monkeypatch, tmp_path):
+    """An MLflow server that does not answer must stop the decision: taken for "no production model" it would refuse
+    where it should compare, and with --bootstrap it would make an untested candidate."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    mlflow.set_tracking_uri("http://127.0.0.1:9")  # the discard port: nothing listens
+    try:
+        with pytest.raises(Exception, match=r"(?i)connect|refused|max retries"):
+            champion.production_version(MlflowClient(), NAME, None, "champion", bootstrap=True)
+    finally:
+        mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
