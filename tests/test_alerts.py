@@ -29,6 +29,6 @@ def test_the_rules_are_valid(promtool):
 
 def test_hang_ups_and_saturation_do_not_page_and_server_errors_do(promtool):
     """monitoring/prometheus/alerts.test.yml: 499s, 408s and designed 503s page nobody, 5xx page at 1%, saturation
-    has its own ticket."""
+    has its own ticket, and labels refused at the feedback store's bound open a ticket naming their source."""
     result = subprocess.run([promtool, "test", "rules", "alerts.test.yml"], cwd=RULES, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
