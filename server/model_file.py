@@ -1,5 +1,9 @@
 """Which file MODEL_PATH serves: a file as given, or in a folder the int8 model when it was quantized from the
-float32 model beside it, else the float32 model."""
+float32 model beside it, else the float32 model.
+
+Only the two served names are ever looked at. `make export` writes and gates each model in a hidden staging folder
+beside them and renames it to its served name only once its gate accepted it (export/staging.py), so a model that a
+refused or interrupted gate left behind is never chosen here."""
 
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ from starlette.testclient import TestClient
 
 from export.convert import write_metadata
 from export.evaluate import read_metadata
+from export.staging import staging_folder
 from server.app import create_app
 from server.config import Settings
 from server.model import Model, ModelError
@@ -86,6 +87,13 @@ def test_an_int8_model_without_its_source_recorded_is_not_served(onnx_model, int
     write_metadata(unpinned, {k: v for k, v in read_metadata(int8_model).items() if k != "quantized_from"})
     model = Model(folder(tmp_path / "models", onnx_model, unpinned), threads=1, max_pixels=50_000_000)
     assert model.path.name == "model.onnx" and "does not record the model.onnx" in model.choice
+
+
+def test_an_int8_model_still_in_its_staging_folder_is_not_served(onnx_model, int8_model, tmp_path):
+    models = folder(tmp_path / "models", float32=onnx_model)
+    folder(staging_folder(models / "model.int8.onnx"), int8=int8_model)  # pinned to this model.onnx, gate not done
+    model = Model(models, threads=1, max_pixels=50_000_000)
+    assert model.path == models / "model.onnx" and model.choice.startswith("no model.int8.onnx")
 
 
 def test_naming_the_float32_file_serves_it_beside_a_matching_int8(onnx_model, int8_model, tmp_path):
