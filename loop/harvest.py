@@ -382,26 +382,26 @@ def trusted_keys(path: Path | None, rows: list[PredictionRecord]) -> dict[str, f
         ) from None
 
 
-def mark_harvested(db: str, prediction_ids: list[str]) -> str:
+def mark_harvested(db: str, prediction_ids: list[str]) -> tuple[int | None, str]:
     """Tell the store these labels are done with (taken in a data version that came back, or left out for good), so
-    it may evict them; what happened, in words."""
+    it may evict them: how many it marked (None: none, it cannot), and what happened, in words. Never an error: the
+    harvest itself is done, and the next one marks them again (marking is idempotent)."""
     if not prediction_ids:
-        return "no labels to mark harvested"
+        return 0, "no labels to mark harvested in the store"
+    later = (
+        f"{len(prediction_ids)} labels taken stay in the store, and count against its bound, until a harvest marks them"
+    )
     try:
         store = PredictionStore(db, size=1, read_only=True)
         try:
             if not hasattr(store, "mark_harvested"):
-                return (
-                    f"NOT marked: this store code has no mark_harvested (server/store.py older than harvest): "
-                    f"{len(prediction_ids)} labels taken stay in the store, and count against its bound"
-                )
+                return None, f"WARNING labels NOT marked harvested: this store code has no mark_harvested; {later}"
             marked = store.mark_harvested(prediction_ids)
         finally:
             store.close()
     except (StoreError, *STORE_ERRORS) as error:
-        raise SystemExit(f"harvest: took its labels, but could not mark them harvested in the store ({error}); "
-                         "run it again: every step can run twice") from None  # fmt: skip
-    return f"{marked} labels marked harvested in the store (it may evict them now)"
+        return None, f"WARNING labels NOT marked harvested: the store said: {error}; {later}"
+    return marked, f"{marked} labels marked harvested in the store (it may evict them now)"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -463,6 +463,10 @@ def main(argv: list[str] | None = None) -> None:
     report = {"this_run": result.summary(), "totals": totals, "feedback_rows": len(rows),
               "rule": {"review_confidence": review_confidence}, "left_out_photos": result.left_out,
               "review_csv": str(args.review_out)}  # fmt: skip
+    # the labels of photos let go of above (harvested before, or left out for good); never those just copied
+    done = sorted(row.prediction_id for row in rows if row.image and row.image.split(".")[0] in released)
+    marked, marking = mark_harvested(args.db, done)
+    report["store"] = {"labels_done": len(done), "marked_harvested": marked}
     write_atomically(args.report, json.dumps(report, indent=2) + "\n")
     print(json.dumps({"this_run": result.summary(), "totals": totals}))
     reasons = Counter(why for _, why in result.left_out)
@@ -483,8 +487,7 @@ def main(argv: list[str] | None = None) -> None:
             f"photo (the `photo` column), type its label in `confirmed_label` (one of {', '.join(labels)}, or "
             f"{DROPPED} to drop it; empty decides later), then run: make harvest REVIEWED={args.review_out}"
         )
-    done = sorted(row.prediction_id for row in rows if row.image and row.image.split(".")[0] in released)
-    print(f"harvest: {mark_harvested(args.db, done)}")
+    print(f"harvest: {marking}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import secrets
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ import loop.harvest as harvest_module
 from loop.harvest import main as harvest
 from server.images import ANONYMOUS_LABELLED, LABELLED, ImageFolder
 from server.keys import add_key, revoke_key
-from server.store import ANONYMOUS, PredictionRecord, PredictionStore
+from server.store import ANONYMOUS, PredictionRecord, PredictionStore, StoreError
 from tests.conftest import DATASET, SHARED, running_service
 from tests.service import Service
 
@@ -399,3 +400,50 @@ def test_the_report_keeps_this_runs_counts_apart_from_the_totals(written, monkey
     assert report["this_run"]["used"] == 0 and report["this_run"]["already_harvested"] == 1
     assert report["totals"]["data_feedback_photos"] == 1
     assert report["totals"]["data_feedback_photos_by_label"] == {"cat": 1}
+
+
+def harvested_times(db: Path) -> dict[str, float | None]:
+    with contextlib.closing(sqlite3.connect(db)) as connection:
+        return dict(connection.execute("SELECT prediction_id, harvested_time FROM predictions"))
+
+
+def test_labels_are_marked_harvested_once_their_photos_are_let_go_of(written, capsys):
+    add_key(written.keys, "alice", ["label"])
+    used = written.predict(b"alice's cat")
+    written.label(used, "cat", "alice")
+    held, dropped = written.predict(b"held"), written.predict(b"dropped")
+    written.label(held, "cat"), written.label(dropped, "dog")
+    harvest(written.args("--keys", str(written.keys)))
+    # copied, not yet in a data version that came back: the store keeps the label (an evicted record would leave
+    # its waiting photo an orphan if this copy were lost before it is pushed)
+    assert set(harvested_times(written.db).values()) == {None}
+    filled = written.review.with_name("filled.csv")
+    filled.write_text(f"image,confirmed_label\n{sha_name(b'dropped')},none\n")
+    harvest(written.args("--keys", str(written.keys), "--reviewed", str(filled)))
+    times = harvested_times(written.db)
+    assert times[used] and times[dropped] and times[held] is None  # found harvested, dropped; held: kept
+    assert written.summary()["store"] == {"labels_done": 2, "marked_harvested": 2}
+    assert "2 labels marked harvested in the store" in capsys.readouterr().out
+
+
+def test_a_store_that_cannot_mark_labels_harvested_is_said_so(written, capsys, monkeypatch):
+    written.label(written.predict(b"an anonymous cat"), "cat")
+    filled = written.review.with_name("filled.csv")
+    filled.write_text(f"image,confirmed_label\n{sha_name(b'an anonymous cat')},none\n")
+    monkeypatch.delattr(PredictionStore, "mark_harvested")  # store code older than harvest
+    harvest(written.args("--reviewed", str(filled)))
+    assert "labels NOT marked harvested: this store code has no mark_harvested" in capsys.readouterr().out
+    assert written.summary()["store"] == {"labels_done": 1, "marked_harvested": None}
+
+
+def test_a_store_too_old_to_mark_labels_harvested_is_said_so(written, capsys, monkeypatch):
+    written.label(written.predict(b"an anonymous cat"), "cat")
+    filled = written.review.with_name("filled.csv")
+    filled.write_text(f"image,confirmed_label\n{sha_name(b'an anonymous cat')},none\n")
+
+    def too_old(self: PredictionStore, prediction_ids: list[str]) -> int:
+        raise StoreError("the feedback store has schema revision 2; marking labels harvested needs revision 3")
+
+    monkeypatch.setattr(PredictionStore, "mark_harvested", too_old)
+    harvest(written.args("--reviewed", str(filled)))
+    assert "NOT marked harvested: the store said: the feedback store has schema revision 2" in capsys.readouterr().out
