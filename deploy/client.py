@@ -9,6 +9,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 RATE_LIMIT_RETRIES = 30  # a 429 is waited out (its Retry-After, at most MAX_RETRY_AFTER_S) this many times
@@ -23,9 +24,11 @@ def auth() -> dict[str, str]:
 
 
 def request(url: str, method: str = "GET", body: bytes | None = None, headers: dict[str, str] | None = None,
-            timeout: float = 30) -> tuple[int, dict[str, Any]]:  # fmt: skip
+            timeout: float = 30, on_wait: Callable[[float], None] | None = None
+            ) -> tuple[int, dict[str, Any]]:  # fmt: skip
     """(status, JSON body) for one request, with API_KEY's Authorization when set; HTTP errors are returned, not
-    raised, after a 429 has been waited out (Retry-After) up to RATE_LIMIT_RETRIES times."""
+    raised, after a 429 has been waited out (Retry-After) up to RATE_LIMIT_RETRIES times, each wait's seconds told
+    to `on_wait` first."""
     for attempt in range(RATE_LIMIT_RETRIES + 1):
         req = urllib.request.Request(url, data=body, method=method, headers={**auth(), **(headers or {})})
         try:
@@ -34,7 +37,10 @@ def request(url: str, method: str = "GET", body: bytes | None = None, headers: d
         except urllib.error.HTTPError as error:
             retry_after = error.headers.get("Retry-After", "")
             if error.code == 429 and attempt < RATE_LIMIT_RETRIES and retry_after.isdigit():
-                time.sleep(min(int(retry_after), MAX_RETRY_AFTER_S))
+                seconds = min(int(retry_after), MAX_RETRY_AFTER_S)
+                if on_wait is not None:
+                    on_wait(seconds)
+                time.sleep(seconds)
                 continue
             try:
                 return error.code, json.loads(error.read() or b"{}")
@@ -43,11 +49,12 @@ def request(url: str, method: str = "GET", body: bytes | None = None, headers: d
     raise AssertionError("unreachable")
 
 
-def predict(base_url: str, image: bytes, filename: str = "photo.jpg", timeout: float = 30) -> tuple[int, dict]:
+def predict(base_url: str, image: bytes, filename: str = "photo.jpg", timeout: float = 30,
+            on_wait: Callable[[float], None] | None = None) -> tuple[int, dict]:  # fmt: skip
     """POST /predict with the photo as the raw body, its type from the file name's extension (so no file name, with
-    whatever characters it holds, is ever written into the request)."""
+    whatever characters it holds, is ever written into the request); `on_wait` as for request()."""
     media_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"  # not an image: the service says 415
-    return request(f"{base_url}/predict", "POST", image, {"Content-Type": media_type}, timeout)
+    return request(f"{base_url}/predict", "POST", image, {"Content-Type": media_type}, timeout, on_wait)
 
 
 def wait_ready(base_url: str, timeout: float) -> dict[str, Any]:
