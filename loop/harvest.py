@@ -349,6 +349,18 @@ def write_atomically(path: Path, text: str) -> None:
     partial.replace(path)
 
 
+def feedback_rows(db: str) -> list[PredictionRecord]:
+    """The store's labelled rows, read through the service's own store code, read-only."""
+    try:
+        store = PredictionStore(db, size=1, read_only=True)  # nothing added, nothing evicted, nothing created
+        try:
+            return store.feedback_rows()
+        finally:
+            store.close()
+    except (StoreError, *STORE_ERRORS) as error:
+        raise SystemExit(f"harvest: cannot read the feedback store: {error}") from None
+
+
 def labelled_area(images: Path) -> list[tuple[Path, float]]:
     """Every photo waiting in the labelled areas, with its inode's ctime (when its link was made, or later)."""
     listed = []
@@ -426,22 +438,21 @@ def main(argv: list[str] | None = None) -> None:
     # The labelled areas are listed before the store is read: the service records a label, then links its photo,
     # so every photo listed here has its record in what is read next, unless the store evicted it (an orphan).
     waiting = labelled_area(args.images)
-    try:
-        store = PredictionStore(args.db, size=1, read_only=True)  # nothing added, nothing evicted, nothing created
-        try:
-            rows = store.feedback_rows()
-        finally:
-            store.close()
-    except (StoreError, *STORE_ERRORS) as error:
-        raise SystemExit(f"harvest: cannot read the feedback store: {error}") from None
+    rows = feedback_rows(args.db)
     labellers = trusted_keys(args.keys, rows)
     result = harvest(rows, args.images, args.out, labels, evaluation_photos(args.manifest), review_confidence,
                      decisions, training_labels(args.manifest), labellers=labellers)  # fmt: skip
     # The labelled area lets go of a photo once it is in a data version that came back (found harvested before:
     # data/feedback as checked out, dvc pull'ed), never of one just copied, which exists only here until the new
     # version is pushed and merged.
-    recorded = {row.image.split(".")[0] for row in rows if row.image}
     released = {Path(item).name.split(".")[0] for item in result.already} | {sha for sha, _ in result.left_out}
+    # a label given since the store was read (while the rules ran) keeps its photo: the next harvest decides on it
+    seen = {(row.prediction_id, row.feedback, row.feedback_source) for row in rows}
+    since = [
+        row for row in feedback_rows(args.db) if (row.prediction_id, row.feedback, row.feedback_source) not in seen
+    ]
+    released -= {row.image.split(".")[0] for row in since if row.image}
+    recorded = {row.image.split(".")[0] for row in rows + since if row.image}
     for path, linked in waiting:
         sha = path.name.split(".")[0]
         # harvested before, or left out for good (an evaluation photo, dropped, not a pet); or a photo whose record

@@ -447,3 +447,25 @@ def test_a_store_too_old_to_mark_labels_harvested_is_said_so(written, capsys, mo
     monkeypatch.setattr(PredictionStore, "mark_harvested", too_old)
     harvest(written.args("--reviewed", str(filled)))
     assert "NOT marked harvested: the store said: the feedback store has schema revision 2" in capsys.readouterr().out
+
+
+def test_a_photo_left_out_keeps_its_photo_when_a_key_labels_it_while_harvest_runs(written, monkeypatch):
+    add_key(written.keys, "alice", ["label"])
+    data = b"called not a pet, labelled anonymously"
+    written.label(written.predict(data, is_pet=False), "cat")  # left out: anonymous, on a non-pet
+    later = written.predict(data, is_pet=False)
+    (written.images / sha_name(data)).unlink()  # gone from the folder since: the labelled areas hold it alone
+    rules = harvest_module.harvest
+
+    def label_meanwhile(*args, **kwargs):
+        result = rules(*args, **kwargs)
+        written.label(later, "cat", "alice")  # acknowledged while harvest decides on the photo's older labels
+        return result
+
+    monkeypatch.setattr(harvest_module, "harvest", label_meanwhile)
+    harvest(written.args("--keys", str(written.keys)))
+    assert written.summary()["this_run"]["left_out"] == {"anonymous label on a photo the model called not a pet": 1}
+    assert written.summary()["store"]["labels_done"] == 0  # nothing marked: the next harvest decides
+    monkeypatch.setattr(harvest_module, "harvest", rules)
+    harvest(written.args("--keys", str(written.keys)))
+    assert (written.out / "cat" / sha_name(data)).read_bytes() == data  # the key's label, photo and all
