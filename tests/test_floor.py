@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 from deploy import evaluate
-from tests.conftest import photos
+from tests.conftest import ROOT, photos
 from training.floor import floor, photos_needed, wilson
 from training.stats import interval
 
@@ -60,3 +62,11 @@ def test_deploy_evaluate_refuses_an_accuracy_above_the_floor_only_as_a_point_est
     assert report["floor"]["ci95"][0] < 0.9 and not report["floor"]["accepted"]
     evaluate.main(["--url", service.url, "--data", str(data), "--out", str(out), "--min-accuracy", "0.5"])
     assert json.loads(out.read_text())["floor"]["accepted"]
+
+
+def test_the_floor_runs_where_deploy_evaluate_runs_without_scipy_or_yaml():
+    """make eval-deployed runs in the serve-only environment (requirements-serve.txt): no SciPy, no YAML parser."""
+    blocked = "import sys; sys.modules.update(dict.fromkeys(['scipy', 'yaml', 'torch', 'mlflow']))"
+    code = f"{blocked}; import deploy.evaluate; from training.floor import floor; print(floor(191, 195, 0.9, 'x'))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "'accepted': True" in result.stdout, result.stderr
