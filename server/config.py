@@ -191,8 +191,8 @@ SETTINGS: tuple[Setting, ...] = (
             "uploads held while they wait to be kept (`FEEDBACK_IMAGES`, the log's samples) behind a slow store or "
             "disk; past it a prediction is answered but not recorded (counted, logged once)"),
     Setting("API_KEYS_FILE", Path, fixed(None), "unset (no keys: every client is anonymous)",
-            "the API keys (`make api-key`): one JSON line per key, only its hash kept; deleting a line revokes the "
-            "key within a second (docs/threat-model.md)"),
+            "the API keys (`make api-key`): one JSON line per key, only its hash kept; `python -m server.keys --name "
+            "NAME --revoke` revokes one within a second and keeps its name reserved (docs/threat-model.md)"),
     Setting("PREDICT_REQUIRES_KEY", boolean, fixed(False), "`false`",
             "`true`: the predicting routes need a key with the `predict` scope (401 without one)"),
     Setting("FEEDBACK_RATE", number, fixed(1.0), "1",
