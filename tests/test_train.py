@@ -10,7 +10,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from training import cv, train
+from training import cv, tracking, train
 from training.config import load_params
 from training.data import prepare
 from training.model import build_model, freeze_backbone, set_train_mode
@@ -91,6 +91,7 @@ def test_make_train_registers_the_final_model_and_moves_no_alias(make_raw, tmp_p
     prepare(make_raw(per_class=30), processed, tmp_path / "reports", labels=("cat", "dog"),
             fractions=params.data.split, salt=params.data.split_salt, preprocess=params.preprocess)  # fmt: skip
     monkeypatch.setattr(train, "fit", lambda *args, **kwargs: [])  # what is registered is under test, not learning
+    tracking.configure(params.mlflow.experiment)  # as train.main does: this test's store, whatever ran before
     report = train.train_stage("final", params, processed, str(weights), tmp_path / "models")
     client = MlflowClient(mlflow_store)
     assert report["registered_version"] == 1 and report["model_version"] == f"{params.mlflow.registered_model}-v1"
