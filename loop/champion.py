@@ -32,7 +32,7 @@ import mlflow
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from deploy.model_release import DECIDED_AGAINST, DECISION, NO_PRODUCTION, release, version_number
+from deploy.model_release import DECIDED_AGAINST, DECISION, NO_PRODUCTION, alias_version, release, version_number
 from export.answers import Answers, gate_not_pets, served_answers
 from server.model_file import choose_model_file, read_metadata
 from training import gates, tracking
@@ -137,6 +137,8 @@ def settle(registered: str, version: str, local: Path, sets: dict[str, Photos], 
         client.set_model_version_tag(registered, version, key, value)
     if decision["promoted"]:  # last: nothing after it can fail and leave a candidate without its record
         client.set_registered_model_alias(registered, candidate_alias, version)
+    elif alias_version(client, registered, candidate_alias) == version:  # decided again, and lost this time
+        client.delete_registered_model_alias(registered, candidate_alias)
     keys = ("version", "run_id", "artifact", "precision", "sha256")
     return {
         "production": {k: reference[k] for k in keys} if reference else None,

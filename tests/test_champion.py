@@ -97,6 +97,11 @@ def test_the_served_file_is_decided_against_production_on_every_measure(project,
         decide("--bootstrap")
     assert decide("--production", "none")["decided_against"] == "none"  # told production runs nothing: refused
     assert aliases() == {"champion": running}
+    decide("--production", "none", "--bootstrap")  # (say production's record was lost): a candidate, against none
+    assert aliases() == {"champion": running, "candidate": challenger}
+    decide()  # decided again against what runs: refused, and the candidate alias it held goes
+    assert aliases() == {"champion": running}
+    assert MlflowClient().get_model_version(NAME, challenger).tags["decided_against"] == running
 
 
 def test_a_registry_that_cannot_be_read_is_an_error_not_no_production_model(monkeypatch, tmp_path):
