@@ -152,7 +152,7 @@ def run(work: Path, original: Photos, traffic: Photos, params: Path, pretrained:
 
     feedback = work / "data" / "feedback"
     harvest.main(["--db", str(db), "--images", str(kept), "--out", str(feedback), "--params", str(params),
-                  "--manifest", str(processed / "manifest.csv")])  # fmt: skip
+                  "--manifest", str(processed / "manifest.csv"), "--keys", str(work / "api-keys.jsonl")])  # fmt: skip
     dvc = [str(Path(sys.executable).parent / "dvc")]
     if not (work / ".dvc").is_dir():
         subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=work, check=True)
@@ -196,9 +196,9 @@ def main(argv: list[str] | None = None) -> None:
     summary = run(args.work.resolve(), original, traffic, (args.work / "params.yaml").resolve(), pretrained,
                   quantize_to=args.quantize, mislabel_share=args.mislabel_share, cap_bytes=args.cap_bytes,
                   storage_cap=args.storage_cap)  # fmt: skip
-    decision = summary["retrain"]["decision"]
+    decision, harvested = summary["retrain"]["decision"], summary["harvest"]["this_run"]
     print(json.dumps({"photos": summary["photos"], "replay": summary["replay"], "storage": summary["feedback_images"],
-                      "harvest": {k: summary["harvest"][k] for k in ("used", "held_for_review", "left_out")},
+                      "harvest": {k: harvested[k] for k in ("used", "held_for_review", "left_out")},
                       "promoted": decision["promoted"], "reason": decision["reason"]}, indent=2))  # fmt: skip
 
 
