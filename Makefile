@@ -210,7 +210,7 @@ smoke-compose: setup ## docker compose up serve and smoke-test it
 # Feedback to data: the photos people labelled (what the service kept: FEEDBACK_DB, FEEDBACK_IMAGES, from the
 # environment or as make variables) become data/feedback/<label>/, a DVC-tracked data version (loop/harvest.py).
 REVIEWED ?=
-harvest: setup ## Feedback to a data version in data/feedback (FEEDBACK_DB, FEEDBACK_IMAGES; REVIEWED=filled review CSV)
+harvest: setup ## Feedback to a data version in data/feedback (FEEDBACK_DB, FEEDBACK_IMAGES, API_KEYS_FILE; REVIEWED=filled review CSV)
 	@# FEEDBACK_DB (a URL may hold a password), FEEDBACK_IMAGES and REVIEWED reach it through the environment only:
 	@# never pasted into this shell line, never in the process list
 	python -m loop.harvest
