@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +17,13 @@ from export import mirror, not_a_pet, synthetic
 from export.evaluate import METADATA_KEY, evaluate_onnx, load_split, make_session, predict, torch_probabilities
 from export.reference import reference_for_split
 from export.served import tag_served
+from export.staging import aside, publish, remove
 from imaging import DEFAULT_MAX_PIXELS
 from server.mirror import ALWAYS, MirrorGate
 from server.preprocess import Preprocessor
 from training import gates, tracking
 from training.config import DEFAULT_PARAMS, Params, load_params
+from training.floor import floor
 from training.model import Predictor, load_predictor
 from training.presets import PreprocessSpec
 from training.stats import proportion
@@ -106,11 +106,12 @@ def choose_mirror_gate(
                         gates.Rule.from_dict(params.gates))  # fmt: skip
 
 
-def accuracy_gate(path: Path, inputs: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
-    """The exported model's accuracy on the given photos with its Wilson 95% interval (what the gate reads)."""
+def accuracy_gate(path: Path, inputs: np.ndarray, targets: np.ndarray, minimum: float) -> dict[str, Any]:
+    """The exported model's accuracy on the given photos against export.min_accuracy, by training.floor's rule (the
+    Wilson 95% interval's lower end at least the minimum)."""
     session = make_session(path)
     correct = int((predict(session, inputs).argmax(1) == targets).sum())
-    return {"photos": "val+test", **proportion(correct, len(targets))}
+    return {"photos": "val+test", **floor(correct, len(targets), minimum, "export.min_accuracy")}
 
 
 def log_to_run(run_id: str | None, files: list[Path], metrics: dict[str, float]) -> None:
@@ -140,9 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
     # An int8 model beside the output was quantized from the model this export replaces: remove it first, so that
     # a refused or interrupted export cannot leave it alone in the folder to be served (server.model_file).
-    stale_int8 = args.out.with_name(f"{args.out.stem}.int8.onnx")
-    for stale in (stale_int8, stale_int8.with_suffix(".json")):
-        stale.unlink(missing_ok=True)
+    remove(args.out.with_name(f"{args.out.stem}.int8.onnx"))
     params = load_params(args.params)
     settings = params.export
     tracking.configure(params.mlflow.experiment)
@@ -153,8 +152,10 @@ def main(argv: list[str] | None = None) -> None:
     inputs, targets = load_split(data_dir, "test", spec)
     val_inputs, val_targets = load_split(data_dir, "val", spec)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        staged = Path(tmp) / args.out.name
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    # written and gated aside, renamed into place only once accepted: a refused or interrupted export leaves the
+    # model.onnx (and sidecar) the last accepted export published, never one no gate accepted
+    with aside(args.out) as staged:
         # The graph runs one view; flip averaging is the runtime's (server.mirror), always averaged until the gate
         # is chosen below, so the parity and the pet threshold are those of flip averaging, as trained.
         export_onnx(single_view(predictor), spec.input_size, staged, settings.opset)
@@ -183,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
         metadata["reference"] = reference_for_split(staged, data_dir, spec)  # drift's baseline (server.drift)
         write_metadata(staged, metadata)
         fp32, fp32_probabilities = evaluate_onnx(staged, inputs, targets, labels)
-        gate = accuracy_gate(staged, np.concatenate([val_inputs, inputs]), np.concatenate([val_targets, targets]))
+        gate = accuracy_gate(staged, np.concatenate([val_inputs, inputs]), np.concatenate([val_targets, targets]),
+                             settings.min_accuracy)  # fmt: skip
         report: dict[str, Any] = {
             "test_images": len(targets),
             "torch_accuracy": float((reference.argmax(1) == targets).mean()),
@@ -196,16 +198,9 @@ def main(argv: list[str] | None = None) -> None:
             report["pet_threshold"] = metadata["pet"]["threshold"]
         if mirror_report is not None:
             report["mirror"] = mirror_report
-        low = gate["ci95"][0]
-        if low < settings.min_accuracy:
-            raise SystemExit(
-                f"export refused: the ONNX accuracy on val+test is {gate['rate']:.4f} ({gate['count']} of "
-                f"{gate['n']}), 95% interval {low:.4f}-{gate['ci95'][1]:.4f}: its lower bound is below "
-                f"export.min_accuracy {settings.min_accuracy:.4f}"
-            )
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        for suffix in (".onnx", ".json"):
-            shutil.move(staged.with_suffix(suffix), args.out.with_suffix(suffix))
+        if not gate["accepted"]:
+            raise SystemExit(f"export refused: the ONNX model on val+test: {gate['reason']}")
+        publish(staged, args.out)
     written = [args.out, args.out.with_suffix(".json")]
     metrics = {"onnx_test_accuracy": fp32["accuracy"], "onnx_latency_p50_ms": fp32["latency_p50_ms"]}
 

@@ -99,9 +99,10 @@ def test_export_refuses_a_model_below_the_accuracy_threshold(workspace, tmp_path
     stale_int8.write_bytes(b"old int8")
     stale_int8.with_suffix(".json").write_text("{}")
     with pytest.raises(SystemExit, match=r"below export\.min_accuracy"):
-        run_convert(workspace, write_params(workspace, min_accuracy=1.01), out)
+        run_convert(workspace, write_params(workspace, min_accuracy=0.999), out)  # not shown on so few photos
     assert not out.exists() and not out.with_suffix(".json").exists()
     assert not stale_int8.exists() and not stale_int8.with_suffix(".json").exists()  # not left alone to be served
+    assert list(tmp_path.iterdir()) == []  # nor the staging folder it was written and gated in
 
 
 def with_run(fp32: Path, tracking_uri: str) -> str:
