@@ -23,15 +23,19 @@
 # as the service reports them, commit, release.json). The deploy log (timestamped) goes to stderr. Environment:
 # PUBLIC_PORT (8000), BLUE_PORT (8001), GREEN_PORT (8002), PROJECT (catsdogs: the compose projects' prefix),
 # PROXY_IMAGE (nginx:1.29-alpine), HEALTH_TIMEOUT (180 s for a candidate to become healthy), DRAIN_TIMEOUT (60 s,
-# nginx's proxy_read_timeout: the longest retire waits for the old colour's requests), COMMIT (recorded), OUTCOME
+# nginx's proxy_read_timeout: the longest retire waits for the old colour's requests), SWITCH_TIMEOUT (30 s: the
+# longest switch waits for the public port to answer from the candidate), FORWARDED_ALLOW_IPS (the addresses whose
+# X-Forwarded-For a colour believes; default: its network's gateway, the proxy's path), COMMIT (recorded), OUTCOME
 # (what switch records: deployed; CD's switch back after failed checks: reverted).
 #
-# A switch is a transaction whose commit is its record: it first keeps the old upstream (proxy/upstream.conf.old)
-# and writes its intent (proxy/switching), then rewrites the upstream, reloads nginx, checks the public port, and
+# A switch is a transaction whose commit is its record: it first writes its intent (proxy/switching: its token and
+# the old upstream, or that there was none), then rewrites the upstream, reloads nginx, checks the public port, and
 # records the release (current.json, with the intent's token). Stopped before the record by a signal or an error,
-# its trap undoes it: the old upstream back, nginx reloaded, a "failed" line recorded. Killed outright (no trap
-# runs), the next bluegreen.sh call on this host settles it first, the same way, or finishes it when its record was
-# written. So upstream.conf, nginx and current.json never disagree once any call returns.
+# its trap undoes it: the old upstream copied back from the intent, nginx reloaded (stopped, when there was none),
+# a "failed" line recorded; the intent is removed last, so an undo that fails (a reload refused) or is killed is
+# done again, whole, by the next call. Killed outright (no trap runs), the next bluegreen.sh call on this host
+# settles it first, the same way, or finishes it when its record was written. So once any call returns 0,
+# upstream.conf, nginx and current.json agree.
 set -euo pipefail
 self=$(realpath "$0")
 cd "$(dirname "$self")/../.."  # DEPLOY_PATH: docker-compose.yml, deploy/host/, models/, proxy/
@@ -49,12 +53,26 @@ port_of() {
   esac
 }
 switched() { # whether the switch in proxy/switching was recorded (committed)
-  [ -f proxy/switching ] && releases switched "$(cat proxy/switching)"
+  [ -f proxy/switching ] && releases switched "$(head -n1 proxy/switching)"
 }
-active() { # the colour proxy/upstream.conf sends traffic to (its old copy while a switch is not committed)
-  local conf=proxy/upstream.conf
-  if [ -f proxy/switching ] && ! switched; then conf=proxy/upstream.conf.old; fi
-  local port; port=$(sed -n 's/^server 127\.0\.0\.1:\([0-9]*\);$/\1/p' "$conf" 2>/dev/null | head -n1 || true)
+before_switch() { # the upstream from before the switch in proxy/switching, from its intent (status 1: there was
+  # none); an intent written by an older bluegreen.sh names neither: its copy, else current.json's live colour
+  case "$(sed -n 2p proxy/switching)" in
+    had-upstream) sed -n '3,$p' proxy/switching ;;
+    no-upstream) return 1 ;;
+    *)
+      if [ -f proxy/upstream.conf.old ]; then cat proxy/upstream.conf.old; return 0; fi
+      local live; live=$(releases live)
+      [ -n "$live" ] || return 1
+      printf 'server 127.0.0.1:%s;\n' "$(port_of "$live")"
+      ;;
+  esac
+}
+active() { # the colour proxy/upstream.conf sends traffic to (the one before a switch that is not committed)
+  local upstream
+  if [ -f proxy/switching ] && ! switched; then upstream=$(before_switch) || upstream=""
+  else upstream=$(cat proxy/upstream.conf 2>/dev/null) || upstream=""; fi
+  local port; port=$(sed -n 's/^server 127\.0\.0\.1:\([0-9]*\);$/\1/p' <<< "$upstream" | head -n1 || true)
   case "$port" in
     "") echo none ;;
     "$(port_of blue)") echo blue ;;
@@ -62,15 +80,18 @@ active() { # the colour proxy/upstream.conf sends traffic to (its old copy while
     *) echo "proxy/upstream.conf sends traffic to port $port, neither colour's" >&2; exit 1 ;;
   esac
 }
-# A colour listens on the host's loopback only, so whatever reaches its container comes from this host through
-# Docker's port publishing, from the network's gateway: nginx, whose X-Forwarded-For (the client's address, set,
-# never appended) the per-address rate limits then believe. Docker's default address pools; set
-# FORWARDED_ALLOW_IPS to your daemon's if it assigns others.
-TRUSTED_PROXIES=${FORWARDED_ALLOW_IPS:-172.16.0.0/12,192.168.0.0/16,10.0.0.0/8}
 compose() { # compose COLOUR ARGS...: the serve service as project PROJECT-COLOUR
   local colour=$1; shift
-  PORT="127.0.0.1:$(port_of "$colour")" FORWARDED_ALLOW_IPS="$TRUSTED_PROXIES" \
+  PORT="127.0.0.1:$(port_of "$colour")" FORWARDED_ALLOW_IPS="${trusted:-127.0.0.1}" \
     docker compose -p "$PROJECT-$colour" -f docker-compose.yml "$@" 9>&-
+}
+# A colour listens on the host's loopback only, so what reaches its container through the published port comes from
+# its network's gateway (Docker's port publishing): nginx, whose X-Forwarded-For (the client's address, set, never
+# appended) the per-address rate limits believe from that one address only, not from another container on the
+# network. FORWARDED_ALLOW_IPS, when set, replaces it (a daemon that publishes ports otherwise).
+gateway_of() { # gateway_of COLOUR: the IPv4 gateway of its compose network, or nothing
+  docker network inspect -f '{{range .IPAM.Config}}{{.Gateway}} {{end}}' "$PROJECT-${1}_default" 2>/dev/null \
+    | tr ' ' '\n' | grep -m1 -E '^[0-9]+(\.[0-9]+){3}$' || true
 }
 proxy() { docker compose -p "$PROJECT-proxy" -f deploy/host/proxy.yml "$@" 9>&-; }  # 9: the lock, not theirs
 container_of() { # container_of PROJECT SERVICE: its container's id (running or not), or nothing
@@ -82,10 +103,12 @@ ready_field() { # ready_field CONTAINER FIELD: a field of the service's /ready, 
   docker exec "$1" python -c "import json, sys, urllib.request
 print(json.load(urllib.request.urlopen('http://127.0.0.1:8000/ready', timeout=5)).get(sys.argv[1], ''))" "$2"
 }
-public_field() { # public_field FIELD: a field of the /ready the proxy's public port answers, or nothing
+public_field() { # public_field FIELD SECONDS: a field of the /ready the proxy's public port answers within SECONDS
+  # (1 to 5), or nothing
   python3 -c "import json, sys, urllib.request
-try: print(json.load(urllib.request.urlopen(f'http://127.0.0.1:{sys.argv[1]}/ready', timeout=5))[sys.argv[2]])
-except Exception: pass" "$PUBLIC_PORT" "$1"
+timeout = max(1.0, min(5.0, float(sys.argv[3])))
+try: print(json.load(urllib.request.urlopen(f'http://127.0.0.1:{sys.argv[1]}/ready', timeout=timeout))[sys.argv[2]])
+except Exception: pass" "$PUBLIC_PORT" "$1" "$2"
 }
 old_workers() { # nginx workers still finishing requests after a reload ("worker process is shutting down")
   docker exec "$1" sh -c 'cat /proc/[0-9]*/cmdline 2>/dev/null | tr "\0" "\n" | grep -c "is shutting dow[n]" || true' \
@@ -105,24 +128,35 @@ stop_colour() { # stop_colour COLOUR SECONDS: compose down, then make sure nothi
   rm -f "proxy/$1.json"
 }
 
-settle() { # settle WHY: a switch that did not finish (proxy/switching) is finished when it was recorded, else undone
-  if [ ! -f proxy/switching ]; then  # one killed before its intent was written changed nothing: its copies go
-    rm -f proxy/upstream.conf.old proxy/switching.new proxy/upstream.conf.new
-    return 0
+settle() { # settle WHY [record]: a switch that did not finish (proxy/switching) is finished when it was recorded,
+  # else undone: the upstream from before it copied back from its intent, nginx on it (stopped: there was none), a
+  # "failed" line recorded once; the intent goes last. Repeatable from whatever a kill or a failed reload left.
+  if [ -f proxy/switching ] && ! switched; then
+    local token to upstream nginx; token=$(head -n1 proxy/switching); to=${token%% *}
+    log "switch to $to did not finish ($1): the upstream from before it goes back"
+    nginx=$(container_of "$PROJECT-proxy" proxy)
+    if upstream=$(before_switch); then
+      printf '%s\n' "$upstream" > proxy/upstream.conf.new
+      mv -f proxy/upstream.conf.new proxy/upstream.conf
+      if [ -z "$nginx" ] || [ "$(docker inspect -f '{{.State.Status}}' "$nginx" 2>/dev/null)" != running ]; then
+        proxy up -d proxy >&2 2>&1 || { log "the proxy did not start: the next bluegreen.sh call tries again"; return 1; }
+      else
+        { docker exec "$nginx" nginx -t && docker exec "$nginx" nginx -s reload; } >&2 2>&1 \
+          || { log "nginx -s reload failed: the next bluegreen.sh call tries again"; return 1; }
+      fi
+    else  # no live colour before this switch: no upstream, no proxy either
+      rm -f proxy/upstream.conf
+      if [ -n "$nginx" ]; then
+        proxy stop >&2 2>&1 || { log "the proxy did not stop: the next bluegreen.sh call tries again"; return 1; }
+      fi
+    fi
+    [ -z "${2:-}" ] || SWITCH_ID=$token releases record failed "$to" \
+      "the switch to $to did not finish ($1); $(active 2>/dev/null) serves" || true
+  elif [ -f proxy/switching ]; then
+    releases history  # a commit killed between current.json and its deployments.jsonl line
   fi
-  local token to; token=$(cat proxy/switching); to=${token%% *}
-  if ! switched; then
-    log "switch to $to did not finish ($1): the live colour's upstream goes back"
-    if [ -f proxy/upstream.conf.old ]; then mv -f proxy/upstream.conf.old proxy/upstream.conf; else rm -f proxy/upstream.conf; fi
-    local nginx; nginx=$(container_of "$PROJECT-proxy" proxy)
-    if [ -n "$nginx" ] && [ -f proxy/upstream.conf ]; then
-      docker exec "$nginx" nginx -s reload >&2 2>&1 || { log "nginx -s reload failed: the next bluegreen.sh call tries again"; return 1; }
-    elif [ -n "$nginx" ]; then
-      proxy stop >&2 2>&1 || { log "the proxy did not stop: the next bluegreen.sh call tries again"; return 1; }
-    fi  # no live colour before this switch: no proxy either
-    [ -z "${2:-}" ] || releases record failed "$to" "the switch to $to did not finish ($1); $(active 2>/dev/null) serves" || true
-  fi
-  rm -f proxy/upstream.conf.old proxy/switching
+  rm -f proxy/switching
+  rm -f proxy/upstream.conf.old proxy/switching.new proxy/upstream.conf.new  # copies of a switch killed before it
 }
 
 # one deploy at a time on this host: CD's steps and an operator's rollback never interleave their halves
@@ -162,6 +196,10 @@ case "${1:-}" in
     trap 'reason="interrupted"; exit 1' INT TERM
     trap 'exec >/dev/null 2>&1; reason="the session hung up"; exit 1' HUP  # a dropped SSH session: no terminal left
     docker image inspect "$image" >/dev/null 2>&1 || compose "$colour" pull --quiet serve
+    compose "$colour" up --no-start --force-recreate serve >&2 2>&1  # its network, to trust its gateway only
+    trusted=${FORWARDED_ALLOW_IPS:-$(gateway_of "$colour")}
+    [ -n "$trusted" ] || log "candidate $colour: WARNING no gateway for $PROJECT-${colour}_default; X-Forwarded-For" \
+      "is believed from no address (every client behind the proxy shares its rate limits): set FORWARDED_ALLOW_IPS"
     log "candidate $colour: starting $image on 127.0.0.1:$(port_of "$colour") with $MODELS (live: $live)"
     compose "$colour" up -d --no-build --force-recreate serve >&2
     container=$(container_of "$PROJECT-$colour" serve)
@@ -194,10 +232,12 @@ case "${1:-}" in
     sha=$(releases field "$colour" model_sha256)
     instance=$(ready_field "$container" instance)  # the candidate container itself, as the public port must show
     nginx=$(container_of "$PROJECT-proxy" proxy)
-    # the transaction: the old upstream kept, then the intent, then the change; undone by the trap until recorded
-    if [ -f proxy/upstream.conf ]; then cp proxy/upstream.conf proxy/upstream.conf.old; else rm -f proxy/upstream.conf.old; fi
+    # the transaction: the intent, holding the old upstream (or that there was none), then the change; undone by
+    # the trap (or the next call) until recorded
     token="$colour $(date -u +%FT%T.%NZ) $$"
-    printf '%s\n' "$token" > proxy/switching.new
+    { printf '%s\n' "$token"
+      if [ -f proxy/upstream.conf ]; then echo had-upstream; cat proxy/upstream.conf; else echo no-upstream; fi
+    } > proxy/switching.new
     mv proxy/switching.new proxy/switching
     reason=""
     on_switch_exit() { # not recorded: undone; recorded as failed too when interrupted (a check that failed is CD's
@@ -226,8 +266,12 @@ case "${1:-}" in
     # from before /ready named its instance: its model)
     field=instance expected=$instance
     [ -n "$instance" ] || field=model_sha256 expected=$sha
-    for _ in $(seq 60); do [ "$(public_field "$field")" = "$expected" ] && break; sleep 0.5; done
-    [ "$(public_field "$field")" = "$expected" ] || restore "the public port does not answer from $colour ($field $expected) after 30 s"
+    since=$SECONDS bound=${SWITCH_TIMEOUT:-30}
+    until [ "$(public_field "$field" $((since + bound - SECONDS)))" = "$expected" ]; do
+      [ $((SECONDS - since)) -lt "$bound" ] \
+        || restore "the public port does not answer from $colour ($field $expected) after $((SECONDS - since)) s"
+      sleep 0.5
+    done
     SWITCH_ID=$token releases record "${OUTCOME:-deployed}" "$colour"  # the commit
     settle "recorded"
     trap - EXIT INT TERM HUP

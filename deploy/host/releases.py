@@ -4,7 +4,11 @@
                                                MODEL_SHA256, MODEL_VERSION, COMMIT (the candidate now on COLOUR)
   releases.py record OUTCOME COLOUR [REASON]   one line appended to deployments.jsonl (the release from
                                                proxy/COLOUR.json, else from the environment); current.json too,
-                                               unless OUTCOME is "failed" (current.json is the live release)
+                                               first, unless OUTCOME is "failed" (current.json is the live
+                                               release); once per SWITCH_ID and OUTCOME: a repeat appends nothing
+  releases.py history                          current.json's line appended to deployments.jsonl when its switch
+                                               is not there (a record killed between the two)
+  releases.py live                             current.json's colour (nothing before the first switch)
   releases.py field COLOUR KEY                 one field of proxy/COLOUR.json
   releases.py switched TOKEN                   exit 0 when current.json records the switch TOKEN (its commit)
   releases.py previous                         what `bluegreen.sh rollback` brings back: "IMAGE<TAB>MODELS"
@@ -49,26 +53,45 @@ def registered(models: str) -> object:
         return None
 
 
+def history() -> list[dict]:
+    path = Path("deployments.jsonl")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def recorded(line: dict) -> bool:
+    """Whether deployments.jsonl holds the line's switch with its outcome (a switch's lines are recorded once)."""
+    return bool(line["switch"]) and any(
+        (old.get("switch"), old.get("outcome")) == (line["switch"], line["outcome"]) for old in history()
+    )
+
+
+def append(line: dict) -> None:
+    if not recorded(line):
+        with open("deployments.jsonl", "a") as lines:
+            lines.write(json.dumps(line) + "\n")
+
+
+def current() -> dict | None:
+    path = Path("current.json")
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def record(outcome: str, colour: str, reason: str = "") -> None:
     release = release_of(colour)
     line = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "outcome": outcome, "colour": colour,
             **{name: release.get(name, "") for name in FIELDS}, "reason": reason,
             "release": registered(release.get("models", "")),
             "switch": os.environ.get("SWITCH_ID", "")}  # fmt: skip
-    text = json.dumps(line) + "\n"
-    with open("deployments.jsonl", "a") as history:
-        history.write(text)
-    if outcome != "failed":
-        write_atomically(Path("current.json"), text)
+    if outcome != "failed":  # the commit first: a kill before the history line leaves it to `history`
+        write_atomically(Path("current.json"), json.dumps(line) + "\n")
+    append(line)
 
 
 def previous() -> dict[str, str] | None:
     """The release that was live before the live one: a reverted deploy never counted, a rollback is a new live
     release (so a second rollback rolls forward again)."""
-    path = Path("deployments.jsonl")
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     lives: list[dict[str, str]] = []
-    for line in lines:
+    for line in history():
         if line["outcome"] in ("deployed", "rolled-back"):
             lives.append(line)
         elif line["outcome"] == "reverted" and lives:
@@ -83,8 +106,13 @@ def main(argv: list[str]) -> int:
     elif command == "record" and len(args) in (2, 3):
         record(*args)
     elif command == "switched" and len(args) == 1:
-        current = Path("current.json")
-        return 0 if current.exists() and json.loads(current.read_text()).get("switch") == args[0] else 1
+        return 0 if (current() or {}).get("switch") == args[0] else 1
+    elif command == "history" and not args:
+        live = current()
+        if live is not None and live.get("switch"):
+            append(live)
+    elif command == "live" and not args:
+        print((current() or {}).get("colour", ""))
     elif command == "field" and len(args) == 2:
         print(release_of(args[0]).get(args[1], ""))
     elif command == "previous" and not args:
