@@ -1,7 +1,8 @@
 """The one rule every gate applies before it lets a model or a variant through: not worse, paired, on enough images.
 
 The gates: the int8 copy against its float32 model (export/quantize.py), the mirror view's gate against both views
-always (export/mirror.py), `make train`'s champion (training/tracking.py) and `make retrain`'s (loop/retrain.py).
+always (export/mirror.py), and the champion rule (loop/champion.py: `make export`'s and `make retrain`'s candidate,
+against what production runs).
 
 Each protected measure is a rate over the same images for the reference and the candidate:
 
