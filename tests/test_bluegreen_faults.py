@@ -250,6 +250,13 @@ def test_a_reload_nginx_refuses_is_undone_again_by_every_next_call(host):
     fault.unlink()
     assert run(host, "settle")[0] == 0 and check_agree(host) == "blue"
     assert failed_lines(deploy_path, "green token-1 1") == 1
+    # the same with an older script's intent and its copy: a refused reload must not lose what the copy said
+    half_switched(host, "green token-2 1", "")
+    (proxy / "upstream.conf.old").write_text(blue)
+    fault.touch()
+    assert run(host, "settle")[0] == 1 and check_live(host) == "blue"
+    fault.unlink()
+    assert run(host, "settle")[0] == 0 and check_agree(host) == "blue"
     fault.touch()  # a switch whose own reload nginx refuses: undone (the upstream back), nginx never moved
     assert run(host, "switch", "green")[0] == 1
     assert check_live(host) == "blue" and (proxy / "switching").exists()
