@@ -116,3 +116,60 @@ def test_actionlint_accepts_cd():
     linter = next(path for path in ACTIONLINT if path.exists())
     done = subprocess.run([str(linter), str(CD)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def model_step(tmp_path: Path, job: str, production: str | None, pinned: str = "", check_fails: bool = False
+               ) -> tuple[subprocess.CompletedProcess[str], list[str]]:  # fmt: skip
+    """The job's "model" step run as the runner runs it, in tmp_path: `ssh` (host) or `kubectl` (Kubernetes) tell
+    what production runs (None: nothing), and `python` stands for deploy.model_release, logging its arguments."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    log = tmp_path / "python.log"
+    record = json.dumps({"release": {"version": production}}) if production else ""
+    (bin_dir / "ssh").write_text(f"#!/bin/sh\nprintf '%s' '{record}'\n")
+    (bin_dir / "kubectl").write_text(f"#!/bin/sh\nprintf '%s' '{production or ''}'\n")
+    (bin_dir / "python").write_text(f"""#!/bin/bash
+echo "$*" >> {log}
+case "$*" in
+  *--check-decided-against*) {"exit 1" if check_fails else "exit 0"} ;;
+esac
+version=9  # the candidate alias's version
+env_out=/dev/null
+while [ $# -gt 0 ]; do
+  case "$1" in --version) version=$2 ;; --env-out) env_out=$2 ;; esac
+  shift
+done
+mkdir -p build/release "$(dirname "$env_out")"
+echo "MODEL_VERSION=m-v$version" > "$env_out"
+echo "{{\\"version\\": \\"$version\\", \\"sha256\\": \\"ab\\", \\"model_version\\": \\"m-v$version\\"}}" \
+  > build/release/release.json
+""")
+    for name in ("ssh", "kubectl", "python"):
+        (bin_dir / name).chmod(0o755)
+    run = next(step["run"] for step in steps(job) if step.get("id") == "model")
+    (tmp_path / "output").write_text("")
+    environment = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "GITHUB_OUTPUT": str(tmp_path / "output"),
+                   "MODEL_VERSION": pinned, "MODEL_URL_TEMPLATE": "https://m/{run_id}", "OVERLAY": "overlay",
+                   "NAMESPACE": "catsdogs", "DEPLOY_USER": "u", "DEPLOY_HOST": "h", "DEPLOY_PATH": "/srv"}  # fmt: skip
+    done = subprocess.run(["bash", "-e", "-c", run], env=environment, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=30)  # fmt: skip
+    return done, log.read_text().splitlines() if log.exists() else []
+
+
+@pytest.mark.skipif(shutil.which("jq") is None, reason="the workflow's scripts use jq (on every GitHub runner)")
+@pytest.mark.parametrize("job", ["host", "kubernetes"])
+def test_cd_ships_only_a_model_decided_against_what_production_runs(tmp_path, job):
+    """The one champion rule at deploy time: whatever model is chosen, deploy.model_release --check-decided-against
+    is asked with the version production runs now (never an alias), and its refusal stops the deploy."""
+    done, calls = model_step(tmp_path, job, production="7")  # a code change: ships what runs, checked as a redeploy
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert calls == ["-m deploy.model_release --version 7 --out build/release" + (
+        " --url-template https://m/{run_id} --env-out overlay/model.env" if job == "kubernetes" else ""),
+        "-m deploy.model_release --check-decided-against 7 --version 7"]  # fmt: skip
+    done, calls = model_step(tmp_path / "pinned", job, production="7", pinned="8")
+    assert done.returncode == 0 and calls[-1] == "-m deploy.model_release --check-decided-against 7 --version 8"
+    done, calls = model_step(tmp_path / "first", job, production=None)  # a first deploy: the (bootstrapped) candidate
+    assert done.returncode == 0 and "--alias candidate" in calls[0], calls
+    assert calls[-1] == "-m deploy.model_release --check-decided-against none --version 9"
+    done, calls = model_step(tmp_path / "refused", job, production="7", pinned="8", check_fails=True)
+    assert done.returncode != 0 and "sha256=" not in (tmp_path / "refused" / "output").read_text()
