@@ -140,15 +140,24 @@ def summary(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def floor_value(text: str) -> float:
+    """A floor is a rate in [0, 1): checked before the evaluation runs, not after it."""
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"a floor in [0, 1), not {text}")
+    return value
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m deploy.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--data", type=Path, required=True, help="one folder per class: <data>/<label>/*.jpg")
     parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--min-accuracy", type=float, default=0.90, help="the floor: the lower end of the accuracy's "
-                        "Wilson 95%% interval must reach it (0.90: a sound model, ~98%% on the ~200 test photos, "
-                        "shows it with room to spare; a broken deployment cannot)")  # fmt: skip
+    parser.add_argument("--min-accuracy", type=floor_value, default=0.90,
+                        help="the floor: the lower end of the accuracy's Wilson 95%% interval must reach it (0.90: a "
+                        "sound model, ~98%% on the ~200 test photos, shows it with room to spare; a broken deployment "
+                        "cannot)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the JSON report (default: {DEFAULT_OUT})")
     parser.add_argument("--wait", type=float, default=60, help="seconds to wait for /ready once the service answers")
     return parser

@@ -126,8 +126,9 @@ def model_step(tmp_path: Path, job: str, production: str | None, pinned: str = "
     bin_dir.mkdir(parents=True, exist_ok=True)
     log = tmp_path / "python.log"
     record = json.dumps({"release": {"version": production}}) if production else ""
-    (bin_dir / "ssh").write_text(f"#!/bin/sh\nprintf '%s' '{record}'\n")
-    (bin_dir / "kubectl").write_text(f"#!/bin/sh\nprintf '%s' '{production or ''}'\n")
+    down = "exit 255\n" if production == "unreachable" else ""  # ssh's status for a host it cannot reach
+    (bin_dir / "ssh").write_text(f"#!/bin/sh\n{down}printf '%s' '{record}'\n")
+    (bin_dir / "kubectl").write_text(f"#!/bin/sh\n{down.replace('255', '1')}printf '%s' '{production or ''}'\n")
     (bin_dir / "python").write_text(f"""#!/bin/bash
 echo "$*" >> {log}
 case "$*" in
@@ -173,3 +174,5 @@ def test_cd_ships_only_a_model_decided_against_what_production_runs(tmp_path, jo
     assert calls[-1] == "-m deploy.model_release --check-decided-against none --version 9"
     done, calls = model_step(tmp_path / "refused", job, production="7", pinned="8", check_fails=True)
     assert done.returncode != 0 and "sha256=" not in (tmp_path / "refused" / "output").read_text()
+    done, calls = model_step(tmp_path / "down", job, production="unreachable")  # never read as "nothing runs"
+    assert done.returncode != 0 and calls == [], calls

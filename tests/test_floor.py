@@ -70,3 +70,12 @@ def test_the_floor_runs_where_deploy_evaluate_runs_without_scipy_or_yaml():
     code = f"{blocked}; import deploy.evaluate; from training.floor import floor; print(floor(191, 195, 0.9, 'x'))"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "'accepted': True" in result.stdout, result.stderr
+
+
+@pytest.mark.parametrize("value", ["1.0", "1.5", "-0.1", "nan"])
+def test_deploy_evaluate_refuses_a_floor_that_is_not_one_before_evaluating(value, capsys, tmp_path):
+    """An impossible floor is a usage error (exit 2) before any photo is sent, not a traceback after the run."""
+    with pytest.raises(SystemExit) as stopped:
+        evaluate.main(["--url", "http://127.0.0.1:9", "--data", str(tmp_path), "--min-accuracy", value])
+    assert stopped.value.code == 2
+    assert "a floor in [0, 1)" in capsys.readouterr().err
