@@ -1,14 +1,15 @@
 """API keys: the file the service reads them from (API_KEYS_FILE), how one is made, and how one is checked.
 
-The file holds one JSON object per line: {"name", "sha256", "scopes", "created"}, and "revoked" (a UTC time) once
-the key is revoked. Only the key's SHA-256 is kept: a key is 256 random bits, so a fast hash is enough (a slow
-password hash protects guessable secrets; nothing about a random key is guessable), and the file leaks no key if
-read. `--revoke` marks a key's line revoked and keeps it, so its name is never given to another key: labels are
-recorded under a key's name, and a new key of a revoked name would inherit the revoked key's waiting labels
-(`make harvest` takes a key's labels only while the key is valid, `labellers`). The service looks at the file's
-size, inode and modification time at most once a second (`RELOAD_S`) and rereads it when they changed. A line that
-cannot be read is skipped and logged; a file that cannot be read at all refuses every key until it can (fail
-closed).
+The file holds one JSON object per line: {"name", "sha256", "scopes", "created"}. Only the key's SHA-256 is kept: a
+key is 256 random bits, so a fast hash is enough (a slow password hash protects guessable secrets; nothing about a
+random key is guessable), and the file leaks no key if read. `--revoke` keeps a key's line, so its name is never
+given to another key: labels are recorded under a key's name, and a new key of a revoked name would inherit the
+revoked key's waiting labels (`make harvest` takes a key's labels only while the key is valid, `labellers`). The
+revoked line says when ("revoked", a UTC time) and its hash moves from "sha256" to "revoked_sha256": a release that
+predates revocation ignores "revoked" but skips a line without "sha256", so the other blue/green colour, or a
+rollback, refuses the key as well. The service looks at the file's size, inode and modification time at most once a
+second (`RELOAD_S`) and rereads it when they changed. A line that cannot be read is skipped and logged; a file that
+cannot be read at all refuses every key until it can (fail closed).
 
 Scopes (SCOPES): `label` (a trusted labeller: its labels may become training data without review) and `predict`
 (needed for the predicting routes when PREDICT_REQUIRES_KEY=true). `make api-key NAME=... SCOPES=...` runs `main`;
@@ -70,9 +71,10 @@ def new_key() -> str:
 
 @dataclass(frozen=True)
 class Entry:
-    """One line of the file: a key's hash, who holds it, when it was made and, once revoked, when."""
+    """One line of the file: a key's hash (None once revoked), who holds it, when it was made and, once revoked,
+    when."""
 
-    sha256: str
+    sha256: str | None
     identity: Identity
     created: float | None = None  # seconds since the epoch (None: a line written without it)
     revoked: str | None = None
@@ -90,13 +92,13 @@ def parse_line(line: str) -> Entry:
     name, sha, scopes = entry.get("name"), entry.get("sha256"), entry.get("scopes")
     if not isinstance(name, str) or not NAME.match(name) or name == ANONYMOUS:
         raise ValueError(f"bad name {name!r}")
-    if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
-        raise ValueError(f"key {name!r}: sha256 must be 64 hex digits")
-    if not isinstance(scopes, list) or not scopes or not set(scopes) <= set(SCOPES):
-        raise ValueError(f"key {name!r}: scopes must be a non-empty list of {sorted(SCOPES)}")
     revoked, created = entry.get("revoked"), entry.get("created")
     if revoked is not None and not isinstance(revoked, str):
         raise ValueError(f"key {name!r}: revoked must be a time ({TIME_FORMAT}) or absent")
+    if (revoked is None or sha is not None) and (not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha)):
+        raise ValueError(f"key {name!r}: sha256 must be 64 hex digits")  # a revoked line needs none
+    if not isinstance(scopes, list) or not scopes or not set(scopes) <= set(SCOPES):
+        raise ValueError(f"key {name!r}: scopes must be a non-empty list of {sorted(SCOPES)}")
     try:
         made = float(calendar.timegm(time.strptime(created, TIME_FORMAT)))
     except (TypeError, ValueError):  # a line written by hand: the key works, with no creation time to check
@@ -165,7 +167,9 @@ class KeyRing:
             for number, error, _ in skipped:  # never log the line (a key?)
                 where = {"path": str(self.path), "line": number, "error": error}
                 get_logger().warning("API_KEYS_FILE: a line is skipped", extra=where)
-            entries = [(bytes.fromhex(entry.sha256), entry.identity) for entry in parsed if entry.valid]
+            entries = [
+                (bytes.fromhex(entry.sha256), entry.identity) for entry in parsed if entry.valid and entry.sha256
+            ]
             self.entries, self.stamp = entries, stamp
             get_logger().info("API keys read", extra={"path": str(self.path), "keys": len(entries)})
 
@@ -224,8 +228,10 @@ def add_key(path: Path, name: str, scopes: list[str]) -> str:
 
 
 def revoke_key(path: Path, name: str) -> int:
-    """Mark every valid key named `name` revoked, keeping its line (the name stays taken); how many. The file is
-    replaced whole (written aside, then renamed): the service never reads half of it."""
+    """Mark every valid key named `name` revoked, keeping its line (the name stays taken) without its sha256 (moved to
+    revoked_sha256, which no release reads as a key); how many. A line of the name revoked earlier that still
+    carries its sha256 (written before revoked lines dropped it) loses it too. The file is replaced whole (written
+    aside, then renamed): the service never reads half of it."""
     with locked(path):
         lines = path.read_text(encoding="utf-8").splitlines()
         entries, _ = read_entries("\n".join(lines))
@@ -237,9 +243,12 @@ def revoke_key(path: Path, name: str) -> int:
                 entry = parse_line(line)
             except ValueError:
                 continue
-            if entry.identity.name == name and entry.valid:
-                lines[number] = json.dumps({**json.loads(line), "revoked": now})
-                revoked += 1
+            record = json.loads(line)
+            if entry.identity.name != name or not (entry.valid or "sha256" in record):
+                continue
+            sha = record.pop("sha256")
+            lines[number] = json.dumps({**record, "revoked": record.get("revoked") or now, "revoked_sha256": sha})
+            revoked += entry.valid
         partial = path.with_name(f".{path.name}.partial")
         descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(descriptor, "w", encoding="utf-8") as file:
