@@ -30,7 +30,7 @@ from server.config import POSTGRES_SCHEMES
 # refuses any other (bumped only by a change older code cannot read or write safely); `revision` counts the additive
 # steps (columns older code never names), so the previous release still runs on an upgraded store (a blue/green
 # rollback). Revision 2: each label's source (a key's name or "anonymous") and is_pet. Revision 3: when harvest took
-# a label (harvested_time): a label is evicted only once harvested. MIGRATIONS lead here.
+# a label (harvested_time): a label with a photo is evicted only once harvested. MIGRATIONS lead here.
 SCHEMA_VERSION = 1
 SCHEMA_REVISION = 3
 READ_REVISION = 2  # the oldest revision a read-only store (harvest) reads: feedback_rows needs its columns
@@ -60,9 +60,13 @@ SCHEMA = (
     "CREATE INDEX IF NOT EXISTS predictions_by_time ON predictions (time)",
     "CREATE INDEX IF NOT EXISTS predictions_by_image ON predictions (image)",
 )
-# the labels harvest has not taken yet, by source: what POST /feedback counts against the store's bound
+# A label waits for harvest while harvest has not taken it and its photo was kept: one without a photo (FEEDBACK_DB
+# without FEEDBACK_IMAGES) is nothing harvest can read or mark, so it never counts against the bound and is evicted
+# like a taken one. WAITING is what POST /feedback counts against the store's bound, by source; its index with it.
+WAITING = "harvested_time IS NULL AND image IS NOT NULL"
+EVICTABLE = "(harvested_time IS NOT NULL OR image IS NULL)"
 UNHARVESTED_INDEX = ("CREATE INDEX IF NOT EXISTS predictions_unharvested ON predictions (feedback_source) "
-                     "WHERE feedback IS NOT NULL AND harvested_time IS NULL")  # fmt: skip
+                     f"WHERE feedback IS NOT NULL AND {WAITING}")  # fmt: skip
 COLUMNS = (
     "prediction_id, request_id, time, model_version, label, probabilities, pet_score, image, feedback, "
     "feedback_source, is_pet"
@@ -183,7 +187,7 @@ class Feedback(Enum):
     REPEATED = "repeated"  # the same label again: accepted, counted once
     REPLACED = "replaced"  # a key's label in place of an anonymous one: accepted, live accuracy keeps the first
     CONFLICT = "conflict"  # a different label was recorded first
-    FULL = "full"  # refused: the store holds `size` labels of its source's kind that harvest has not taken
+    FULL = "full"  # refused: the store holds `size` labels of its source's kind waiting for harvest
     UNKNOWN = "unknown"  # never issued, or no longer kept
 
 
@@ -444,14 +448,15 @@ class PredictionStore:
             crossed = (self.added + len(records)) // step > self.added // step
             self.added += len(records)
             if crossed:
-                # the `size` most recent predictions without feedback, and of the labels harvest took the `size` most
-                # recent of each source's kind (a repeated label still finds its prediction). A label harvest has not
-                # taken is never evicted: give_feedback refuses new ones past `size` of each kind instead, so a flood
-                # of anonymous labels never keeps a key's out, and no client grows the store past about 5 x size.
+                # the `size` most recent predictions without feedback, and of the labels harvest took (or that have
+                # no photo) the `size` most recent of each source's kind (a repeated label still finds its
+                # prediction). A label waiting for harvest is never evicted: give_feedback refuses new ones past
+                # `size` of each kind instead, so a flood of anonymous labels never keeps a key's out, and no client
+                # grows the store past about 5 x size.
                 self.run("DELETE FROM predictions WHERE feedback IS NULL AND time < (SELECT time FROM predictions "
                          "WHERE feedback IS NULL ORDER BY time DESC LIMIT 1 OFFSET ?)", (self.size - 1,))  # fmt: skip
                 for kind in (ANONYMOUS_LABEL, TRUSTED_LABEL):
-                    taken = f"{kind} AND harvested_time IS NOT NULL"
+                    taken = f"{kind} AND {EVICTABLE}"
                     self.run(f"DELETE FROM predictions WHERE {taken} AND feedback_time < (SELECT feedback_time FROM "
                              f"predictions WHERE {taken} ORDER BY feedback_time DESC LIMIT 1 OFFSET ?)",
                              (self.size - 1,))  # fmt: skip
@@ -521,15 +526,16 @@ class PredictionStore:
         trusted label out of training); what happened, and the prediction (`harvested` read too).
 
         A label is refused (FULL) while the store holds `size` labels of its source's kind (a key's, or anonymous)
-        that harvest has not taken: they are never evicted, and a label acknowledged is kept until harvest took it.
-        The count is in the same statement; processes racing at the bound may pass it by the few labels in flight."""
+        waiting for harvest (not taken yet, their photo kept): they are never evicted, and a label acknowledged is
+        kept until harvest took it. The count is in the same statement; processes racing at the bound may pass it by
+        the few labels in flight."""
         trusted = source != ANONYMOUS
         before = self.get(prediction_id) if trusted else None
         open_to = "feedback IS NULL"
         if trusted:
             open_to = "(feedback IS NULL OR feedback_source IS NULL OR feedback_source = ?)"
         kind = TRUSTED_LABEL if trusted else ANONYMOUS_LABEL
-        waiting = f"(SELECT COUNT(*) FROM predictions WHERE {kind} AND harvested_time IS NULL)"
+        waiting = f"(SELECT COUNT(*) FROM predictions WHERE {kind} AND {WAITING})"
         self.local.retried = False
         with self.lock:  # the record comes back with the change itself: nothing is read after the commit
             changed = self.run(

@@ -164,8 +164,8 @@ def target(request, tmp_path) -> str | None:
     return str(tmp_path / "s.db") if request.param == "sqlite" else None
 
 
-def record(prediction_id: str, label: str = "cat") -> PredictionRecord:
-    return PredictionRecord(prediction_id, "req", time.time(), "v1", label, {"cat": 0.9, "dog": 0.1}, pet_score=0.5)
+def record(prediction_id: str, label: str = "cat", image: str | None = None) -> PredictionRecord:
+    return PredictionRecord(prediction_id, "req", time.time(), "v1", label, {"cat": 0.9, "dog": 0.1}, 0.5, image)
 
 
 def test_stores_evict_the_oldest_and_keep_what_feedback_needs(target):
@@ -258,23 +258,23 @@ def test_two_service_processes_share_feedback_through_postgresql(onnx_model, pos
 
 
 def test_labelled_predictions_are_kept_apart_and_bounded_too(target):
-    store = PredictionStore(target, 2)
-    store.add(record("labelled"))
+    store = PredictionStore(target, 2)  # photos kept: labels wait for harvest
+    store.add(record("labelled", image="p.jpg"))
     assert store.give_feedback("labelled", "dog")[0] is Feedback.RECORDED
     for i in range(4):
-        store.add(record(f"later-{i}"))
+        store.add(record(f"later-{i}", image="p.jpg"))
     assert store.get("labelled") is not None and store.get("later-0") is None  # feedback is data: it stays
     outcomes = []
     for i in range(3):  # but a client posting feedback cannot grow the store without bound: refused, not evicted
-        store.add(record(f"more-{i}"))
+        store.add(record(f"more-{i}", image="p.jpg"))
         outcomes.append(store.give_feedback(f"more-{i}", "cat")[0])
     assert outcomes == [Feedback.RECORDED, Feedback.FULL, Feedback.FULL]
-    store.add(record("last"))
+    store.add(record("last", image="p.jpg"))
     assert store.get("labelled").feedback == "dog" and store.get("more-2").feedback is None
-    store.add(record("trusted"))
+    store.add(record("trusted", image="p.jpg"))
     assert store.give_feedback("trusted", "cat", "labeller")[0] is Feedback.RECORDED
     for i in range(6):  # a flood of anonymous labels never keeps a key's label out: each kind has its own bound
-        store.add(record(f"flood-{i}"))
+        store.add(record(f"flood-{i}", image="p.jpg"))
         store.give_feedback(f"flood-{i}", "dog")
     assert store.get("trusted").feedback_source == "labeller"
     store.close()

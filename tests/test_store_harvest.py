@@ -10,7 +10,7 @@ import psycopg
 import pytest
 
 from server.images import ANONYMOUS_LABELLED
-from server.store import Feedback, PredictionRecord, PredictionStore, StoreError
+from server.store import ANONYMOUS, Feedback, PredictionRecord, PredictionStore, StoreError
 from tests.postgres import fresh_database
 from tests.test_faults import proxied_postgres  # noqa: F401 - a fixture
 from tests.test_feedback import CAT, counter, make_client, predict, send, store_code
@@ -126,14 +126,33 @@ def test_labels_harvest_has_not_taken_are_never_evicted_and_past_the_bound_new_o
     store.close()
 
 
+def test_labels_without_a_photo_never_fill_the_bound_and_are_evicted(target):
+    """FEEDBACK_DB without FEEDBACK_IMAGES (docker-compose.yml, the k8s overlay): a label whose prediction kept no
+    photo is nothing harvest can take or mark. It never counts against the bound (past `size` of them a label of
+    that kind was refused for good) and is evicted like a harvested one, the `size` most recent of each kind kept."""
+    store = PredictionStore(target, 2)
+    for source in (ANONYMOUS, "labeller"):
+        for i in range(5):
+            store.add(record(f"{source}-{i}", image=None))
+            assert store.give_feedback(f"{source}-{i}", "cat", source)[0] is Feedback.RECORDED, (source, i)
+    store.add_many([record(f"later-{i}", image=None) for i in range(2)])  # an eviction
+    labelled = store.run("SELECT feedback_source, COUNT(*) FROM predictions WHERE feedback IS NOT NULL GROUP BY 1")
+    assert dict(labelled.fetchall()) == {ANONYMOUS: 2, "labeller": 2}
+    assert all(store.get(f"{source}-4").feedback == "cat" for source in (ANONYMOUS, "labeller"))
+    store.add(record("with-photo"))  # a label with a photo still waits for harvest and counts
+    assert store.give_feedback("with-photo", "dog", "labeller")[0] is Feedback.RECORDED
+    store.close()
+
+
 def metric_value(client, name: str, labels: str) -> float:
     prefix = f"{name}{{{labels}}} "
     lines = [line for line in client.get("/metrics").text.splitlines() if line.startswith(prefix)]
     return float(lines[0].split()[-1]) if lines else 0.0
 
 
-def test_post_feedback_refuses_a_label_past_the_bound_with_503_counted(onnx_model):
-    with make_client(onnx_model, feedback_store_size=2, feedback_rate=0.0) as client:
+def test_post_feedback_refuses_a_label_past_the_bound_with_503_counted(onnx_model, tmp_path):
+    images = tmp_path / "images"  # labels wait for harvest only with their photos kept
+    with make_client(onnx_model, feedback_store_size=2, feedback_images=images, feedback_rate=0.0) as client:
         observer = client.app.state.observer
         ids = []
         for _ in range(3):
@@ -149,6 +168,16 @@ def test_post_feedback_refuses_a_label_past_the_bound_with_503_counted(onnx_mode
         assert observer.store.mark_harvested(ids[:2]) == 2
         assert send(client, ids[2], "cat").status_code == 200
         assert metric_value(client, "catsdogs_labels_refused_total", 'source="anonymous"') == 1
+
+
+def test_post_feedback_without_kept_photos_never_answers_label_store_full(onnx_model):
+    """FEEDBACK_DB without FEEDBACK_IMAGES: no label waits for harvest, so none is refused past the bound."""
+    with make_client(onnx_model, feedback_store_size=2, feedback_rate=0.0) as client:
+        for _ in range(4):
+            prediction_id = predict(client, CAT)
+            assert client.app.state.observer.wait_idle()
+            answer = send(client, prediction_id, "cat")
+            assert answer.status_code == 200, answer.text
 
 
 def test_a_label_committed_before_postgresql_cut_the_connection_is_acknowledged_counted_and_kept(
