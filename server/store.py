@@ -449,17 +449,24 @@ class PredictionStore:
             self.added += len(records)
             if crossed:
                 # the `size` most recent predictions without feedback, and of the labels harvest took (or that have
-                # no photo) the `size` most recent of each source's kind (a repeated label still finds its
-                # prediction). A label waiting for harvest is never evicted: give_feedback refuses new ones past
-                # `size` of each kind instead, so a flood of anonymous labels never keeps a key's out, and no client
-                # grows the store past about 5 x size.
+                # no photo) the most recent of each source's kind, `size` minus those waiting (a repeated label
+                # still finds its prediction). A label waiting for harvest is never evicted: give_feedback refuses
+                # new ones past `size` of each kind instead, so a flood of anonymous labels never keeps a key's out,
+                # and no client grows the store past about 5 x size.
                 self.run("DELETE FROM predictions WHERE feedback IS NULL AND time < (SELECT time FROM predictions "
                          "WHERE feedback IS NULL ORDER BY time DESC LIMIT 1 OFFSET ?)", (self.size - 1,))  # fmt: skip
                 for kind in (ANONYMOUS_LABEL, TRUSTED_LABEL):
+                    # down to `size` labels of the kind in all, those waiting included: the previous release (the
+                    # other colour, or after a rollback) keeps the `size` newest, harvested or not, and so finds
+                    # nothing to evict, never a label waiting for harvest
+                    waiting = self.run(f"SELECT COUNT(*) FROM predictions WHERE {kind} AND {WAITING}").fetchone()[0]
                     taken = f"{kind} AND {EVICTABLE}"
+                    if waiting >= self.size:
+                        self.run(f"DELETE FROM predictions WHERE {taken}")
+                        continue
                     self.run(f"DELETE FROM predictions WHERE {taken} AND feedback_time < (SELECT feedback_time FROM "
                              f"predictions WHERE {taken} ORDER BY feedback_time DESC LIMIT 1 OFFSET ?)",
-                             (self.size - 1,))  # fmt: skip
+                             (self.size - waiting - 1,))  # fmt: skip
 
     def get(self, prediction_id: str) -> PredictionRecord | None:
         with self.lock:

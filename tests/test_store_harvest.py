@@ -144,6 +144,30 @@ def test_labels_without_a_photo_never_fill_the_bound_and_are_evicted(target):
     store.close()
 
 
+def test_the_previous_release_evicts_no_label_waiting_for_harvest(shared):
+    """Blue/green: 6c10e62's code (the other colour, or after a rollback) on the same store keeps the `size` newest
+    labels of each kind, harvested or not. This code keeps harvested ones down to `size` minus those waiting, so the
+    older code's eviction finds nothing to take: two labels waiting, then four harvested ones newer than them."""
+    service = PredictionStore(shared, 4)
+    for source in (ANONYMOUS, "labeller"):
+        names = [f"{source}-{i}" for i in range(6)]
+        for i, name in enumerate(names):
+            service.add(record(name))
+            assert service.give_feedback(name, "cat", source)[0] is Feedback.RECORDED
+            if i >= 2:  # the two oldest wait for harvest
+                assert service.mark_harvested([name]) == 1
+    service.add(record("later"))  # this code's eviction
+    old = store_code(BEFORE_HARVESTED)
+    rolled_back = old.PredictionStore(shared, 4)
+    rolled_back.add(old.PredictionRecord("old", "r", time.time(), "v1", "cat", {"cat": 0.9, "dog": 0.1}, 0.8, "o.jpg"))
+    rolled_back.close()  # its eviction ran (a step of one prediction at this size)
+    for source in (ANONYMOUS, "labeller"):
+        assert [service.get(f"{source}-{i}") is not None for i in range(6)] == [True] * 2 + [False] * 2 + [True] * 2
+    labelled = service.run("SELECT feedback_source, COUNT(*) FROM predictions WHERE feedback IS NOT NULL GROUP BY 1")
+    assert dict(labelled.fetchall()) == {ANONYMOUS: 4, "labeller": 4}  # `size` of each kind: nothing for it to take
+    service.close()
+
+
 def metric_value(client, name: str, labels: str) -> float:
     prefix = f"{name}{{{labels}}} "
     lines = [line for line in client.get("/metrics").text.splitlines() if line.startswith(prefix)]
