@@ -394,21 +394,20 @@ def trusted_keys(path: Path | None, rows: list[PredictionRecord]) -> dict[str, f
         ) from None
 
 
-def mark_harvested(db: str, prediction_ids: list[str]) -> tuple[int | None, str]:
-    """Tell the store these labels are done with (taken in a data version that came back, or left out for good), so
-    it may evict them: how many it marked (None: none, it cannot), and what happened, in words. Never an error: the
-    harvest itself is done, and the next one marks them again (marking is idempotent)."""
-    if not prediction_ids:
+def mark_harvested(db: str, labels: list[PredictionRecord]) -> tuple[int | None, str]:
+    """Tell the store these labels, as read, are done with (taken in a data version that came back, or left out for
+    good), so it may evict them: how many it marked (None: none, it cannot), and what happened, in words. A label
+    that replaced one of them since is not marked. Never an error: the harvest itself is done, and the next one
+    marks them again (marking is idempotent)."""
+    if not labels:
         return 0, "no labels to mark harvested in the store"
-    later = (
-        f"{len(prediction_ids)} labels taken stay in the store, and count against its bound, until a harvest marks them"
-    )
+    later = f"{len(labels)} labels taken stay in the store, and count against its bound, until a harvest marks them"
     try:
         store = PredictionStore(db, size=1, read_only=True)
         try:
             if not hasattr(store, "mark_harvested"):
                 return None, f"WARNING labels NOT marked harvested: this store code has no mark_harvested; {later}"
-            marked = store.mark_harvested(prediction_ids)
+            marked = store.mark_harvested(labels)
         finally:
             store.close()
     except (StoreError, *STORE_ERRORS) as error:
@@ -474,8 +473,8 @@ def main(argv: list[str] | None = None) -> None:
     report = {"this_run": result.summary(), "totals": totals, "feedback_rows": len(rows),
               "rule": {"review_confidence": review_confidence}, "left_out_photos": result.left_out,
               "review_csv": str(args.review_out)}  # fmt: skip
-    # the labels of photos let go of above (harvested before, or left out for good); never those just copied
-    done = sorted(row.prediction_id for row in rows if row.image and row.image.split(".")[0] in released)
+    # the labels of photos let go of above (harvested before, or left out for good), as read; never those just copied
+    done = [row for row in rows if row.image and row.image.split(".")[0] in released]
     marked, marking = mark_harvested(args.db, done)
     report["store"] = {"labels_done": len(done), "marked_harvested": marked}
     write_atomically(args.report, json.dumps(report, indent=2) + "\n")

@@ -35,7 +35,7 @@ SCHEMA_VERSION = 1
 SCHEMA_REVISION = 3
 READ_REVISION = 2  # the oldest revision a read-only store (harvest) reads: feedback_rows needs its columns
 HARVESTED_REVISION = 3  # the oldest that mark_harvested can write
-MARK_CHUNK = 500  # prediction ids marked harvested per statement (SQLite's default limit is 32,766 parameters)
+MARK_CHUNK = 200  # labels marked harvested per statement, 4 parameters each (SQLite before 3.32 takes 999)
 STATEMENT_TIMEOUT_MS = 5000  # a PostgreSQL statement past it fails (503), never holds the store's thread for long
 # The server's statement_timeout needs a server that answers. A database that stops answering on an open connection
 # (a partition, a failover, a frozen VM) is bounded here, at the client: connecting (libpq's connect_timeout); data
@@ -71,6 +71,7 @@ COLUMNS = (
     "prediction_id, request_id, time, model_version, label, probabilities, pet_score, image, feedback, "
     "feedback_source, is_pet"
 )
+READ_COLUMNS = f"{COLUMNS}, feedback_time"  # what a record is read with
 ANONYMOUS = "anonymous"  # server.keys.ANONYMOUS: the source of a label given without a key
 ANONYMOUS_LABEL = f"feedback IS NOT NULL AND (feedback_source IS NULL OR feedback_source = '{ANONYMOUS}')"
 TRUSTED_LABEL = f"feedback IS NOT NULL AND feedback_source IS NOT NULL AND feedback_source <> '{ANONYMOUS}'"
@@ -180,6 +181,7 @@ class PredictionRecord:
     feedback_source: str | None = None  # who gave the feedback: a key's name, or "anonymous"
     is_pet: bool | None = None  # what the service answered (None: no pet output, or recorded before schema 2)
     harvested: bool = False  # harvest took its label (read by give_feedback only: a revision 3 column)
+    feedback_time: float | None = None  # when its label was given (with label and source: the label harvest read)
 
 
 class Feedback(Enum):
@@ -470,23 +472,27 @@ class PredictionStore:
 
     def get(self, prediction_id: str) -> PredictionRecord | None:
         with self.lock:
-            row = self.run(f"SELECT {COLUMNS} FROM predictions WHERE prediction_id = ?", (prediction_id,)).fetchone()
+            row = self.run(
+                f"SELECT {READ_COLUMNS} FROM predictions WHERE prediction_id = ?", (prediction_id,)
+            ).fetchone()
         return None if row is None else self.record(row)
 
     def feedback_rows(self) -> list[PredictionRecord]:
         """Every kept prediction that got a feedback and whose photo was kept (what `make harvest` reads)."""
         with self.lock:
-            rows = self.run(f"SELECT {COLUMNS} FROM predictions WHERE feedback IS NOT NULL AND image IS NOT NULL "
+            rows = self.run(f"SELECT {READ_COLUMNS} FROM predictions WHERE feedback IS NOT NULL AND image IS NOT NULL "
                             "ORDER BY time").fetchall()  # fmt: skip
         return [self.record(row) for row in rows]
 
-    def mark_harvested(self, prediction_ids: list[str]) -> int:
-        """Mark these predictions' labels taken by harvest (or dropped by a person): from now on they may be evicted,
-        and no longer count against the bound POST /feedback refuses labels at. How many of them the store holds
-        labelled, marked now or before (a harvest run again reports the same). Works read-only (harvest's store: it
-        only updates rows that are there); a StoreError on a store older than revision 3 (start the service on it
-        once to upgrade it)."""
-        ids = list(dict.fromkeys(prediction_ids))
+    def mark_harvested(self, labels: list[PredictionRecord]) -> int:
+        """Mark these labels, as feedback_rows read them, taken by harvest (or dropped by a person): from now on they
+        may be evicted, and no longer count against the bound POST /feedback refuses labels at. Only the label read
+        is marked (its prediction, label, source and time): one that replaced it since waits for the next harvest.
+        How many of them the store holds, marked now or before (a harvest run again reports the same). Works
+        read-only (harvest's store: it only updates rows that are there); a StoreError on a store older than
+        revision 3 (start the service on it once to upgrade it)."""
+        keys = list(dict.fromkeys((r.prediction_id, r.feedback, r.feedback_source, r.feedback_time) for r in labels))
+        keys = [key for key in keys if None not in key]  # no label, or one read without its source or time
         now = time.time()
         marked = 0
         with self.lock:
@@ -496,14 +502,16 @@ class PredictionStore:
                 raise StoreError(f"the feedback store at {self.where()} has schema revision {self.revision_seen}; "
                                  f"marking labels harvested needs revision {HARVESTED_REVISION} or later (start the "
                                  "service on it once to upgrade it)")  # fmt: skip
-            for start in range(0, len(ids), MARK_CHUNK):
-                chunk = tuple(ids[start : start + MARK_CHUNK])
-                mark = (f"UPDATE predictions SET harvested_time = COALESCE(harvested_time, ?) WHERE feedback IS NOT "
-                        f"NULL AND prediction_id IN ({', '.join('?' * len(chunk))})")  # fmt: skip
+            label = "(prediction_id = ? AND feedback = ? AND feedback_source = ? AND feedback_time = ?)"
+            for start in range(0, len(keys), MARK_CHUNK):
+                chunk = keys[start : start + MARK_CHUNK]
+                mark = (f"UPDATE predictions SET harvested_time = COALESCE(harvested_time, ?) WHERE "
+                        f"{' OR '.join([label] * len(chunk))}")  # fmt: skip
+                params = (now, *(value for key in chunk for value in key))
                 if self.postgres and self.read_only:  # its connections' transactions are read-only by default
-                    marked += self.in_transaction("BEGIN READ WRITE", mark, (now, *chunk)).rowcount
+                    marked += self.in_transaction("BEGIN READ WRITE", mark, params).rowcount
                 else:  # one statement, idempotent: safe to retry
-                    marked += self.run(mark, (now, *chunk)).rowcount
+                    marked += self.run(mark, params).rowcount
         return marked
 
     def in_transaction(self, begin: str, sql: str, params: tuple) -> Any:
@@ -523,7 +531,7 @@ class PredictionStore:
     def record(row: tuple) -> PredictionRecord:
         return PredictionRecord(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), row[6], row[7], row[8],
                                 row[9], None if row[10] is None else bool(row[10]),
-                                len(row) > 11 and row[11] is not None)  # fmt: skip
+                                len(row) > 12 and row[12] is not None, row[11])  # fmt: skip
 
     def give_feedback(
         self, prediction_id: str, label: str, source: str = ANONYMOUS
@@ -547,7 +555,7 @@ class PredictionStore:
         with self.lock:  # the record comes back with the change itself: nothing is read after the commit
             changed = self.run(
                 f"UPDATE predictions SET feedback = ?, feedback_time = ?, feedback_source = ?, harvested_time = NULL "
-                f"WHERE prediction_id = ? AND {open_to} AND {waiting} < ? RETURNING {COLUMNS}",
+                f"WHERE prediction_id = ? AND {open_to} AND {waiting} < ? RETURNING {READ_COLUMNS}",
                 (label, time.time(), source, prediction_id, *((ANONYMOUS,) if trusted else ()), self.size),
             ).fetchone()
         first = Feedback.REPLACED if before and before.feedback else Feedback.RECORDED
@@ -555,7 +563,7 @@ class PredictionStore:
             return first, self.record(changed)
         retried = self.local.retried
         with self.lock:
-            row = self.run(f"SELECT {COLUMNS}, harvested_time FROM predictions WHERE prediction_id = ?",
+            row = self.run(f"SELECT {READ_COLUMNS}, harvested_time FROM predictions WHERE prediction_id = ?",
                            (prediction_id,)).fetchone()  # fmt: skip
         if row is None:
             return Feedback.UNKNOWN, None

@@ -441,12 +441,31 @@ def test_a_store_too_old_to_mark_labels_harvested_is_said_so(written, capsys, mo
     filled = written.review.with_name("filled.csv")
     filled.write_text(f"image,confirmed_label\n{sha_name(b'an anonymous cat')},none\n")
 
-    def too_old(self: PredictionStore, prediction_ids: list[str]) -> int:
+    def too_old(self: PredictionStore, labels: list[PredictionRecord]) -> int:
         raise StoreError("the feedback store has schema revision 2; marking labels harvested needs revision 3")
 
     monkeypatch.setattr(PredictionStore, "mark_harvested", too_old)
     harvest(written.args("--reviewed", str(filled)))
     assert "NOT marked harvested: the store said: the feedback store has schema revision 2" in capsys.readouterr().out
+
+
+def test_a_key_label_given_after_harvest_read_the_store_is_not_marked_harvested(written, monkeypatch):
+    """Harvest marks the labels it read, never another that replaced one since (a key's label in place of an anonymous
+    one after its second read): that label was acknowledged, and marked it could be evicted before any harvest."""
+    add_key(written.keys, "alice", ["label"])
+    prediction_id = written.predict(b"called not a pet", is_pet=False)
+    written.label(prediction_id, "cat")  # left out for good: an anonymous label on a non-pet, its label done with
+    mark = harvest_module.mark_harvested
+
+    def label_meanwhile(*args, **kwargs):
+        written.label(prediction_id, "dog", "alice")  # replaces the anonymous label just before the mark
+        return mark(*args, **kwargs)
+
+    monkeypatch.setattr(harvest_module, "mark_harvested", label_meanwhile)
+    harvest(written.args("--keys", str(written.keys)))
+    assert written.summary()["store"] == {"labels_done": 1, "marked_harvested": 0}
+    assert harvested_times(written.db)[prediction_id] is None
+    assert written.store.get(prediction_id).feedback_source == "alice"
 
 
 def test_a_photo_left_out_keeps_its_photo_when_a_key_labels_it_while_harvest_runs(written, monkeypatch):

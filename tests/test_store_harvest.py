@@ -3,6 +3,7 @@ refuses new labels instead of evicting unharvested ones, and a retry that finds 
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import time
 
@@ -36,9 +37,11 @@ def test_harvest_marks_labels_taken_through_a_read_only_store(shared):
     service.give_feedback("p0", "cat", "labeller")
     service.give_feedback("p1", "dog")
     harvest = PredictionStore(shared, 1, read_only=True)
-    assert [r.prediction_id for r in harvest.feedback_rows()] == ["p0", "p1"]
-    assert harvest.mark_harvested(["p0", "p1", "p2", "gone"]) == 2  # p2 has no label, "gone" is not there
-    assert harvest.mark_harvested(["p0", "p1"]) == 2  # run again: reported done, the first time kept
+    read = harvest.feedback_rows()
+    assert [r.prediction_id for r in read] == ["p0", "p1"]
+    unlabelled, gone = service.get("p2"), dataclasses.replace(read[0], prediction_id="gone")
+    assert harvest.mark_harvested([*read, unlabelled, gone]) == 2  # p2 has no label, "gone" is not there
+    assert harvest.mark_harvested(read) == 2  # run again: reported done, the first time kept
     assert harvest.mark_harvested([]) == 0
     harvest.close()
     marked = service.run("SELECT prediction_id FROM predictions WHERE harvested_time IS NOT NULL ORDER BY 1")
@@ -46,11 +49,29 @@ def test_harvest_marks_labels_taken_through_a_read_only_store(shared):
     service.close()
 
 
+def test_harvest_marks_only_the_labels_it_read(shared):
+    service = PredictionStore(shared, 100)
+    service.add_many([record("p"), record("q")])
+    service.give_feedback("p", "dog")
+    service.give_feedback("q", "cat", "labeller")
+    harvest = PredictionStore(shared, 1, read_only=True)
+    read = harvest.feedback_rows()
+    assert service.give_feedback("p", "cat", "labeller")[0] is Feedback.REPLACED  # after harvest read the store
+    assert harvest.mark_harvested(read) == 1  # q's: p's label is another now
+    assert (
+        service.get("p").feedback_source == "labeller"
+        and not service.give_feedback("p", "cat", "labeller")[1].harvested
+    )
+    assert harvest.mark_harvested(harvest.feedback_rows()) == 2  # read again: the label there now
+    harvest.close()
+    service.close()
+
+
 def test_a_relabel_after_harvest_waits_for_the_next_harvest(shared):
     service = PredictionStore(shared, 100)
     service.add(record("p"))
     service.give_feedback("p", "dog")
-    assert service.mark_harvested(["p"]) == 1
+    assert service.mark_harvested([service.get("p")]) == 1
     assert service.give_feedback("p", "dog", "labeller")[0] is Feedback.REPLACED  # a key's label: not harvested yet
     assert service.run("SELECT harvested_time FROM predictions").fetchone()[0] is None
     service.close()
@@ -65,13 +86,13 @@ def test_marking_harvested_needs_an_upgraded_store_and_says_so(shared):
     harvest = PredictionStore(shared, 1, read_only=True)  # read-only never migrates: the older store is read as is
     assert [r.prediction_id for r in harvest.feedback_rows()] == ["p"]
     with pytest.raises(StoreError, match="revision 2; marking labels harvested needs revision 3"):
-        harvest.mark_harvested(["p"])
+        harvest.mark_harvested(harvest.feedback_rows())
     harvest.close()
     upgraded = PredictionStore(shared, 10)  # the service upgrades it as it starts
     upgraded.probe()
     upgraded.close()
     harvest = PredictionStore(shared, 1, read_only=True)
-    assert harvest.mark_harvested(["p"]) == 1
+    assert harvest.mark_harvested(harvest.feedback_rows()) == 1
     harvest.close()
     rolled_back = old.PredictionStore(shared, 10)  # the previous release still runs on the upgraded store
     rolled_back.add(old.PredictionRecord("q", "r", time.time(), "v1", "cat", {"cat": 0.9, "dog": 0.1}, 0.8, "q.jpg"))
@@ -117,9 +138,9 @@ def test_labels_harvest_has_not_taken_are_never_evicted_and_past_the_bound_new_o
     assert store.give_feedback("a0", "dog")[0] is Feedback.RECORDED  # anonymous labels have a bound of their own
     assert store.give_feedback("a0", "cat", "labeller")[0] is Feedback.FULL  # a key's in place of one: refused too
     assert store.give_feedback("k0", "cat", "labeller")[0] is Feedback.REPEATED  # a repeat is no new label
-    assert store.mark_harvested(["k0"]) == 1
+    assert store.mark_harvested([store.get("k0")]) == 1
     assert store.give_feedback("k3", "dog", "labeller")[0] is Feedback.RECORDED
-    assert store.mark_harvested(["k1", "k2", "k3"]) == 3
+    assert store.mark_harvested([store.get(f"k{i}") for i in (1, 2, 3)]) == 3
     store.add(record("after"))  # four harvested labels: the oldest goes
     assert store.get("k0") is None and all(store.get(f"k{i}") is not None for i in (1, 2, 3))
     assert store.get("a0").feedback == "dog"
@@ -155,7 +176,7 @@ def test_the_previous_release_evicts_no_label_waiting_for_harvest(shared):
             service.add(record(name))
             assert service.give_feedback(name, "cat", source)[0] is Feedback.RECORDED
             if i >= 2:  # the two oldest wait for harvest
-                assert service.mark_harvested([name]) == 1
+                assert service.mark_harvested([service.get(name)]) == 1
     service.add(record("later"))  # this code's eviction
     old = store_code(BEFORE_HARVESTED)
     rolled_back = old.PredictionStore(shared, 4)
@@ -189,7 +210,7 @@ def test_post_feedback_refuses_a_label_past_the_bound_with_503_counted(onnx_mode
         assert int(refused.headers["retry-after"]) > 1
         assert metric_value(client, "catsdogs_labels_refused_total", 'source="anonymous"') == 1
         assert send(client, ids[0], "cat").status_code == 200  # a label kept is still acknowledged again
-        assert observer.store.mark_harvested(ids[:2]) == 2
+        assert observer.store.mark_harvested([observer.store.get(i) for i in ids[:2]]) == 2
         assert send(client, ids[2], "cat").status_code == 200
         assert metric_value(client, "catsdogs_labels_refused_total", 'source="anonymous"') == 1
 
