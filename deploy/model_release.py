@@ -8,7 +8,7 @@ with MODEL_VERSION, MODEL_URL and MODEL_SHA256.
 
     python -m deploy.model_release --alias champion --out build/release
     python -m deploy.model_release --follow 7       # production now runs v7 (CD, after its checks; a rollback)
-    python -m deploy.model_release --check-decided-against 7 --version 9   # CD: was v9 decided against v7?
+    python -m deploy.model_release --check-decided-against 7 --version 9 --sha256 HEX  # CD: v9's file HEX vs v7?
     python -m deploy.model_release --version 7 --out build/release --env-out deploy/k8s/overlays/production/model.env \
         --url-template '{mlflow}/api/2.0/mlflow-artifacts/artifacts/{experiment_id}/{run_id}/artifacts/{artifact}'
 """
@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import urllib.parse
@@ -30,9 +31,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SERVED_TAG = "served_model"  # set by export.quantize / export.served
 PRECISIONS = {"model.onnx": "float32", "model.int8.onnx": "int8"}  # the files `make export` logs under onnx/
-# The champion decision's record on a registered version (loop/champion.py): "candidate" or "refused", and the
-# version production ran that it was compared with (NO_PRODUCTION: none ran, a bootstrap)
-DECISION, DECIDED_AGAINST, NO_PRODUCTION = "decision", "decided_against", "none"
+# The champion decision's record on a registered version (loop/champion.py): "candidate" or "refused", the version
+# production ran that it was compared with (NO_PRODUCTION: none ran, a bootstrap), and the sha256 of the served file
+# it judged (an export of the same checkpoint again logs onnx/* to the same run: the version's file can change)
+DECISION, DECIDED_AGAINST, DECIDED_SHA256, NO_PRODUCTION = "decision", "decided_against", "decided_sha256", "none"
 
 
 def registry_defaults() -> tuple[str, str]:
@@ -90,10 +92,11 @@ def clear_candidate(client: Any, registered_model: str, candidate: str, deployed
     return True
 
 
-def check_decided_against(registered_model: str, candidate: str, production: str) -> str:
+def check_decided_against(registered_model: str, candidate: str, production: str, sha256: str | None = None) -> str:
     """CD's guard: `candidate` may replace `production` (the version production runs now; "none": nothing runs) only
-    when loop/champion.py made it a candidate against that very version (a redeploy of what runs needs none). Returns
-    what was checked; raises SystemExit saying what to do otherwise."""
+    when loop/champion.py made it a candidate against that very version, judging the very file CD ships (`sha256`,
+    its release.json's). A redeploy of what runs is not checked, neither its decision nor its file. Returns what was
+    checked; raises SystemExit saying what to do otherwise."""
     from mlflow.tracking import MlflowClient
 
     wanted, running = version_number(candidate), version_number(production)
@@ -101,22 +104,31 @@ def check_decided_against(registered_model: str, candidate: str, production: str
         raise SystemExit("deploy.model_release: --check-decided-against needs --version CANDIDATE")
     if wanted == running:
         return f"v{wanted} is what production runs: a redeploy, no decision needed"
+    if not sha256 or not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise SystemExit("deploy.model_release: --check-decided-against needs --sha256 HEX, the sha256 of the file "
+                         f"CD ships (release.json's), 64 lowercase hex digits, not {sha256!r}: refused")  # fmt: skip
     tags = MlflowClient().get_model_version(registered_model, wanted).tags
-    against, decision = tags.get(DECIDED_AGAINST), tags.get(DECISION)
+    against, decision, judged = tags.get(DECIDED_AGAINST), tags.get(DECISION), tags.get(DECIDED_SHA256)
     runs = f"v{running}" if running else "no model (a first deploy)"
     flag = f"--production {running}" if running else "--production none --bootstrap"
-    again = f"decide it against what production runs (python -m loop.champion --version {wanted} {flag}, or make "
-    again += f"retrain {'PRODUCTION=' + running if running else 'BOOTSTRAP=1'}) and deploy the candidate it names"
+    how = f"against what production runs (python -m loop.champion --version {wanted} {flag}, or make retrain "
+    how += f"{'PRODUCTION=' + running if running else 'BOOTSTRAP=1'}) and deploy the candidate it names"
     if decision != "candidate":
         recorded = f"{decision or 'none recorded'}{', against ' + against if against else ''}"
-        raise SystemExit(
-            f"deploy.model_release: v{wanted} is no candidate (its decision: {recorded}): refused; {again}"
-        )
+        raise SystemExit(f"deploy.model_release: v{wanted} is no candidate (its decision: {recorded}): refused; "
+                         f"decide it {how}")  # fmt: skip
     if against != (running or NO_PRODUCTION):
         was = f"v{against}" if against != NO_PRODUCTION else "no production model"
         raise SystemExit(f"deploy.model_release: v{wanted} was decided against {was} but production runs {runs}: "
-                         f"refused; {again}")  # fmt: skip
-    return f"v{wanted} was made a candidate against {runs}, what production runs"
+                         f"refused; decide it {how}")  # fmt: skip
+    if judged is None:
+        raise SystemExit(f"deploy.model_release: v{wanted}'s decision records no {DECIDED_SHA256} (the served file it "
+                         f"judged; decisions made before it was recorded): refused; decide it again {how}")  # fmt: skip
+    if judged != sha256:
+        raise SystemExit(f"deploy.model_release: v{wanted} was decided on the served file {judged} but the file to "
+                         f"ship is {sha256}: its run's served file changed since the decision (an export again?), "
+                         f"and the champion rule never compared it: refused; decide it again {how}")  # fmt: skip
+    return f"v{wanted} was made a candidate against {runs}, what production runs, judging the file it ships ({sha256})"
 
 
 def release(
@@ -182,6 +194,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--check-decided-against", metavar="PRODUCTION",
                         help="with --version: exit 1 unless that version was made the candidate against PRODUCTION, "
                         "the version production runs now (none: nothing runs yet); downloads nothing")  # fmt: skip
+    parser.add_argument("--sha256", metavar="HEX",
+                        help="with --check-decided-against: the sha256 of the file CD ships (release.json's); "
+                        "exit 1 unless the decision judged that file (a redeploy of what runs: unchecked)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("build/release"), help="gets model.onnx and release.json")
     parser.add_argument("--url-template", help="MODEL_URL for model.env, with {mlflow} {experiment_id} {run_id} "
                         "{version} {sha256} {artifact} filled in")  # fmt: skip
@@ -190,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.env_out and not args.url_template:
         parser.error("--env-out needs --url-template")
     if args.check_decided_against is not None:
-        print(check_decided_against(args.registered_model, args.version or "", args.check_decided_against))
+        print(check_decided_against(args.registered_model, args.version or "", args.check_decided_against, args.sha256))
         return
     if args.follow:
         mlflow_params = yaml.safe_load((ROOT / "params.yaml").read_text())["mlflow"]

@@ -12,8 +12,10 @@ The reference is what production runs: `--production VERSION` (a version number,
 records it, or `none`), else the `champion` alias, which CD moves to what production runs once a deploy passed its
 checks. With no production model there is nothing to be shown not worse than: the decision refuses unless told
 `--bootstrap` (the first model, deployed by hand: docs/gates.md). The decision is recorded on the registered version
-(tags `decision`, `decided_against`, `decision_reason`) before the `candidate` alias moves, and CD refuses a candidate
-decided against another version than the one production runs (deploy.model_release --check-decided-against).
+(tags `decision`, `decided_against`, `decision_reason`, and `decided_sha256`: the served file it judged) before the
+`candidate` alias moves, and CD refuses a candidate decided against another version than the one production runs, or
+on another file than the one it ships (deploy.model_release --check-decided-against --sha256): an export of the same
+checkpoint again changes the version's served file, and that file is decided again.
 
     python -m loop.champion                    # models/'s served file against the champion alias (make export)
     python -m loop.champion --production 7     # against v7, what production runs (current.json's release)
@@ -32,7 +34,15 @@ import mlflow
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from deploy.model_release import DECIDED_AGAINST, DECISION, NO_PRODUCTION, alias_version, release, version_number
+from deploy.model_release import (
+    DECIDED_AGAINST,
+    DECIDED_SHA256,
+    DECISION,
+    NO_PRODUCTION,
+    alias_version,
+    release,
+    version_number,
+)
 from export.answers import Answers, gate_not_pets, served_answers
 from server.model_file import choose_model_file, read_metadata
 from training import gates, tracking
@@ -132,8 +142,10 @@ def settle(registered: str, version: str, local: Path, sets: dict[str, Photos], 
     decision["excluded_production_trained_on"] = excluded
     against = production or NO_PRODUCTION
     tags = {DECIDED_AGAINST: against, DECISION: "candidate" if decision["promoted"] else "refused",
-            "decision_reason": decision["reason"][:4000]}  # fmt: skip
-    for key, value in tags.items():  # the record first: CD reads it for the candidate the alias names
+            "decision_reason": decision["reason"][:4000], DECIDED_SHA256: challenger["sha256"]}  # fmt: skip
+    # the record first: CD reads it for the candidate the alias names. decided_sha256 last: cut short, the tags keep
+    # the file an earlier decision judged, which is not the file now served, and CD refuses it
+    for key, value in tags.items():
         client.set_model_version_tag(registered, version, key, value)
     if decision["promoted"]:  # last: nothing after it can fail and leave a candidate without its record
         client.set_registered_model_alias(registered, candidate_alias, version)

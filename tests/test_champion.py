@@ -3,6 +3,7 @@ against what production runs on every protected measure, the `candidate` alias o
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -115,3 +116,29 @@ def test_a_registry_that_cannot_be_read_is_an_error_not_no_production_model(monk
             champion.production_version(MlflowClient(), NAME, None, "champion", bootstrap=True)
     finally:
         mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def test_the_decision_records_the_file_it_judged_and_cd_ships_only_that_file(project, onnx_model, tmp_path):
+    """The decision's tags name the sha256 of the served file it judged, written before the candidate alias; an export
+    of the same checkpoint again (its onnx/* logged to the same run) changes the served file, and CD, told the sha256
+    of the file it ships, refuses it until the version is decided again."""
+    from deploy.model_release import check_decided_against, release
+
+    version = exported(onnx_model, project / "models")
+    decide("--bootstrap")
+    judged = hashlib.sha256((project / "models" / "model.onnx").read_bytes()).hexdigest()
+    assert MlflowClient().get_model_version(NAME, version).tags["decided_sha256"] == judged
+    shipped = release(NAME, tmp_path / "release", version=version)["sha256"]
+    assert "made a candidate against no model" in check_decided_against(NAME, version, "none", shipped)
+    changed = project / "again" / "model.onnx"  # the same checkpoint exported again, logged to the same run
+    changed.parent.mkdir()
+    shutil.copyfile(project / "models" / "model.onnx", changed)
+    write_metadata(changed, {**read_metadata(changed), "exported": "again"})
+    MlflowClient().log_artifact(MlflowClient().get_model_version(NAME, version).run_id, str(changed), "onnx")
+    shipped = release(NAME, tmp_path / "release", version=version)["sha256"]
+    with pytest.raises(SystemExit, match=f"decided on the served file {judged} but the file to ship is {shipped}"):
+        check_decided_against(NAME, version, "none", shipped)
+    shutil.copyfile(changed, project / "models" / "model.onnx")  # what make export leaves in models/ now
+    decide("--bootstrap")  # decided again: on the file CD ships
+    assert MlflowClient().get_model_version(NAME, version).tags["decided_sha256"] == shipped
+    assert "made a candidate against no model" in check_decided_against(NAME, version, "none", shipped)

@@ -162,21 +162,27 @@ def test_a_candidate_set_while_follow_clears_the_deployed_one_is_kept(registry, 
     assert read(client, name, "champion") == "2" and read(client, name, "candidate") == "3"
 
 
-def decided(version: str, against: str | None, decision: str | None) -> None:
-    """The champion decision's record on a registered version (loop/champion.py writes it)."""
+SHA256 = {"1": None, "2": hashlib.sha256(b"a later, different file").hexdigest()}  # v1's: the onnx_model fixture's
+
+
+def decided(version: str, against: str | None, decision: str | None, sha256: str | None = None) -> None:
+    """The champion decision's record on a registered version (loop/champion.py writes it), with the sha256 of the
+    served file it judged."""
     from mlflow.tracking import MlflowClient
 
     client, name = MlflowClient(), model_release.registry_defaults()[0]
-    for key, value in ((model_release.DECIDED_AGAINST, against), (model_release.DECISION, decision)):
+    tags = ((model_release.DECIDED_AGAINST, against), (model_release.DECISION, decision),
+            ("decided_sha256", sha256))  # fmt: skip
+    for key, value in tags:
         if value is not None:
             client.set_model_version_tag(name, version, key, value)
 
 
-def test_cd_deploys_only_a_candidate_decided_against_what_production_runs(registry, capsys):
+def test_cd_deploys_only_a_candidate_decided_against_what_production_runs(registry, onnx_model, capsys):
     """The check CD runs before it deploys: v2 was made the candidate against v1; production runs v1 (deploy), v3
     (the alias lagged: refused), nothing (refused: a first deploy needs a bootstrapped candidate)."""
-    check = ["--version", "2", "--check-decided-against"]
-    decided("2", "1", "candidate")
+    check = ["--version", "2", "--sha256", SHA256["2"], "--check-decided-against"]
+    decided("2", "1", "candidate", SHA256["2"])
     model_release.main([*check, "1"])
     assert "v2 was made a candidate against v1" in capsys.readouterr().out
     model_release.main([*check, "catsdogs-mobilenetv2-v1"])  # as current.json's release records it
@@ -189,13 +195,47 @@ def test_cd_deploys_only_a_candidate_decided_against_what_production_runs(regist
     with pytest.raises(SystemExit, match=r"production runs no model \(a first deploy\).*--bootstrap"):
         model_release.main([*check, "none"])
     model_release.main(["--version", "1", "--check-decided-against", "1"])  # a redeploy of what runs: no decision
+    v1 = ["--version", "1", "--sha256", hashlib.sha256(onnx_model.read_bytes()).hexdigest()]
     with pytest.raises(SystemExit, match=r"v1 is no candidate \(its decision: none recorded\)"):
-        model_release.main(["--version", "1", "--check-decided-against", "2"])
-    decided("1", "none", "refused")
+        model_release.main([*v1, "--check-decided-against", "2"])
+    decided("1", "none", "refused", v1[-1])
     with pytest.raises(SystemExit, match=r"v1 is no candidate \(its decision: refused, against none\)"):
-        model_release.main(["--version", "1", "--check-decided-against", "none"])
-    decided("1", "none", "candidate")  # bootstrapped: the first deploy
-    model_release.main(["--version", "1", "--check-decided-against", "none"])
+        model_release.main([*v1, "--check-decided-against", "none"])
+    decided("1", "none", "candidate", v1[-1])  # bootstrapped: the first deploy
+    model_release.main([*v1, "--check-decided-against", "none"])
     assert "v1 was made a candidate against no model" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="needs --version"):
         model_release.main(["--check-decided-against", "1"])
+
+
+def test_cd_deploys_only_the_file_the_decision_judged(registry, tmp_path, capsys):
+    """The decision judged one served file (decided_sha256); the run's served file can change after it (an export of
+    the same checkpoint again logs onnx/* to the same run): CD refuses to ship a file the rule never compared, a
+    decision that recorded no file, and a check not told which file it ships; a redeploy of what runs is not
+    checked."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    decided("2", "1", "candidate", SHA256["2"])
+    shipped = model_release.release(model_release.registry_defaults()[0], tmp_path / "before", version="2")["sha256"]
+    model_release.main(["--version", "2", "--sha256", shipped, "--check-decided-against", "1"])
+    assert "v2 was made a candidate against v1" in capsys.readouterr().out
+    again = tmp_path / "again" / "model.onnx"  # exported again after the decision: another served file
+    again.parent.mkdir()
+    again.write_bytes(b"the same checkpoint, exported again")
+    with mlflow.start_run(run_id=registry["2"]):
+        mlflow.log_artifact(str(again), artifact_path="onnx")
+    shipped = model_release.release(model_release.registry_defaults()[0], tmp_path / "after", version="2")["sha256"]
+    assert shipped != SHA256["2"]
+    with pytest.raises(SystemExit, match=rf"v2 was decided on the served file {SHA256['2']} but the file to ship is "
+                       rf"{shipped}: .*: refused; decide it again against what production runs "
+                       r"\(python -m loop\.champion --version 2 --production 1"):  # fmt: skip
+        model_release.main(["--version", "2", "--sha256", shipped, "--check-decided-against", "1"])
+    with pytest.raises(SystemExit, match=r"needs --sha256"):  # told nothing of the file: refused
+        model_release.main(["--version", "2", "--check-decided-against", "1"])
+    decided("2", "1", "candidate")
+    MlflowClient().delete_model_version_tag(model_release.registry_defaults()[0], "2", "decided_sha256")
+    with pytest.raises(SystemExit, match=r"v2's decision records no decided_sha256.*refused; decide it again"):
+        model_release.main(["--version", "2", "--sha256", shipped, "--check-decided-against", "1"])
+    model_release.main(["--version", "2", "--check-decided-against", "2"])  # a redeploy of what runs: unchecked
+    assert "a redeploy, no decision needed" in capsys.readouterr().out
