@@ -143,7 +143,8 @@ def test_a_candidate_set_while_follow_clears_the_deployed_one_is_kept(registry, 
     from mlflow.tracking import MlflowClient
 
     client, name = MlflowClient(), model_release.registry_defaults()[0]
-    with mlflow.start_run() as run:
+    # the fixture's experiment by name: an earlier test's mlflow.set_experiment (tests/test_champion.py) stays active
+    with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("catsdogs").experiment_id) as run:
         pass
     client.create_model_version(name, source=f"{run.info.artifact_uri}/onnx", run_id=run.info.run_id)  # v3
     client.set_registered_model_alias(name, "candidate", "2")
@@ -213,7 +214,6 @@ def test_cd_deploys_only_the_file_the_decision_judged(registry, tmp_path, capsys
     the same checkpoint again logs onnx/* to the same run): CD refuses to ship a file the rule never compared, a
     decision that recorded no file, and a check not told which file it ships; a redeploy of what runs is not
     checked."""
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     decided("2", "1", "candidate", SHA256["2"])
@@ -223,8 +223,7 @@ def test_cd_deploys_only_the_file_the_decision_judged(registry, tmp_path, capsys
     again = tmp_path / "again" / "model.onnx"  # exported again after the decision: another served file
     again.parent.mkdir()
     again.write_bytes(b"the same checkpoint, exported again")
-    with mlflow.start_run(run_id=registry["2"]):
-        mlflow.log_artifact(str(again), artifact_path="onnx")
+    MlflowClient().log_artifact(registry["2"], str(again), "onnx")
     shipped = model_release.release(model_release.registry_defaults()[0], tmp_path / "after", version="2")["sha256"]
     assert shipped != SHA256["2"]
     with pytest.raises(SystemExit, match=rf"v2 was decided on the served file {SHA256['2']} but the file to ship is "
