@@ -12,10 +12,11 @@ The reference is what production runs: `--production VERSION` (a version number,
 records it, or `none`), else the `champion` alias, which CD moves to what production runs once a deploy passed its
 checks. With no production model there is nothing to be shown not worse than: the decision refuses unless told
 `--bootstrap` (the first model, deployed by hand: docs/gates.md). The decision is recorded on the registered version
-(tags `decision`, `decided_against`, `decision_reason`, and `decided_sha256`: the served file it judged) before the
-`candidate` alias moves, and CD refuses a candidate decided against another version than the one production runs, or
-on another file than the one it ships (deploy.model_release --check-decided-against --sha256): an export of the same
-checkpoint again changes the version's served file, and that file is decided again.
+(tags `decision`, `decided_against`, `decision_reason`, and `decided_sha256`: the served file it judged; `decision`
+is `pending` while they are written) before the `candidate` alias moves, and CD refuses a candidate decided against
+another version than the one production runs, or on another file than the one it ships (deploy.model_release
+--check-decided-against --sha256): an export of the same checkpoint again changes the version's served file, and that
+file is decided again.
 
     python -m loop.champion                    # models/'s served file against the champion alias (make export)
     python -m loop.champion --production 7     # against v7, what production runs (current.json's release)
@@ -141,10 +142,12 @@ def settle(registered: str, version: str, local: Path, sets: dict[str, Photos], 
     decision["evaluated"] = {name: len(items) for name, items in sets.items()}
     decision["excluded_production_trained_on"] = excluded
     against = production or NO_PRODUCTION
-    tags = {DECIDED_AGAINST: against, DECISION: "candidate" if decision["promoted"] else "refused",
-            "decision_reason": decision["reason"][:4000], DECIDED_SHA256: challenger["sha256"]}  # fmt: skip
-    # the record first: CD reads it for the candidate the alias names. decided_sha256 last: cut short, the tags keep
-    # the file an earlier decision judged, which is not the file now served, and CD refuses it
+    verdict = "candidate" if decision["promoted"] else "refused"
+    tags = {DECIDED_AGAINST: against, "decision_reason": decision["reason"][:4000],
+            DECIDED_SHA256: challenger["sha256"], DECISION: verdict}  # fmt: skip
+    # the record first: CD reads it for the candidate the alias names. "pending" before the rest and the verdict last,
+    # so a decision cut short never leaves an earlier "candidate" beside this one's decided_against or decided_sha256
+    client.set_model_version_tag(registered, version, DECISION, "pending")
     for key, value in tags.items():
         client.set_model_version_tag(registered, version, key, value)
     if decision["promoted"]:  # last: nothing after it can fail and leave a candidate without its record

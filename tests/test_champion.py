@@ -142,3 +142,31 @@ def test_the_decision_records_the_file_it_judged_and_cd_ships_only_that_file(pro
     decide("--bootstrap")  # decided again: on the file CD ships
     assert MlflowClient().get_model_version(NAME, version).tags["decided_sha256"] == shipped
     assert "made a candidate against no model" in check_decided_against(NAME, version, "none", shipped)
+
+
+def test_a_decision_cut_short_leaves_no_candidate_beside_its_new_record(project, onnx_model, tmp_path, monkeypatch):
+    """v2 was made the candidate against no model; decided again against v1, the process dies before it records the
+    verdict: the tags must not say candidate against v1 (the old verdict beside the new decided_against), which CD,
+    with production on v1, would deploy."""
+    from deploy.model_release import check_decided_against, release
+
+    running = exported(onnx_model, tmp_path / "deployed")
+    challenger = exported(onnx_model, project / "models")
+    decide("--production", "none", "--bootstrap")
+    MlflowClient().set_registered_model_alias(NAME, "champion", running)
+    tag = MlflowClient.set_model_version_tag
+
+    def killed_before_the_verdict(self, name, version, key, value):
+        if key == "decision" and value in ("candidate", "refused"):
+            raise KeyboardInterrupt("killed")
+        return tag(self, name, version, key, value)
+
+    monkeypatch.setattr(MlflowClient, "set_model_version_tag", killed_before_the_verdict)
+    with pytest.raises(KeyboardInterrupt):
+        decide()
+    monkeypatch.setattr(MlflowClient, "set_model_version_tag", tag)
+    tags = MlflowClient().get_model_version(NAME, challenger).tags
+    assert not (tags["decision"] == "candidate" and tags["decided_against"] == running), tags
+    shipped = release(NAME, tmp_path / "release", version=challenger)["sha256"]
+    with pytest.raises(SystemExit, match=f"v{challenger} is no candidate"):
+        check_decided_against(NAME, challenger, running, shipped)
