@@ -166,12 +166,15 @@ def test_cd_ships_only_a_model_decided_against_what_production_runs(tmp_path, jo
     assert done.returncode == 0, done.stdout + done.stderr
     assert calls == ["-m deploy.model_release --version 7 --out build/release" + (
         " --url-template https://m/{run_id} --env-out overlay/model.env" if job == "kubernetes" else ""),
-        "-m deploy.model_release --check-decided-against 7 --version 7"]  # fmt: skip
+        "-m deploy.model_release --check-decided-against 7 --version 7 --sha256 ab"]  # fmt: skip
     done, calls = model_step(tmp_path / "pinned", job, production="7", pinned="8")
-    assert done.returncode == 0 and calls[-1] == "-m deploy.model_release --check-decided-against 7 --version 8"
+    assert (
+        done.returncode == 0
+        and calls[-1] == "-m deploy.model_release --check-decided-against 7 --version 8 --sha256 ab"
+    )
     done, calls = model_step(tmp_path / "first", job, production=None)  # a first deploy: the (bootstrapped) candidate
     assert done.returncode == 0 and "--alias candidate" in calls[0], calls
-    assert calls[-1] == "-m deploy.model_release --check-decided-against none --version 9"
+    assert calls[-1] == "-m deploy.model_release --check-decided-against none --version 9 --sha256 ab"
     done, calls = model_step(tmp_path / "refused", job, production="7", pinned="8", check_fails=True)
     assert done.returncode != 0 and "sha256=" not in (tmp_path / "refused" / "output").read_text()
     done, calls = model_step(tmp_path / "down", job, production="unreachable")  # never read as "nothing runs"
