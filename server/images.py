@@ -7,7 +7,9 @@ A photo that gets a label is linked into a labelled area (a hard link: no second
 recorded, and stays there until `make harvest` takes it or leaves it out for good: neither the cap nor the retention
 touches those areas. A key's label goes to `LABELLED` (bound: FEEDBACK_LABELLED_MAX_BYTES), a label without a key to
 `ANONYMOUS_LABELLED` (FEEDBACK_ANONYMOUS_LABELLED_MAX_BYTES), so a client without a key can fill only its own area.
-Past an area's bound a label is still recorded but its photo is not kept, which the
+Past an area's bound POST /feedback refuses the label (503 label_store_full, counted in
+`catsdogs_labels_refused_total`): an acknowledged label is never left without its photo. A photo gone before its label
+came (past the cap or the retention) is no bound: the label is recorded, its photo not kept, which the
 `catsdogs_labelled_photos_refused_total` counter and its alert say."""
 
 from __future__ import annotations
@@ -92,6 +94,11 @@ class ImageFolder:
                 with contextlib.suppress(FileNotFoundError):
                     total += path.stat().st_size if not path.name.startswith(".") else 0
         return total
+
+    def present(self, name: str) -> bool:
+        """Whether this photo is still on disk: in the folder or in a labelled area (False once gone: past the cap or
+        the retention, and harvested or never labelled)."""
+        return any((self.folder / where / name).is_file() for where in ("", *self.bounds))
 
     def keep_labelled(self, name: str, area_name: str = LABELLED) -> bool:
         """Keep this labelled photo until it is harvested: linked into the labelled area, within its bound. False

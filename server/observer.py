@@ -204,9 +204,15 @@ class Observer:
         store call before it committed and then failed (its connection cut after the change; the client told 503),
         in this process or another (WORKERS > 1, both colours live). It is counted once: by the retry when this
         process remembers the failed call, else not again (a plain repeat of a 200 must not count twice). A label
-        the store refused at its bound (FULL) is counted in catsdogs_labels_refused_total."""
+        the store refused at its bound (FULL), or whose kept photo its area's bound cannot take (checked before the
+        commit: FULL too, never recorded), is counted in catsdogs_labels_refused_total."""
         with self.written:
             self.written.wait_for(lambda: prediction_id not in self.pending, timeout)
+        kind = "anonymous" if source == ANONYMOUS else "key"
+        refused = self.no_room_for_photo(prediction_id, kind)
+        if refused is not None:
+            return self.refuse(kind, "label_area_full", "a labelled photo area is at its bound: new labels with a kept "
+                               "photo are refused (503) until make harvest takes them"), refused  # fmt: skip
         try:
             outcome, record = self.store.give_feedback(prediction_id, label, source)
         except Exception:
@@ -217,15 +223,10 @@ class Observer:
             raise
         with self.unsettled_lock:
             tried = self.unsettled.pop(prediction_id, None)
-        kind = "anonymous" if source == ANONYMOUS else "key"
         if outcome is Feedback.FULL:
-            self.metrics.labels_refused.labels(kind).inc()
-            if f"label_store_full_{kind}" not in self.reported:
-                self.reported.add(f"label_store_full_{kind}")
-                get_logger().warning("the feedback store holds as many labels waiting for harvest as it may: new "
-                                     "labels are refused (503) until make harvest takes them",
-                                     extra={"reason": "label_store_full", "source": kind})  # fmt: skip
-            return outcome, record
+            full = self.refuse(kind, "label_store_full", "the feedback store holds as many labels waiting for harvest "
+                               "as it may: new labels are refused (503) until make harvest takes them")  # fmt: skip
+            return full, record
         mine = outcome is Feedback.REPEATED and record is not None and record.feedback_source == source
         if mine and tried == (label, source):
             outcome = Feedback.RECORDED  # the failed call committed: this is its first acknowledgement
@@ -241,7 +242,7 @@ class Observer:
             if not kept:
                 self.metrics.labelled_refused.labels(kind).inc()
                 self.lose("labelled_not_kept", "a labelled photo could not be kept for harvest (gone already, or its "
-                          "area's bound reached): run make harvest", 0)  # fmt: skip
+                          "area's bound reached since the label's room was checked): run make harvest", 0)  # fmt: skip
         # a first label counts, and a key's label in place of an anonymous one counts for the keys
         if record is not None and (outcome is Feedback.RECORDED or (outcome is Feedback.REPLACED and kind == "key")):
             correct = label == record.label
@@ -252,6 +253,37 @@ class Observer:
                 except OSError as error:
                     self.lose("write_failed", f"writing the prediction log failed: {error}")
         return outcome, record
+
+    def no_room_for_photo(self, prediction_id: str, kind: str) -> PredictionRecord | None:
+        """The prediction when a label of this kind must be refused for its photo, else None: only when the label
+        would be recorded (the prediction is open to it) and its photo, still kept, would pass its area's bound.
+        Checked before the store commits, with keep_labelled itself, so the photo is linked before the label is
+        acknowledged: a label never waits for harvest without its photo. A photo linked for a label the store then
+        refuses or fails to commit is an orphan in the area, which make harvest removes after an hour (acceptable: it
+        only holds room that long). A photo gone already (past the cap or the retention) is no bound: the label is
+        recorded as before, counted as labelled_not_kept."""
+        if not self.images:
+            return None
+        before = self.store.get(prediction_id)  # /feedback only: /predict never pays for this read
+        if before is None or not before.image:
+            return None
+        if before.feedback is not None and (kind == "anonymous" or before.feedback_source not in (None, ANONYMOUS)):
+            return None  # not open to this label: a repeat or a conflict, answered by the store as before
+        try:
+            if self.images.keep_labelled(before.image, AREAS[kind]):
+                return None
+        except OSError as error:  # not a bound: the label is recorded, its photo counted as not kept after it
+            get_logger().warning("keeping a labelled photo failed", extra={"error": str(error)})
+            return None
+        return before if self.images.present(before.image) else None
+
+    def refuse(self, kind: str, reason: str, message: str) -> Feedback:
+        """A label refused at a bound (503 label_store_full): counted, and logged once per reason and source."""
+        self.metrics.labels_refused.labels(kind).inc()
+        if f"{reason}_{kind}" not in self.reported:
+            self.reported.add(f"{reason}_{kind}")
+            get_logger().warning(message, extra={"reason": reason, "source": kind})
+        return Feedback.FULL
 
     def wait_idle(self, timeout: float = 5) -> bool:
         """Whether every queued prediction was recorded within `timeout` seconds (for tests and tools that read the

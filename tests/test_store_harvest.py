@@ -12,9 +12,10 @@ import pytest
 
 from server.images import ANONYMOUS_LABELLED
 from server.store import ANONYMOUS, Feedback, PredictionRecord, PredictionStore, StoreError
+from tests.images import photo_bytes
 from tests.postgres import fresh_database
 from tests.test_faults import proxied_postgres  # noqa: F401 - a fixture
-from tests.test_feedback import CAT, counter, make_client, predict, send, store_code
+from tests.test_feedback import CAT, DOG, counter, make_client, predict, send, store_code
 
 BEFORE_HARVESTED = "6c10e62"  # the release before revision 3: its stores have no harvested_time
 
@@ -215,6 +216,39 @@ def test_post_feedback_refuses_a_label_past_the_bound_with_503_counted(onnx_mode
         assert metric_value(client, "catsdogs_labels_refused_total", 'source="anonymous"') == 1
 
 
+def test_post_feedback_refuses_a_label_whose_photo_area_is_at_its_bound_with_503_counted(onnx_model, tmp_path):
+    """A label is answered 200 only with its photo kept for harvest: past the labelled area's bound it is refused
+    (503 label_store_full, counted), never recorded without its photo. A photo gone already is no bound."""
+    images = tmp_path / "images"
+    cat_bytes = len(photo_bytes(CAT))
+    with make_client(onnx_model, feedback_images=images, feedback_rate=0.0,
+                     feedback_anonymous_labelled_max_bytes=cat_bytes) as client:  # fmt: skip
+        observer = client.app.state.observer
+        cat, dog = predict(client, CAT), predict(client, DOG)
+        assert observer.wait_idle()
+        assert send(client, cat, "cat").status_code == 200  # its photo fills the anonymous area
+        assert observer.images.labelled_bytes(ANONYMOUS_LABELLED) == cat_bytes
+        refused = send(client, dog, "dog")
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "label_store_full", refused.text
+        assert int(refused.headers["retry-after"]) > 1
+        assert observer.store.get(dog).feedback is None  # not recorded: no acknowledged label without its photo
+        assert metric_value(client, "catsdogs_labels_refused_total", 'source="anonymous"') == 1
+        assert observer.images.labelled_bytes(ANONYMOUS_LABELLED) == cat_bytes
+        assert send(client, cat, "cat").status_code == 200  # a repeat of a label kept: acknowledged again
+        assert metric_value(client, "catsdogs_labels_refused_total", 'source="anonymous"') == 1
+        gone = predict(client, DOG)  # the same photo as dog's: deleted (past the retention) before its label came
+        assert observer.wait_idle()
+        (images / observer.store.get(gone).image).unlink()
+        assert send(client, gone, "dog").status_code == 200  # no photo to keep: no bound, recorded as before
+        assert metric_value(client, "catsdogs_labelled_photos_refused_total", 'source="anonymous"') == 1
+        (images / ANONYMOUS_LABELLED / observer.store.get(cat).image).unlink()  # harvest took it: room again
+        again = predict(client, CAT)
+        assert observer.wait_idle()
+        assert send(client, again, "cat").status_code == 200
+        assert observer.images.labelled_bytes(ANONYMOUS_LABELLED) == cat_bytes
+        assert metric_value(client, "catsdogs_labels_refused_total", 'source="anonymous"') == 1
+
+
 def test_post_feedback_without_kept_photos_never_answers_label_store_full(onnx_model):
     """FEEDBACK_DB without FEEDBACK_IMAGES: no label waits for harvest, so none is refused past the bound."""
     with make_client(onnx_model, feedback_store_size=2, feedback_rate=0.0) as client:
@@ -268,7 +302,7 @@ def test_a_retry_that_reaches_another_process_finds_its_label_and_keeps_its_phot
         prediction_id = predict(one, CAT)
         assert one.app.state.observer.wait_idle()
         assert send(one, prediction_id, "cat").status_code == 503
-        assert not (tmp_path / "images" / ANONYMOUS_LABELLED).exists()
+        assert list((tmp_path / "images" / ANONYMOUS_LABELLED).iterdir())  # linked before the store's commit
         retried = send(two, prediction_id, "cat")
         assert retried.status_code == 200, retried.text
         assert retried.json() | {"correct": True} == retried.json() and retried.json()["label"] == "cat"
