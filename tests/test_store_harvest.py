@@ -10,7 +10,8 @@ import time
 import psycopg
 import pytest
 
-from server.images import ANONYMOUS_LABELLED
+from server.images import ANONYMOUS_LABELLED, LABELLED
+from server.keys import add_key
 from server.store import ANONYMOUS, Feedback, PredictionRecord, PredictionStore, StoreError
 from tests.images import photo_bytes
 from tests.postgres import fresh_database
@@ -247,6 +248,30 @@ def test_post_feedback_refuses_a_label_whose_photo_area_is_at_its_bound_with_503
         assert send(client, again, "cat").status_code == 200
         assert observer.images.labelled_bytes(ANONYMOUS_LABELLED) == cat_bytes
         assert metric_value(client, "catsdogs_labels_refused_total", 'source="anonymous"') == 1
+
+
+def test_a_keys_label_has_its_own_photo_area_and_is_refused_at_its_bound_never_replacing_silently(onnx_model, tmp_path):
+    """A key's label has its own area and bound: a key's label in place of an anonymous one whose photo the key's
+    area cannot take is refused (503, counted for the keys), the anonymous label left as it was."""
+    images, keys = tmp_path / "images", tmp_path / "api-keys.jsonl"
+    labeller = {"Authorization": f"Bearer {add_key(keys, 'labeller', ['label'])}"}
+    cat_bytes, dog_bytes = len(photo_bytes(CAT)), len(photo_bytes(DOG))
+    bounds = {"feedback_labelled_max_bytes": cat_bytes, "feedback_anonymous_labelled_max_bytes": cat_bytes + dog_bytes}
+    with make_client(onnx_model, feedback_images=images, feedback_rate=0.0, api_keys_file=keys, **bounds) as client:
+        observer = client.app.state.observer
+        cat, dog = predict(client, CAT), predict(client, DOG)
+        assert observer.wait_idle()
+        assert send(client, cat, "cat").status_code == 200 and send(client, dog, "cat").status_code == 200
+        assert observer.images.labelled_bytes(ANONYMOUS_LABELLED) == cat_bytes + dog_bytes  # full
+        keyed = client.post("/feedback", json={"prediction_id": cat, "label": "cat"}, headers=labeller)
+        assert keyed.status_code == 200 and keyed.json()["source"] == "labeller", keyed.text  # the key's own area
+        assert observer.images.labelled_bytes(LABELLED) == cat_bytes  # now full too
+        replacing = client.post("/feedback", json={"prediction_id": dog, "label": "dog"}, headers=labeller)
+        assert replacing.status_code == 503 and replacing.json()["error"]["code"] == "label_store_full"
+        kept = observer.store.get(dog)
+        assert (kept.feedback, kept.feedback_source) == ("cat", ANONYMOUS)  # the anonymous label, its photo kept
+        assert metric_value(client, "catsdogs_labels_refused_total", 'source="key"') == 1
+        assert metric_value(client, "catsdogs_labels_refused_total", 'source="anonymous"') == 0
 
 
 def test_post_feedback_without_kept_photos_never_answers_label_store_full(onnx_model):
