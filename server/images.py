@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import mimetypes
+import stat
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -106,7 +107,15 @@ class ImageFolder:
         bound."""
         area = self.folder / area_name
         target = area / name
-        if target.is_file():
+        try:
+            mode = target.stat().st_mode
+        except FileNotFoundError:
+            pass
+        else:
+            # linked already (a repeat, or an orphan of a label that never committed): its ctime made now, as a new
+            # link's, so harvest takes it for an orphan only an hour after the label that wants it checked its room
+            with contextlib.suppress(OSError):
+                target.chmod(stat.S_IMODE(mode))
             return True
         sources = [self.folder / name, *(self.folder / other / name for other in self.bounds if other != area_name)]
         source = next((path for path in sources if path.is_file()), sources[0])  # gone from the folder: another area

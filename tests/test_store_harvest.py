@@ -10,7 +10,7 @@ import time
 import psycopg
 import pytest
 
-from server.images import ANONYMOUS_LABELLED, LABELLED
+from server.images import ANONYMOUS_LABELLED, LABELLED, ImageFolder
 from server.keys import add_key
 from server.store import ANONYMOUS, Feedback, PredictionRecord, PredictionStore, StoreError
 from tests.images import photo_bytes
@@ -272,6 +272,19 @@ def test_a_keys_label_has_its_own_photo_area_and_is_refused_at_its_bound_never_r
         assert (kept.feedback, kept.feedback_source) == ("cat", ANONYMOUS)  # the anonymous label, its photo kept
         assert metric_value(client, "catsdogs_labels_refused_total", 'source="key"') == 1
         assert metric_value(client, "catsdogs_labels_refused_total", 'source="anonymous"') == 0
+
+
+def test_a_photo_linked_already_is_linked_anew_for_harvests_orphan_hour(tmp_path):
+    """The service checks a label's photo room (keep_labelled) before its store commits: a photo found linked already
+    (an orphan of a label that never committed) gets a new ctime, so harvest never takes it for an orphan then."""
+    folder = ImageFolder(tmp_path, max_bytes=1000, anonymous_labelled_max_bytes=1000)
+    name = folder.save(b"x" * 100, "image/jpeg")
+    assert folder.keep_labelled(name, ANONYMOUS_LABELLED)
+    linked = tmp_path / ANONYMOUS_LABELLED / name
+    before = linked.stat().st_ctime_ns
+    time.sleep(0.05)
+    assert folder.keep_labelled(name, ANONYMOUS_LABELLED)
+    assert linked.stat().st_ctime_ns > before
 
 
 def test_post_feedback_without_kept_photos_never_answers_label_store_full(onnx_model):
