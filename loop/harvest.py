@@ -434,8 +434,9 @@ def main(argv: list[str] | None = None) -> None:
     params = yaml.safe_load(args.params.read_text())
     labels, review_confidence = params["preprocess"]["labels"], params["feedback"]["review_confidence"]
     decisions = {**decided(args.review_out, labels), **reviewed(args.reviewed, labels)}  # checked before any change
-    # The labelled areas are listed before the store is read: the service records a label, then links its photo,
-    # so every photo listed here has its record in what is read next, unless the store evicted it (an orphan).
+    # The labelled areas are listed before the store is read: the service links a label's photo, then records it (a
+    # link found there already is made anew), so a photo listed here without its record is either just linked (under
+    # an hour old, kept) or an orphan (evicted, or a label refused or never committed).
     waiting = labelled_area(args.images)
     rows = feedback_rows(args.db)
     labellers = trusted_keys(args.keys, rows)

@@ -167,8 +167,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("GRACEFUL_TIMEOUT", integer(0), fixed(30), "30", "seconds in-flight requests get to finish on SIGTERM"),
     Setting("FEEDBACK_STORE_SIZE", integer(1), fixed(10_000), "10000",
             "recent predictions kept for `POST /feedback` (oldest evicted); labels whose photo was kept "
-            "(FEEDBACK_IMAGES) are never evicted before `make harvest` took them: past this many waiting, of a key's or of anonymous ones, a new label gets 503 "
-            "`label_store_full`"),
+            "(FEEDBACK_IMAGES) are never evicted before `make harvest` took them: past this many waiting, of a "
+            "key's or of anonymous ones, a new label gets 503 `label_store_full`"),
     Setting("FEEDBACK_DB", str, fixed(None), "unset (memory)",
             "the feedback store: a SQLite file (survives restarts; one host's processes) or a `postgresql://` URL "
             "(several processes or replicas)"),

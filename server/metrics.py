@@ -91,7 +91,8 @@ class Metrics:
         )  # fmt: skip
         self.labels_refused = Counter(
             "catsdogs_labels_refused", "Labels refused with 503 label_store_full: the store holds FEEDBACK_STORE_SIZE "
-            "labels of their source (key or anonymous) that make harvest has not taken", ["source"], registry=r,
+            "labels of their source (key or anonymous) that make harvest has not taken, or their photo area is at its "
+            "bound", ["source"], registry=r,
         )  # fmt: skip
         for source in ("key", "anonymous"):
             self.labels_refused.labels(source)
