@@ -1,7 +1,7 @@
 """Post-deployment evaluation: labelled photos (one folder per class) sent to a running service.
 
 Class folders match the model's labels whatever their case and number (`cat`, `cats`, `Cat`). A failed request
-counts as a wrong answer, never skipped. Exits 1 unless the accuracy is shown at least --min-accuracy (training.floor:
+counts as a wrong answer, never skipped. Exits 1 unless the accuracy is shown at least --min-accuracy (server.floor:
 the lower end of its Wilson 95% interval, never the point estimate), 2 on a usage error (no folder, no service).
 """
 
@@ -20,7 +20,7 @@ import numpy as np
 
 from deploy.client import predict, request, wait_ready
 from imaging import is_image_file, label_for_name
-from training.floor import floor
+from server.floor import floor
 
 DEFAULT_OUT = Path("build/eval-deployed.json")
 

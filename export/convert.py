@@ -19,11 +19,11 @@ from export.reference import reference_for_split
 from export.served import tag_served
 from export.staging import aside, publish, remove
 from imaging import DEFAULT_MAX_PIXELS
+from server.floor import floor
 from server.mirror import ALWAYS, MirrorGate
 from server.preprocess import Preprocessor
 from training import gates, tracking
 from training.config import DEFAULT_PARAMS, Params, load_params
-from training.floor import floor
 from training.model import Predictor, load_predictor
 from training.presets import PreprocessSpec
 from training.stats import proportion
@@ -107,7 +107,7 @@ def choose_mirror_gate(
 
 
 def accuracy_gate(path: Path, inputs: np.ndarray, targets: np.ndarray, minimum: float) -> dict[str, Any]:
-    """The exported model's accuracy on the given photos against export.min_accuracy, by training.floor's rule (the
+    """The exported model's accuracy on the given photos against export.min_accuracy, by server.floor's rule (the
     Wilson 95% interval's lower end at least the minimum)."""
     session = make_session(path)
     correct = int((predict(session, inputs).argmax(1) == targets).sum())

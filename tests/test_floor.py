@@ -1,18 +1,17 @@
-"""training.floor: an accuracy is held to a floor by the lower end of its Wilson 95% interval, never by its point
+"""server.floor: an accuracy is held to a floor by the lower end of its Wilson 95% interval, never by its point
 estimate, in export.convert and in deploy.evaluate alike."""
 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
 import pytest
 
 from deploy import evaluate
-from tests.conftest import ROOT, photos
-from training.floor import floor, photos_needed, wilson
+from server.floor import floor, photos_needed, wilson
+from tests.conftest import ROOT, labelled_folder
 from training.stats import interval
 
 
@@ -49,11 +48,7 @@ def test_too_few_photos_is_a_refusal_even_all_right():
 
 
 def test_deploy_evaluate_refuses_an_accuracy_above_the_floor_only_as_a_point_estimate(service, tmp_path):
-    data = tmp_path / "eval"
-    for label in ("cat", "dog"):
-        (data / label).mkdir(parents=True)
-        for photo in photos(label, 8, start=201):
-            shutil.copyfile(photo, data / label / photo.name)
+    data = labelled_folder(tmp_path / "eval", 8, start=201)
     out = tmp_path / "report.json"
     with pytest.raises(SystemExit, match=r"below --min-accuracy 0\.9000, not shown at least the floor"):
         evaluate.main(["--url", service.url, "--data", str(data), "--out", str(out), "--min-accuracy", "0.9"])
@@ -67,7 +62,7 @@ def test_deploy_evaluate_refuses_an_accuracy_above_the_floor_only_as_a_point_est
 def test_the_floor_runs_where_deploy_evaluate_runs_without_scipy_or_yaml():
     """make eval-deployed runs in the serve-only environment (requirements-serve.txt): no SciPy, no YAML parser."""
     blocked = "import sys; sys.modules.update(dict.fromkeys(['scipy', 'yaml', 'torch', 'mlflow']))"
-    code = f"{blocked}; import deploy.evaluate; from training.floor import floor; print(floor(191, 195, 0.9, 'x'))"
+    code = f"{blocked}; import deploy.evaluate; from server.floor import floor; print(floor(191, 195, 0.9, 'x'))"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "'accepted': True" in result.stdout, result.stderr
 

@@ -21,9 +21,10 @@ A champion must also be **better**: on at least one of its sets it gets more pho
 wrong than the reverse, McNemar's exact p < alpha / the number of sets (Bonferroni).
 
 The other kind of check, a **floor** (export.convert's `export.min_accuracy`, deploy.evaluate's `--min-accuracy`),
-judges one accuracy against an absolute minimum, not against a reference: training.floor, by the same principle
-(shown at least the floor by its interval's lower end, never by a point estimate). It lives in its own module because
-deploy.evaluate runs it in the serve-only environment, where this module's SciPy and YAML are not installed.
+judges one accuracy against an absolute minimum, not against a reference: server.floor, by the same principle
+(shown at least the floor by its interval's lower end, never by a point estimate). It lives in server/, standard library
+only, because deploy.evaluate runs it in the serve-only environment (no SciPy, no YAML) and deploy/ imports nothing
+above the server; export.convert imports the server already.
 """
 
 from __future__ import annotations

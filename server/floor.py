@@ -7,7 +7,9 @@ too few photos to show it is a refusal, as in every gate here. Hence a floor sit
 a sound model, by what the photos it is judged on can show (docs/gates.md).
 
 Standard library only: deploy.evaluate applies it in the serve-only environment, which has neither SciPy nor a YAML
-parser. Its interval equals training.stats.interval's Wilson interval (tests/test_gates.py checks the two agree).
+parser. In server/ because both sides that apply it already import the server (export.convert's gate, deploy's
+evaluation) and deploy/ imports nothing above it. Its interval equals training.stats.interval's Wilson interval
+(tests/test_floor.py checks the two agree).
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def floor(correct: int, n: int, minimum: float, setting: str) -> dict[str, Any]:
         "n": n,
         "ci95": [low, high],
         "minimum": minimum,
-        "rule": "the lower end of the Wilson 95% interval at least the minimum (training.floor)",
+        "rule": "the lower end of the Wilson 95% interval at least the minimum (server.floor)",
         "accepted": accepted,
         "reason": reason,
     }
