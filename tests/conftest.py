@@ -29,6 +29,15 @@ def photos(label: str, count: int, start: int = 1) -> list[Path]:
     return [DATASET / f"{label}s" / f"{label}.{i}.jpg" for i in range(start, start + count)]
 
 
+def labelled_folder(folder: Path, count: int, start: int = 1) -> Path:
+    """`folder`/cat and `folder`/dog, each with `count` photos of its class from `start` on (an evaluation set)."""
+    for label in ("cat", "dog"):
+        (folder / label).mkdir(parents=True)
+        for photo in photos(label, count, start):
+            shutil.copyfile(photo, folder / label / photo.name)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def dataset() -> Path:
     assert DATASET.is_dir(), f"the shared dataset is missing at {DATASET}"

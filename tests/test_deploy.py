@@ -13,7 +13,7 @@ import pytest
 from deploy import evaluate
 from deploy.client import free_port
 from deploy.smoke import smoke
-from tests.conftest import DATASET, photos
+from tests.conftest import DATASET, labelled_folder, photos
 from tests.service import Service
 
 
@@ -38,11 +38,7 @@ def test_smoke_fails_on_a_service_without_a_model(tmp_path):
 
 
 def test_evaluation_counts_failed_requests_as_wrong(service, tmp_path):
-    data = tmp_path / "eval"
-    for label in ("cat", "dog"):
-        (data / label).mkdir(parents=True)
-        for photo in photos(label, 10, start=101):
-            shutil.copyfile(photo, data / label / photo.name)
+    data = labelled_folder(tmp_path / "eval", 10, start=101)
     shutil.copyfile(DATASET / "dogs" / "dog.90002.jpg", data / "dog" / "truncated.jpg")  # the service answers 400
     out = tmp_path / "report.json"
     with pytest.raises(SystemExit, match="below --min-accuracy"):
